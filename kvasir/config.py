@@ -1,0 +1,159 @@
+"""Validated, frozen configuration dataclasses.
+
+Every CLI flag maps 1:1 onto a field here (see ``EngineArgs`` in
+``kvasir/engine/arg_utils.py``). Errors name the offending field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+_DTYPES = ("auto", "float32", "float16", "bfloat16")
+_POLICIES = ("fcfs", "priority")
+_LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+_DEVICES = ("auto", "cpu", "cuda")
+_ATTN_BACKENDS = ("auto", "torch", "triton")
+
+
+def _check(cond: bool, name: str, msg: str) -> None:
+    if not cond:
+        raise ValueError(f"{name} {msg}")
+
+
+@dataclass(frozen=True)
+class ModelArchConfig:
+    """Architecture of a Llama-family causal LM, read from an HF config.json, GGUF
+    metadata or a built-in dummy config. Field names follow HF transformers."""
+
+    architectures: tuple[str, ...]
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    # HF `rope_scaling` dict (e.g. {"rope_type": "llama3", "factor": 8.0, ...}) or None.
+    rope_scaling: dict[str, Any] | None = None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # qkv bias (Qwen2)
+    qk_norm: bool = False  # per-head RMSNorm on q and k (Qwen3)
+    hidden_act: str = "silu"
+    bos_token_id: int | None = None
+    eos_token_id: tuple[int, ...] = ()
+    model_type: str = "llama"
+
+    def __post_init__(self) -> None:
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+        ):
+            _check(getattr(self, name) > 0, name, "must be > 0")
+        _check(
+            self.num_attention_heads % self.num_key_value_heads == 0,
+            "num_key_value_heads",
+            f"({self.num_key_value_heads}) must divide num_attention_heads "
+            f"({self.num_attention_heads})",
+        )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str  # path to an HF directory or .gguf file, or a dummy config name
+    tokenizer: str | None = None
+    dtype: str = "auto"  # resolved by the runner: float32 on CPU, bfloat16 on CUDA
+    load_format: str = "auto"
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    seed: int = 0
+    served_model_name: str | None = None
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        _check(bool(self.model), "model", "must be a non-empty path or config name")
+        _check(self.dtype in _DTYPES, "dtype", f"must be one of {_DTYPES}, got {self.dtype!r}")
+        _check(
+            self.load_format in _LOAD_FORMATS,
+            "load_format",
+            f"must be one of {_LOAD_FORMATS}, got {self.load_format!r}",
+        )
+        if self.max_model_len is not None:
+            _check(self.max_model_len > 0, "max_model_len", "must be > 0")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    kv_cache_gb: float | None = None  # CPU: KV cache size; GPU: overrides utilization
+    enable_prefix_caching: bool = True
+    num_gpu_blocks_override: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128), "block_size",
+               f"must be a power of two in [1, 128], got {self.block_size}")
+        _check(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization",
+               f"must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.kv_cache_gb is not None:
+            _check(self.kv_cache_gb > 0, "kv_cache_gb", "must be > 0")
+        if self.num_gpu_blocks_override is not None:
+            _check(self.num_gpu_blocks_override > 0, "num_gpu_blocks_override", "must be > 0")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 256
+    max_model_len: int = 8192  # resolved from ModelConfig and the model
+    policy: str = "fcfs"
+    enable_chunked_prefill: bool = True
+    max_queued_requests: int | None = None  # None: unbounded waiting queue
+
+    def __post_init__(self) -> None:
+        _check(self.max_num_batched_tokens > 0, "max_num_batched_tokens", "must be > 0")
+        _check(self.max_num_seqs > 0, "max_num_seqs", "must be > 0")
+        _check(self.max_model_len > 0, "max_model_len", "must be > 0")
+        _check(self.policy in _POLICIES, "policy", f"must be one of {_POLICIES}")
+        if not self.enable_chunked_prefill:
+            _check(
+                self.max_num_batched_tokens >= self.max_model_len,
+                "max_num_batched_tokens",
+                f"({self.max_num_batched_tokens}) must be >= max_model_len "
+                f"({self.max_model_len}) when chunked prefill is disabled",
+            )
+        if self.max_queued_requests is not None:
+            _check(self.max_queued_requests > 0, "max_queued_requests", "must be > 0")
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    device: str = "auto"  # auto: cuda if available else cpu
+
+    def __post_init__(self) -> None:
+        _check(self.device in _DEVICES, "device", f"must be one of {_DEVICES}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model_config: ModelConfig
+    cache_config: CacheConfig = field(default_factory=CacheConfig)
+    scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)
+    device_config: DeviceConfig = field(default_factory=DeviceConfig)
+    attention_backend: str = "auto"  # auto: triton on CUDA, torch on CPU
+    enforce_eager: bool = False  # disable CUDA graphs
+    disable_log_stats: bool = True
+
+    def __post_init__(self) -> None:
+        _check(
+            self.attention_backend in _ATTN_BACKENDS,
+            "attention_backend",
+            f"must be one of {_ATTN_BACKENDS}",
+        )

@@ -1,0 +1,1 @@
+"""Scheduler, KV block pool, prefix cache and request state. Pure Python: never torch."""

@@ -1,0 +1,96 @@
+"""Plain-data messages between scheduler, model runner and engine (no torch).
+
+``EngineCoreOutput`` is a msgspec Struct so it crosses process boundaries typed,
+without pickle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import msgspec
+
+from kvasir.sampling_params import SamplingParams
+
+# Per position: [(token_id, logprob, rank), ...] with the sampled/actual token first,
+# then the top-k alternatives in descending order. Rank 1 = most likely.
+TokenLogprobs = list[tuple[int, float, int]]
+
+
+@dataclass
+class NewRequestData:
+    """A request the runner has not seen, or one resumed after preemption (then the
+    runner replaces its block ids and restarts from ``num_computed_tokens``)."""
+
+    req_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]  # non-empty only when resumed after preemption
+    sampling_params: SamplingParams
+    block_ids: list[int]
+    num_computed_tokens: int
+
+
+@dataclass
+class CachedRequestData:
+    """A request that ran in the previous step and runs again: only the diff."""
+
+    req_id: str
+    new_block_ids: list[int]
+    num_computed_tokens: int
+
+
+@dataclass
+class SchedulerOutput:
+    """One step: ``num_scheduled_tokens`` maps request id -> tokens it advances.
+
+    Decodes come first in ``num_scheduled_tokens`` order, then prefill chunks.
+    """
+
+    scheduled_new_reqs: list[NewRequestData]
+    scheduled_cached_reqs: list[CachedRequestData]
+    num_scheduled_tokens: dict[str, int]
+    total_num_scheduled_tokens: int
+    # Requests that finished/aborted since the last step: the runner drops their state.
+    finished_req_ids: set[str] = field(default_factory=set)
+    # Requests preempted in this step: the runner drops them from its batch but keeps
+    # their sampling state (generator, output tokens) for when they resume.
+    preempted_req_ids: set[str] = field(default_factory=set)
+
+
+@dataclass
+class ModelRunnerOutput:
+    """Per scheduled request: tokens sampled this step (empty for a prefill chunk that
+    did not reach the end of the prompt)."""
+
+    req_ids: list[str]
+    sampled_token_ids: list[list[int]]
+    logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
+    prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
+
+
+class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[TokenLogprobs] | None = None
+    # Prompt logprobs for positions 1.. of the prompt, delivered once when complete.
+    new_prompt_logprobs: list[TokenLogprobs] | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None
+    num_cached_tokens: int = 0
+    # Wall-clock events (time.time()): first scheduled, per-step token time.
+    first_scheduled_time: float | None = None
+    num_preemptions: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class SchedulerStats(msgspec.Struct, omit_defaults=True):
+    num_running_reqs: int = 0
+    num_waiting_reqs: int = 0
+    kv_cache_usage: float = 0.0  # fraction of blocks in use
+    prefix_cache_queries: int = 0  # tokens looked up (cumulative)
+    prefix_cache_hits: int = 0  # tokens hit (cumulative)
+    num_preemptions: int = 0  # cumulative
+    num_scheduled_tokens: int = 0  # last step

@@ -1,0 +1,91 @@
+"""Request state as the scheduler sees it."""
+
+from __future__ import annotations
+
+import enum
+import time
+
+from kvasir.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.IntEnum):
+    WAITING = 0
+    RUNNING = 1
+    PREEMPTED = 2
+    FINISHED_STOPPED = 3
+    FINISHED_LENGTH_CAPPED = 4
+    FINISHED_ABORTED = 5
+
+    @property
+    def is_finished(self) -> bool:
+        return self >= RequestStatus.FINISHED_STOPPED
+
+    def finish_reason(self) -> str | None:
+        return {
+            RequestStatus.FINISHED_STOPPED: "stop",
+            RequestStatus.FINISHED_LENGTH_CAPPED: "length",
+            RequestStatus.FINISHED_ABORTED: "abort",
+        }.get(self)
+
+
+class Request:
+    """One sequence. ``n > 1`` is fanned out into n Requests by the engine; children
+    name their parent in ``fork_of`` so the scheduler can share the prompt's KV blocks.
+
+    Invariants: ``num_computed_tokens <= num_tokens``; ``block_ids`` hold the KV of
+    ``all_token_ids[:num_computed_tokens]`` (plus room for what is scheduled).
+    """
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling_params: SamplingParams,
+        eos_token_ids: tuple[int, ...] = (),
+        arrival_time: float | None = None,
+        priority: int = 0,
+        cache_salt: str | None = None,
+        fork_of: str | None = None,
+    ) -> None:
+        self.request_id = request_id
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.sampling_params = sampling_params
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.arrival_time = time.time() if arrival_time is None else arrival_time
+        self.priority = priority  # lower value = served first (vLLM convention)
+        self.cache_salt = cache_salt
+        self.fork_of = fork_of
+
+        self.status = RequestStatus.WAITING
+        self.output_token_ids: list[int] = []
+        self.all_token_ids: list[int] = list(prompt_token_ids)
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = -1  # prompt tokens served from the prefix cache (set once)
+        self.num_preemptions = 0
+        self.stop_reason: int | str | None = None
+        # Chained hashes of the full blocks of all_token_ids (filled by the KV manager).
+        self.block_hashes: list[bytes] = []
+        sp = sampling_params
+        self.max_tokens = sp.max_tokens  # resolved against max_model_len by the engine
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    def append_output_token_ids(self, token_ids: list[int]) -> None:
+        self.output_token_ids.extend(token_ids)
+        self.all_token_ids.extend(token_ids)
+
+    def is_finished(self) -> bool:
+        return self.status.is_finished
+
+    def get_finished_reason(self) -> str | None:
+        return self.status.finish_reason()
