@@ -112,7 +112,7 @@ class CacheConfig:
 class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 256
-    max_model_len: int = 8192  # resolved from ModelConfig and the model
+    max_model_len: int | None = None  # None until resolved against the model
     policy: str = "fcfs"
     enable_chunked_prefill: bool = True
     max_queued_requests: int | None = None  # None: unbounded waiting queue
@@ -120,9 +120,10 @@ class SchedulerConfig:
     def __post_init__(self) -> None:
         _check(self.max_num_batched_tokens > 0, "max_num_batched_tokens", "must be > 0")
         _check(self.max_num_seqs > 0, "max_num_seqs", "must be > 0")
-        _check(self.max_model_len > 0, "max_model_len", "must be > 0")
+        if self.max_model_len is not None:
+            _check(self.max_model_len > 0, "max_model_len", "must be > 0")
         _check(self.policy in _POLICIES, "policy", f"must be one of {_POLICIES}")
-        if not self.enable_chunked_prefill:
+        if not self.enable_chunked_prefill and self.max_model_len is not None:
             _check(
                 self.max_num_batched_tokens >= self.max_model_len,
                 "max_num_batched_tokens",

@@ -1,0 +1,116 @@
+"""Engine flags: one flat dataclass whose fields map 1:1 onto CLI flags (vLLM names)
+and onto the frozen config dataclasses of ``kvasir.config``."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, fields
+
+from kvasir.config import (
+    CacheConfig,
+    DeviceConfig,
+    EngineConfig,
+    ModelConfig,
+    SchedulerConfig,
+)
+
+
+@dataclass
+class EngineArgs:
+    model: str | None = None  # None: the default model (SmolLM2-135M-Instruct GGUF)
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    load_format: str = "auto"
+    max_model_len: int | None = None
+    seed: int = 0
+    served_model_name: str | None = None
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    kv_cache_gb: float | None = None
+    num_gpu_blocks_override: int | None = None
+    enable_prefix_caching: bool = True
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 256
+    scheduling_policy: str = "fcfs"
+    enable_chunked_prefill: bool = True
+    max_queued_requests: int | None = None
+    device: str = "auto"
+    attention_backend: str = "auto"
+    enforce_eager: bool = False
+
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        g = parser.add_argument_group("engine")
+        g.add_argument("--model", type=str, default=None,
+                       help="HF model directory, .gguf file, or (with --load-format dummy) a "
+                       "built-in config name such as llama-3-8b. Default: SmolLM2-135M-Instruct.")
+        g.add_argument("--tokenizer", type=str, default=None)
+        g.add_argument("--dtype", default="auto",
+                       choices=["auto", "float32", "float16", "bfloat16"],
+                       help="auto: float32 on the CPU, bfloat16 on a GPU")
+        g.add_argument("--load-format", default="auto",
+                       choices=["auto", "safetensors", "gguf", "dummy"])
+        g.add_argument("--max-model-len", type=int, default=None)
+        g.add_argument("--seed", type=int, default=0)
+        g.add_argument("--served-model-name", type=str, default=None)
+        g.add_argument("--block-size", type=int, default=16)
+        g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+        g.add_argument("--kv-cache-gb", type=float, default=None,
+                       help="KV cache size in GiB (the CPU's only sizing knob)")
+        g.add_argument("--num-gpu-blocks-override", type=int, default=None)
+        g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                       default=True)
+        g.add_argument("--max-num-batched-tokens", type=int, default=2048)
+        g.add_argument("--max-num-seqs", type=int, default=256)
+        g.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"])
+        g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction,
+                       default=True)
+        g.add_argument("--max-queued-requests", type=int, default=None)
+        g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+        g.add_argument("--attention-backend", default="auto",
+                       choices=["auto", "torch", "triton"])
+        g.add_argument("--enforce-eager", action="store_true",
+                       help="disable CUDA graphs")
+        return parser
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> EngineArgs:
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+
+    def create_engine_config(self) -> EngineConfig:
+        from kvasir.models.default import default_model_path
+
+        model = self.model or default_model_path()
+        model_config = ModelConfig(
+            model=model,
+            tokenizer=self.tokenizer,
+            dtype=self.dtype,
+            load_format=self.load_format,
+            max_model_len=self.max_model_len,
+            seed=self.seed,
+            served_model_name=self.served_model_name,
+        )
+        # The scheduler's max_model_len is resolved against the model by the engine
+        # core once the architecture is known (None until then).
+        scheduler_config = SchedulerConfig(
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            max_num_seqs=self.max_num_seqs,
+            max_model_len=self.max_model_len,
+            policy=self.scheduling_policy,
+            enable_chunked_prefill=self.enable_chunked_prefill,
+            max_queued_requests=self.max_queued_requests,
+        )
+        return EngineConfig(
+            model_config=model_config,
+            cache_config=CacheConfig(
+                block_size=self.block_size,
+                gpu_memory_utilization=self.gpu_memory_utilization,
+                kv_cache_gb=self.kv_cache_gb,
+                enable_prefix_caching=self.enable_prefix_caching,
+                num_gpu_blocks_override=self.num_gpu_blocks_override,
+            ),
+            scheduler_config=scheduler_config,
+            device_config=DeviceConfig(device=self.device),
+            attention_backend=self.attention_backend,
+            enforce_eager=self.enforce_eager,
+        )

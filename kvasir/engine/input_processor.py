@@ -1,0 +1,134 @@
+"""Turns a user prompt + SamplingParams into validated EngineCoreRequests.
+
+Runs on the client side (the offline LLMEngine or the API server), never in the engine
+core's hot loop. Every error names the parameter and the allowed range.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, NamedTuple
+
+from kvasir.engine.messages import EngineCoreRequest
+from kvasir.sampling_params import SamplingParams
+
+
+class ProcessedRequest(NamedTuple):
+    prompt: str | None
+    prompt_token_ids: list[int]
+    core_requests: list[EngineCoreRequest]
+    child_request_ids: list[str]
+
+
+def child_request_id(index: int, parent_id: str) -> str:
+    return f"{index}_{parent_id}"
+
+
+class InputProcessor:
+    def __init__(
+        self,
+        tokenizer: Any,
+        vocab_size: int,
+        max_model_len: int,
+        eos_token_ids: tuple[int, ...],
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.max_model_len = max_model_len
+        self.eos_token_ids = tuple(eos_token_ids)
+
+    def tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if prompt == "":
+                raise ValueError("prompt must be a non-empty string or token-id list")
+            if self.tokenizer is None:
+                raise ValueError(
+                    "prompt must be a list of token ids: this model has no tokenizer "
+                    "(built-in dummy config)"
+                )
+            return prompt, list(self.tokenizer.encode(prompt, add_special_tokens=True))
+        if isinstance(prompt, dict):  # vLLM's {"prompt_token_ids": [...]} / {"prompt": ...}
+            if "prompt_token_ids" in prompt:
+                return self.tokenize(list(prompt["prompt_token_ids"]))
+            if "prompt" in prompt:
+                return self.tokenize(prompt["prompt"])
+            raise ValueError("prompt dict must have 'prompt' or 'prompt_token_ids'")
+        ids = list(prompt)
+        if not ids:
+            raise ValueError("prompt must be a non-empty string or token-id list")
+        for t in ids:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size:
+                raise ValueError(
+                    f"prompt token id {t!r} is out of vocabulary: token ids must be "
+                    f"integers in [0, {self.vocab_size})"
+                )
+        return None, ids
+
+    def process(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        arrival_time: float | None = None,
+        priority: int = 0,
+        cache_salt: str | None = None,
+    ) -> ProcessedRequest:
+        if not isinstance(params, SamplingParams):
+            raise ValueError("sampling_params must be a SamplingParams")
+        text, ids = self.tokenize(prompt)
+        if len(ids) + 1 > self.max_model_len:
+            raise ValueError(
+                f"prompt is too long: {len(ids)} tokens + at least 1 generated token exceeds "
+                f"max_model_len ({self.max_model_len})"
+            )
+        for t in params.stop_token_ids or []:
+            if t >= self.vocab_size:
+                raise ValueError(
+                    f"stop_token_ids must be in [0, {self.vocab_size}), got {t}"
+                )
+        arrival = time.time() if arrival_time is None else arrival_time
+        if params.n == 1:
+            child_ids = [request_id]
+        else:
+            child_ids = [child_request_id(i, request_id) for i in range(params.n)]
+        core_requests = []
+        for i, cid in enumerate(child_ids):
+            child_params = params
+            if params.n > 1:
+                child_params = params.clone()
+                child_params.n = 1
+                # Distinct but reproducible streams for the n samples of a seeded request.
+                if params.seed is not None:
+                    child_params.seed = params.seed + i
+            core_requests.append(
+                EngineCoreRequest(
+                    request_id=cid,
+                    prompt_token_ids=ids,
+                    sampling_params=child_params,
+                    eos_token_ids=list(self.eos_token_ids),
+                    arrival_time=arrival,
+                    priority=priority,
+                    cache_salt=cache_salt,
+                    fork_of=child_ids[0] if i > 0 else None,
+                )
+            )
+        return ProcessedRequest(text, ids, core_requests, child_ids)
+
+    def apply_chat_template(
+        self, messages: list[dict], add_generation_prompt: bool = True, **kwargs: Any
+    ) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("chat needs a tokenizer; this model has none")
+        if not isinstance(messages, list) or not messages:
+            raise ValueError("messages must be a non-empty list of {role, content} objects")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or "role" not in m:
+                raise ValueError(f"messages[{i}] must be an object with a 'role'")
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise ValueError("this model's tokenizer has no chat template")
+        out = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt, tokenize=True, **kwargs
+        )
+        if isinstance(out, dict) or hasattr(out, "input_ids"):
+            out = out["input_ids"]
+        return list(out)
