@@ -1,0 +1,30 @@
+"""Typed messages into the engine core (msgspec: never pickle)."""
+
+from __future__ import annotations
+
+import msgspec
+
+from kvasir.sampling_params import SamplingParams
+
+
+class EngineCoreRequest(msgspec.Struct, omit_defaults=True):
+    """One sequence for the engine core. ``n > 1`` requests are fanned out by the
+    client into children ``f"{i}_{parent_id}"``; children i >= 1 carry ``fork_of``
+    (the first child's id) so the core shares the prompt's KV blocks."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    eos_token_ids: list[int] = []
+    arrival_time: float = 0.0
+    priority: int = 0
+    cache_salt: str | None = None
+    fork_of: str | None = None
+
+
+class EngineCoreAbort(msgspec.Struct):
+    request_ids: list[str]
+
+
+def encode(obj: object) -> bytes:
+    return msgspec.msgpack.encode(obj)
