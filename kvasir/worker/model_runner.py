@@ -23,6 +23,7 @@ from kvasir.layers.sampler import (
     SamplingMetadata,
     compute_token_logprobs,
 )
+from kvasir.worker.cuda_graph import CUDAGraphRunner
 from kvasir.worker.request_state import CachedRequestState
 
 logger = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
         self.requests: dict[str, CachedRequestState] = {}
+        self.cuda_graph: CUDAGraphRunner | None = None
 
         # Persistent device buffers, updated in place every step (CUDA graphs capture
         # against them).
@@ -178,9 +180,11 @@ class ModelRunner:
         )
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
+        """Allocate num_blocks for the scheduler plus one sink block (id num_blocks) that
+        padded CUDA-graph rows write into; then capture CUDA graphs on a GPU."""
         a = self.arch_config
         shape = self.attn_backend_cls.get_kv_cache_shape(
-            num_blocks, self.block_size, a.num_key_value_heads, a.head_dim
+            num_blocks + 1, self.block_size, a.num_key_value_heads, a.head_dim
         )
         # Zeroed: stale NaNs in never-written slots would poison masked-out products.
         self.kv_caches = [
@@ -188,6 +192,24 @@ class ModelRunner:
             for _ in range(a.num_hidden_layers)
         ]
         self.num_blocks = num_blocks
+        # The torch backend reads host-side metadata, so graphs need the Triton backend.
+        if (
+            self.device.type == "cuda"
+            and not self.config.enforce_eager
+            and self.attn_backend_name == "triton"
+        ):
+            self.cuda_graph = CUDAGraphRunner(self, sink_block_id=num_blocks)
+            self.cuda_graph.capture()
+            print(
+                f"kvasir: captured CUDA graphs for decode batch sizes "
+                f"{self.cuda_graph.sizes[0]}..{self.cuda_graph.max_batch_size} in "
+                f"{self.cuda_graph.capture_time:.1f}s",
+                flush=True,
+            )
+
+    @property
+    def cuda_graphs_enabled(self) -> bool:
+        return self.cuda_graph is not None
 
     # ------------------------------------------------------------------ state
     def _update_states(self, so: SchedulerOutput) -> None:
@@ -283,20 +305,36 @@ class ModelRunner:
             query_start_loc_cpu=qsl_cpu,
             seq_lens_cpu=sl_cpu,
         )
-        hidden = self.model(
-            self.input_ids[:total], self.positions[:total], self.kv_caches, meta
-        )  # [total, hidden]
-
         # Rows that reach the end of their known tokens sample one new token.
         num_tokens = np.fromiter((s.num_tokens for s in states), dtype=np.int64, count=num_reqs)
         sample_rows = np.nonzero(seq_lens >= num_tokens)[0]
-        prompt_lp = self._prompt_logprobs(states, hidden, cu, num_computed, num_sched)
+        cg = self.cuda_graph
+        use_graph = (
+            cg is not None
+            and meta.max_query_len == 1
+            and num_reqs <= cg.max_batch_size
+            and not any(_needs_prompt_logprobs(st) for st in states)
+        )
+        prompt_lp: dict[str, list[TokenLogprobs]] = {}
+        all_logits = None
+        if use_graph:
+            assert cg is not None
+            all_logits = cg.run(num_reqs)  # [num_reqs, vocab]
+        else:
+            hidden = self.model(
+                self.input_ids[:total], self.positions[:total], self.kv_caches, meta
+            )  # [total, hidden]
+            prompt_lp = self._prompt_logprobs(states, hidden, cu, num_computed, num_sched)
 
         sampled_lists: list[list[int]] = [[] for _ in range(num_reqs)]
         logprobs_out: dict[str, list[TokenLogprobs]] = {}
         if len(sample_rows) > 0:
-            idx = torch.from_numpy(cu[1:][sample_rows] - 1).to(d)
-            logits = self.model.compute_logits(hidden.index_select(0, idx))  # [S, vocab]
+            if all_logits is not None:
+                logits = all_logits if len(sample_rows) == num_reqs else all_logits[
+                    torch.from_numpy(sample_rows).to(d)]
+            else:
+                idx = torch.from_numpy(cu[1:][sample_rows] - 1).to(d)
+                logits = self.model.compute_logits(hidden.index_select(0, idx))  # [S, vocab]
             sample_states = [states[i] for i in sample_rows]
             meta_s = self._sampling_metadata(sample_states, logits.shape[-1])
             out = self.sampler(logits, meta_s)
@@ -406,6 +444,13 @@ class ModelRunner:
             min_tokens_stop_ids=min_tok,
             max_num_logprobs=max(wants) if wants else None,
         )
+
+
+def _needs_prompt_logprobs(st: CachedRequestState) -> bool:
+    return (
+        st.sampling_params.prompt_logprobs is not None
+        and st.prompt_logprobs_done < st.num_prompt_tokens - 1
+    )
 
 
 def _logprobs_to_lists(lp: LogprobsTensors) -> list[TokenLogprobs]:
