@@ -1,1 +1,180 @@
+"""Model loading: resolve ``--model`` to a checkpoint, read its architecture, build the
+model on the target device and fill its weights (safetensors, GGUF or random)."""
 
+from __future__ import annotations
+
+import glob
+import os
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from kvasir.attention.backend import AttentionBackend
+from kvasir.config import ModelArchConfig, ModelConfig
+from kvasir.layers.rotary_embedding import RotaryEmbedding
+from kvasir.models.loader.dummy_loader import (
+    available_dummy_configs,
+    dummy_config_path,
+    init_dummy_weights,
+    is_builtin_dummy_config,
+)
+from kvasir.models.loader.gguf_loader import (
+    gguf_arch_config,
+    gguf_tokenizer,
+    iterate_gguf,
+    open_gguf,
+)
+from kvasir.models.loader.hf_config import load_hf_arch_config
+from kvasir.models.loader.safetensors_loader import iterate_safetensors, safetensors_files
+from kvasir.models.registry import get_model_cls
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+__all__ = [
+    "available_dummy_configs",
+    "load_arch_config",
+    "load_model",
+    "load_tokenizer",
+    "resolve_model_path",
+]
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _resolve_dummy(model: str) -> tuple[str, str]:
+    builtin = dummy_config_path(model)
+    if builtin is not None:
+        return builtin, "dummy"
+    path = os.path.expanduser(model)
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
+        return path, "dummy"
+    if os.path.isfile(path) and path.endswith(".json"):
+        return path, "dummy"
+    raise ValueError(
+        f"unknown dummy config {model!r}, available: {available_dummy_configs()} "
+        "(or a path to an HF model directory / config.json)"
+    )
+
+
+def resolve_model_path(model_config: ModelConfig) -> tuple[str, str]:
+    """``(path, load_format)`` for ``model_config.model``: an HF directory with
+    config.json -> "safetensors", a ``*.gguf`` file (or a directory holding exactly one)
+    -> "gguf"; with load_format "dummy", a built-in config name (path of its JSON) or an
+    HF directory / config.json. Raises ValueError for anything else."""
+    model, fmt = model_config.model, model_config.load_format
+    if fmt == "dummy":
+        return _resolve_dummy(model)
+    path = os.path.expanduser(model)
+    if not os.path.exists(path):
+        hint = ""
+        if dummy_config_path(model) is not None:
+            hint = f" ({model!r} is a built-in config: use load_format='dummy' for random weights)"
+        raise ValueError(f"model path '{model}' does not exist{hint}")
+    if os.path.isfile(path):
+        if path.endswith(".gguf") and fmt in ("auto", "gguf"):
+            return path, "gguf"
+        raise ValueError(
+            f"model path '{model}' is a file; expected a .gguf file or an HF model directory"
+            + (f" for load_format={fmt!r}" if fmt != "auto" else "")
+        )
+    has_config = os.path.isfile(os.path.join(path, "config.json"))
+    if has_config and fmt in ("auto", "safetensors"):
+        return path, "safetensors"
+    ggufs = sorted(glob.glob(os.path.join(path, "*.gguf")))
+    if len(ggufs) == 1 and fmt in ("auto", "gguf"):
+        return ggufs[0], "gguf"
+    raise ValueError(
+        f"model directory '{model}' has no config.json (HF safetensors) nor exactly one "
+        f".gguf file (found {len(ggufs)})"
+    )
+
+
+def _config_json(path: str) -> str:
+    return path if path.endswith(".json") else os.path.join(path, "config.json")
+
+
+def load_arch_config(model_config: ModelConfig) -> ModelArchConfig:
+    """Read the model's architecture (config.json or GGUF metadata) and check it is one
+    kvasir can run. Raises ValueError for unreadable configs or unsupported models."""
+    path, fmt = resolve_model_path(model_config)
+    if fmt == "gguf":
+        arch_config = gguf_arch_config(open_gguf(path), path)
+    else:
+        arch_config = load_hf_arch_config(_config_json(path))
+    get_model_cls(arch_config.architectures)  # fail here, not halfway through loading
+    return arch_config
+
+
+def _build_empty_model(
+    model_cls: type[nn.Module],
+    arch_config: ModelArchConfig,
+    attn_backend_cls: type[AttentionBackend],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> nn.Module:
+    # Build on "meta" (no memory, no init kernels), then allocate uninitialised storage
+    # directly in the target dtype on the target device; weights are copied in after.
+    with torch.device("meta"):
+        model = model_cls(arch_config, attn_backend_cls)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    for module in model.modules():
+        if isinstance(module, RotaryEmbedding):
+            module.reset_buffers()
+    model.requires_grad_(False)
+    return model
+
+
+def load_model(
+    model_config: ModelConfig,
+    arch_config: ModelArchConfig,
+    attn_backend_cls: type[AttentionBackend],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> nn.Module:
+    """Build the model for ``arch_config`` on ``device`` in ``dtype`` and fill its weights
+    from the checkpoint ``model_config`` points at (random for load_format "dummy").
+    Tensors stream one at a time into the device parameters. Returns it in eval mode."""
+    path, fmt = resolve_model_path(model_config)
+    model_cls = get_model_cls(arch_config.architectures)
+    model = _build_empty_model(
+        model_cls, arch_config, attn_backend_cls, dtype, torch.device(device)
+    )
+    try:
+        if fmt == "dummy":
+            init_dummy_weights(model, seed=model_config.seed)
+        elif fmt == "safetensors":
+            model.load_weights(iterate_safetensors(safetensors_files(path)))
+        else:
+            model.load_weights(iterate_gguf(open_gguf(path), path, arch_config))
+    except ValueError as e:
+        if path in str(e):
+            raise
+        raise ValueError(f"loading '{path}': {e}") from e
+    return model.eval()
+
+
+def load_tokenizer(model_config: ModelConfig) -> PreTrainedTokenizerBase | None:
+    """The HF tokenizer: from ``model_config.tokenizer`` if set (a directory, hub-style
+    name or .gguf file), else from the model's GGUF file or directory. None for built-in
+    dummy configs and dummy directories without tokenizer files."""
+    from transformers import AutoTokenizer
+
+    source = model_config.tokenizer
+    if source is None:
+        path, fmt = resolve_model_path(model_config)
+        if fmt == "gguf":
+            return gguf_tokenizer(path)
+        source = path if os.path.isdir(path) else os.path.dirname(path)
+        has_files = any(os.path.exists(os.path.join(source, f)) for f in _TOKENIZER_FILES)
+        if fmt == "dummy" and (is_builtin_dummy_config(path) or not has_files):
+            return None
+    elif source.endswith(".gguf"):
+        return gguf_tokenizer(source)
+    try:
+        return AutoTokenizer.from_pretrained(
+            source, trust_remote_code=model_config.trust_remote_code
+        )
+    except Exception as e:
+        raise ValueError(f"cannot load a tokenizer from '{source}': {e}") from e

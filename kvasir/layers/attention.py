@@ -1,0 +1,52 @@
+"""Attention front end: flat projections in, flat output out, backend in between."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kvasir.attention.backend import AttentionBackend, AttentionMetadata
+
+
+class Attention(nn.Module):
+    """Reshapes the flat q/k/v projections to per-head tensors and calls the attention
+    backend, which writes this step's K/V into the paged cache and attends over it."""
+
+    def __init__(
+        self,
+        num_heads: int,
+        head_dim: int,
+        num_kv_heads: int,
+        scale: float,
+        backend: AttentionBackend,
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.num_kv_heads = num_kv_heads
+        self.scale = scale
+        self.backend = backend
+
+    def forward(
+        self,
+        query: torch.Tensor,  # [num_tokens, num_heads * head_dim]
+        key: torch.Tensor,  # [num_tokens, num_kv_heads * head_dim]
+        value: torch.Tensor,  # [num_tokens, num_kv_heads * head_dim]
+        kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+        attn_metadata: AttentionMetadata,
+    ) -> torch.Tensor:  # [num_tokens, num_heads * head_dim]
+        num_tokens = query.shape[0]
+        out = self.backend.forward(
+            query.view(num_tokens, self.num_heads, self.head_dim),
+            key.view(num_tokens, self.num_kv_heads, self.head_dim),
+            value.view(num_tokens, self.num_kv_heads, self.head_dim),
+            kv_cache,
+            attn_metadata,
+        )
+        return out.reshape(num_tokens, self.num_heads * self.head_dim)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_heads={self.num_heads}, head_dim={self.head_dim}, "
+            f"num_kv_heads={self.num_kv_heads}, backend={self.backend.name}"
+        )

@@ -1,0 +1,139 @@
+"""HF ``config.json`` (+ ``generation_config.json``) -> ModelArchConfig."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+from kvasir.config import ModelArchConfig
+from kvasir.layers.rotary_embedding import SUPPORTED_ROPE_TYPES, get_rope_type
+
+logger = logging.getLogger(__name__)
+
+# For configs without an `architectures` list.
+_ARCH_BY_MODEL_TYPE = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+_ROPE_REQUIRED_KEYS = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
+
+def read_json(path: str) -> dict[str, Any]:
+    """A JSON object from ``path``; ValueError naming the file if unreadable."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read JSON file '{path}': {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"JSON file '{path}' must hold an object")
+    return data
+
+
+def token_ids(value: Any) -> tuple[int, ...]:
+    """An HF ``eos_token_id`` (None, int or list) as a tuple."""
+    if value is None:
+        return ()
+    if isinstance(value, int):
+        return (value,)
+    return tuple(int(v) for v in value)
+
+
+def merge_ids(*groups: tuple[int, ...]) -> tuple[int, ...]:
+    """Concatenate id tuples, dropping repeats, keeping first-seen order."""
+    return tuple(dict.fromkeys(i for g in groups for i in g))
+
+
+def parse_rope(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """(rope_theta, rope_scaling) from either the classic ``rope_theta``/``rope_scaling``
+    keys or transformers 5's ``rope_parameters`` (which holds rope_theta inside)."""
+    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if not isinstance(params, dict):
+        raise ValueError(f"rope_parameters must be an object, got {params!r}")
+    if set(params) and all(isinstance(v, dict) for v in params.values()):
+        raise ValueError("per-layer-type rope_parameters are not supported")
+    theta = cfg.get("rope_theta") or params.get("rope_theta") or 10000.0
+    rope_type = get_rope_type(params)
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(
+            f"rope_scaling type {rope_type!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}"
+        )
+    if rope_type == "default":
+        return float(theta), None
+    for key in _ROPE_REQUIRED_KEYS.get(rope_type, ()):
+        if key not in params:
+            raise ValueError(f"rope_scaling of type {rope_type!r} needs {key!r}")
+    scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "type")}
+    scaling["rope_type"] = rope_type
+    return float(theta), scaling
+
+
+def arch_config_from_hf(
+    cfg: dict[str, Any], generation_config: dict[str, Any] | None = None
+) -> ModelArchConfig:
+    """Build a ModelArchConfig from an HF config dict (Llama/Mistral/Qwen2/Qwen3 keys)."""
+    model_type = str(cfg.get("model_type", "llama"))
+    architectures = cfg.get("architectures") or [
+        _ARCH_BY_MODEL_TYPE.get(model_type, f"<model_type {model_type}>")
+    ]
+    num_heads = int(cfg["num_attention_heads"])
+    hidden_size = int(cfg["hidden_size"])
+    rope_theta, rope_scaling = parse_rope(cfg)
+    max_pos = int(cfg.get("max_position_embeddings") or 4096)
+    # No sliding-window attention here: cap the context where a window would bite so
+    # results stay exact (a window >= sequence length is plain causal attention).
+    window = cfg.get("sliding_window")
+    uses_window = cfg.get("use_sliding_window", model_type == "mistral")
+    if window and uses_window and window < max_pos:
+        logger.warning(
+            "sliding_window=%d is not supported; max_position_embeddings capped %d -> %d",
+            window,
+            max_pos,
+            window,
+        )
+        max_pos = int(window)
+    gen = generation_config or {}
+    try:
+        return ModelArchConfig(
+            architectures=tuple(architectures),
+            vocab_size=int(cfg["vocab_size"]),
+            hidden_size=hidden_size,
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_hidden_layers=int(cfg["num_hidden_layers"]),
+            num_attention_heads=num_heads,
+            num_key_value_heads=int(cfg.get("num_key_value_heads") or num_heads),
+            head_dim=int(cfg.get("head_dim") or hidden_size // num_heads),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            max_position_embeddings=max_pos,
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
+            qk_norm=model_type == "qwen3",
+            hidden_act=str(cfg.get("hidden_act", "silu")),
+            bos_token_id=cfg.get("bos_token_id", gen.get("bos_token_id")),
+            eos_token_id=merge_ids(
+                token_ids(cfg.get("eos_token_id")), token_ids(gen.get("eos_token_id"))
+            ),
+            model_type=model_type,
+        )
+    except KeyError as e:
+        raise ValueError(f"model config is missing {e.args[0]!r}") from e
+
+
+def load_hf_arch_config(config_path: str) -> ModelArchConfig:
+    """Read ``config.json`` at ``config_path`` and ``generation_config.json`` beside it."""
+    cfg = read_json(config_path)
+    gen_path = os.path.join(os.path.dirname(config_path), "generation_config.json")
+    gen = read_json(gen_path) if os.path.isfile(gen_path) else None
+    try:
+        return arch_config_from_hf(cfg, gen)
+    except ValueError as e:
+        raise ValueError(f"{config_path}: {e}") from e

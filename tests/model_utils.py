@@ -1,0 +1,127 @@
+"""Test helpers: drive a model through paged-KV steps (prefill, decode, chunked prefill,
+shared prefix blocks) without the scheduler or model runner."""
+
+from __future__ import annotations
+
+import torch
+
+from kvasir.attention.backend import AttentionMetadata
+from kvasir.config import ModelArchConfig
+
+
+def build_attn_metadata(
+    block_tables: list[list[int]],
+    num_computed_tokens: list[int],
+    num_new_tokens: list[int],
+    block_size: int,
+    device: torch.device | str = "cpu",
+) -> AttentionMetadata:
+    """Metadata for one step where request ``i`` already has ``num_computed_tokens[i]``
+    tokens in its blocks ``block_tables[i]`` and adds ``num_new_tokens[i]``."""
+    num_reqs = len(block_tables)
+    seq_lens = [c + n for c, n in zip(num_computed_tokens, num_new_tokens, strict=True)]
+    for i, (table, seq_len) in enumerate(zip(block_tables, seq_lens, strict=True)):
+        assert len(table) * block_size >= seq_len, f"request {i} needs more blocks"
+    query_start_loc = [0]
+    for n in num_new_tokens:
+        query_start_loc.append(query_start_loc[-1] + n)
+    slots: list[int] = []
+    for table, c, n in zip(block_tables, num_computed_tokens, num_new_tokens, strict=True):
+        slots += [table[p // block_size] * block_size + p % block_size for p in range(c, c + n)]
+    max_blocks = max(len(t) for t in block_tables)
+    # Pad with block 0: padded entries must never be read (masked by seq_lens).
+    padded = [t + [0] * (max_blocks - len(t)) for t in block_tables]
+    qsl = torch.tensor(query_start_loc, dtype=torch.int32)
+    sl = torch.tensor(seq_lens, dtype=torch.int32)
+    return AttentionMetadata(
+        num_reqs=num_reqs,
+        num_actual_tokens=query_start_loc[-1],
+        max_query_len=max(num_new_tokens),
+        max_seq_len=max(seq_lens),
+        query_start_loc=qsl.to(device),
+        seq_lens=sl.to(device),
+        block_table=torch.tensor(padded, dtype=torch.int32, device=device),
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+        query_start_loc_cpu=qsl,
+        seq_lens_cpu=sl,
+    )
+
+
+def make_kv_caches(
+    config: ModelArchConfig,
+    num_blocks: int,
+    block_size: int,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    fill: float = float("nan"),
+) -> list[torch.Tensor]:
+    """One ``[2, num_blocks, block_size, num_kv_heads, head_dim]`` cache per layer, filled
+    with NaN so any read of a never-written slot poisons the result."""
+    shape = (2, num_blocks, block_size, config.num_key_value_heads, config.head_dim)
+    return [
+        torch.full(shape, fill, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)
+    ]
+
+
+class PagedRunner:
+    """Keeps per-request token lists, block tables and KV caches across steps, with a
+    bump allocator for blocks (blocks are never freed: tests are short)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        config: ModelArchConfig,
+        num_blocks: int = 64,
+        block_size: int = 4,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.model = model
+        self.block_size = block_size
+        self.device = device
+        dtype = next(model.parameters()).dtype
+        self.kv_caches = make_kv_caches(config, num_blocks, block_size, dtype, device)
+        self.num_blocks = num_blocks
+        self.next_block = 0
+        self.block_tables: dict[str, list[int]] = {}
+        self.num_computed: dict[str, int] = {}
+
+    def add_request(self, req_id: str, shared_from: str | None = None, num_shared: int = 0):
+        """Register a request; optionally reuse the first ``num_shared`` full blocks of
+        ``shared_from`` (a cached prefix: those tokens count as already computed)."""
+        table: list[int] = []
+        if shared_from is not None:
+            table = list(self.block_tables[shared_from][:num_shared])
+        self.block_tables[req_id] = table
+        self.num_computed[req_id] = len(table) * self.block_size
+
+    def _ensure_blocks(self, req_id: str, seq_len: int) -> None:
+        table = self.block_tables[req_id]
+        while len(table) * self.block_size < seq_len:
+            assert self.next_block < self.num_blocks, "out of KV blocks"
+            table.append(self.next_block)
+            self.next_block += 1
+
+    def step(self, batch: list[tuple[str, list[int]]]) -> list[torch.Tensor]:
+        """Run one step adding ``token_ids`` to each request; returns per-request logits
+        ``[num_new, vocab]`` (float32)."""
+        ids, positions, tables, computed, new = [], [], [], [], []
+        for req_id, token_ids in batch:
+            c = self.num_computed[req_id]
+            self._ensure_blocks(req_id, c + len(token_ids))
+            ids += token_ids
+            positions += range(c, c + len(token_ids))
+            tables.append(self.block_tables[req_id])
+            computed.append(c)
+            new.append(len(token_ids))
+        md = build_attn_metadata(tables, computed, new, self.block_size, self.device)
+        with torch.inference_mode():
+            hidden = self.model(
+                torch.tensor(ids, device=self.device),
+                torch.tensor(positions, device=self.device),
+                self.kv_caches,
+                md,
+            )
+            logits = self.model.compute_logits(hidden)
+        for (req_id, token_ids), _ in zip(batch, new, strict=True):
+            self.num_computed[req_id] += len(token_ids)
+        return list(logits.split(new))
