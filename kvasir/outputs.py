@@ -27,6 +27,26 @@ class RequestMetrics:
 
 
 @dataclass
+class RequestStats:
+    """Per-request numbers for metrics, filled when a request finishes (only when the
+    output processor runs with ``log_stats``). Times in seconds (wall clock)."""
+
+    num_prompt_tokens: int
+    num_generation_tokens: int  # all samples together
+    num_cached_tokens: int
+    num_preemptions: int
+    finish_reasons: list[str]  # one per sample, in index order
+    e2e_latency: float  # arrival -> finished
+    queue_time: float | None = None  # arrival -> first scheduled
+    time_to_first_token: float | None = None  # arrival -> first token
+    prefill_time: float | None = None  # first scheduled -> first token
+    decode_time: float | None = None  # first token -> last token
+    inference_time: float | None = None  # first scheduled -> last token
+    # Between consecutive token-carrying outputs of the same sample.
+    inter_token_latencies: list[float] = field(default_factory=list)
+
+
+@dataclass
 class CompletionOutput:
     index: int
     text: str
@@ -51,3 +71,4 @@ class RequestOutput:
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = None
     extra: dict = field(default_factory=dict)
+    stats: RequestStats | None = None  # on the finished output, with log_stats
