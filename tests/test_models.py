@@ -39,7 +39,8 @@ _COMMON = dict(
     max_position_embeddings=256,
     rms_norm_eps=1e-5,
 )
-# name -> (HF config class, kwargs): covers llama3 rope, qkv bias, qk norm, an explicit
+# name -> (HF config class, kwargs): covers llama3 rope, qkv bias (Qwen2) and q/k/v/o bias
+# (Llama, Qwen3 with attention_bias), qk norm, an explicit
 # head_dim != hidden/heads, tied and untied embeddings, GQA and MQA.
 VARIANTS: dict[str, tuple[Callable[..., Any], dict[str, Any]]] = {
     "llama3-gqa": (
@@ -50,7 +51,7 @@ VARIANTS: dict[str, tuple[Callable[..., Any], dict[str, Any]]] = {
     "llama-tied-mqa": (
         transformers.LlamaConfig,
         dict(num_attention_heads=4, num_key_value_heads=1, rope_theta=10000.0,
-             tie_word_embeddings=True),
+             tie_word_embeddings=True, attention_bias=True),
     ),
     "qwen2": (
         transformers.Qwen2Config,
@@ -60,7 +61,7 @@ VARIANTS: dict[str, tuple[Callable[..., Any], dict[str, Any]]] = {
     "qwen3": (
         transformers.Qwen3Config,
         dict(num_attention_heads=4, num_key_value_heads=1, head_dim=32, rope_theta=1e6,
-             tie_word_embeddings=True),
+             tie_word_embeddings=True, attention_bias=True),
     ),
     "mistral": (
         transformers.MistralConfig,
@@ -132,7 +133,9 @@ def test_arch_config_from_hf(pair: Pair) -> None:
     assert pair.arch.head_dim == (getattr(c, "head_dim", None) or 64 // c.num_attention_heads)
     assert pair.arch.tie_word_embeddings == c.tie_word_embeddings
     assert pair.arch.qk_norm == (c.model_type == "qwen3")
-    assert pair.arch.attention_bias == (c.model_type == "qwen2")
+    assert pair.arch.attention_bias == (
+        c.model_type == "qwen2" or getattr(c, "attention_bias", False)
+    )
 
 
 def test_batched_prefill(pair: Pair) -> None:
@@ -329,3 +332,33 @@ def test_rotary_table_stays_float32() -> None:
     rope = RotaryEmbedding(16, 64, 10000.0).to(torch.bfloat16)
     assert rope.cos_sin_cache.dtype == torch.float32
     torch.testing.assert_close(rope.cos_sin_cache, RotaryEmbedding(16, 64, 10000.0).cos_sin_cache)
+
+
+def _run_on(pair: Pair, dtype: torch.dtype, device: str, path: Any) -> None:
+    """Prefill + chunked prefill of two requests in ``dtype`` on ``device`` vs. HF fp32."""
+    pair.hf.save_pretrained(path)
+    mc = ModelConfig(model=str(path))
+    model = load_model(mc, pair.arch, get_backend_cls("torch"), dtype, torch.device(device))
+    seqs = prompts(2, [9, 14], seed=8)
+    runner = PagedRunner(model, pair.arch, num_blocks=16, block_size=4, device=device)
+    runner.add_request("a")
+    runner.add_request("b")
+    outs = runner.step([("a", seqs[0]), ("b", seqs[1][:10])])
+    outs += runner.step([("b", seqs[1][10:])])
+    ours = [outs[0].cpu(), torch.cat(outs[1:]).cpu()]
+    for out, ref in zip(ours, [pair.hf_logits(s) for s in seqs], strict=True):
+        assert out.dtype == torch.float32
+        if dtype == torch.float32:
+            torch.testing.assert_close(out, ref, atol=1e-3, rtol=0)
+        else:  # bf16 weights/activations: ~0.5% of the logit range observed
+            assert (out - ref).abs().max() < 0.02 * ref.abs().max()
+
+
+def test_bfloat16_on_cpu(pair: Pair, tmp_path: Any) -> None:
+    _run_on(pair, torch.bfloat16, "cpu", tmp_path)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_matches_hf(pair: Pair, dtype: torch.dtype, tmp_path: Any) -> None:
+    _run_on(pair, dtype, "cuda", tmp_path)
