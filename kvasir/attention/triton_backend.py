@@ -1,0 +1,85 @@
+"""The Triton attention backend: cache write, then the decode or the prefill kernel.
+
+Decode-only steps (``max_query_len == 1``) run the GQA-grouped split-K decode kernel;
+anything else (prefill, chunked prefill, prefix-cache hits, mixed prefill + decode) runs
+the varlen prefill kernel, which handles decode rows as ``q_len == 1`` requests.
+
+CUDA graphs: ``forward`` never synchronises with the host and reads only device tensors
+plus the host ints of the metadata. Its allocations are sized by those ints alone. When
+called while a CUDA graph is being captured, the decode split count ignores
+``max_seq_len`` (later replays may run much longer contexts) and is chosen from the batch
+size alone, unless ``decode_num_splits`` fixes it; slices are cut per request on the
+device, so any split count stays correct.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvasir.attention.backend import AttentionBackend, AttentionMetadata, register_backend
+from kvasir.kernels.decode_attention import paged_decode_attention
+from kvasir.kernels.kv_cache import reshape_and_cache
+from kvasir.kernels.prefill_attention import paged_prefill_attention
+
+
+@register_backend("triton")
+class TritonAttentionBackend(AttentionBackend):
+    """Paged attention in Triton kernels (see the module docstring for the contract).
+
+    ``decode_num_splits`` fixes the decode kernel's split-K count (e.g. for CUDA-graph
+    capture with a known upper bound); ``None`` chooses it per step.
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        head_dim: int,
+        num_kv_heads: int,
+        scale: float,
+        decode_num_splits: int | None = None,
+    ) -> None:
+        super().__init__(num_heads, head_dim, num_kv_heads, scale)
+        self.decode_num_splits = decode_num_splits
+
+    def forward(
+        self,
+        query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+        key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+        attn_metadata: AttentionMetadata,
+    ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+        md = attn_metadata
+        num_actual = md.num_actual_tokens
+        reshape_and_cache(key, value, kv_cache, md.slot_mapping[:num_actual])
+        out = torch.empty_like(query)
+        if md.max_query_len == 1:
+            capturing = query.is_cuda and torch.cuda.is_current_stream_capturing()
+            paged_decode_attention(
+                query,
+                kv_cache,
+                md.block_table,
+                md.seq_lens,
+                self.scale,
+                num_reqs=md.num_reqs,
+                max_seq_len=None if capturing else md.max_seq_len,
+                num_splits=self.decode_num_splits,
+                out=out,
+            )
+            covered = md.num_reqs
+        else:
+            paged_prefill_attention(
+                query,
+                kv_cache,
+                md.query_start_loc,
+                md.seq_lens,
+                md.block_table,
+                self.scale,
+                max_query_len=md.max_query_len,
+                num_reqs=md.num_reqs,
+                out=out,
+            )
+            covered = num_actual
+        if covered < out.shape[0]:
+            out[covered:].zero_()  # padding rows: defined zeros, as the torch backend
+        return out

@@ -1,0 +1,300 @@
+"""Paged decode attention (one query token per request), GQA-aware, with split-K.
+
+One program handles every query head of one KV head (a "group") for one slice of one
+request's context, so each KV block is read from memory once per group, not once per
+query head. Long contexts are cut into ``num_splits`` slices (flash-decoding); each
+slice writes a partial (normalised output, log-sum-exp) and a second kernel combines
+them. The slice length is computed per request on the device from ``seq_lens``, so the
+launch grid depends only on host ints (``num_reqs``, ``num_splits``): safe to capture in
+a CUDA graph, and correct for any split count.
+
+KV cache layout: ``[2, num_blocks, block_size, num_kv_heads, head_dim]`` (0 = K, 1 = V).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+# Below this many tokens per slice, the partial-result round trip costs more than the
+# extra parallelism gains.
+_MIN_TOKENS_PER_SPLIT = 256
+_MAX_SPLITS = 32
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Tile shape of the decode kernel: ``block_n`` keys per iteration."""
+
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr,  # [num_reqs, num_heads, head_dim]
+    k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    block_table_ptr,  # [num_reqs, max_num_blocks] int32
+    seq_lens_ptr,  # [num_reqs] int32
+    out_ptr,  # [num_reqs, num_heads, head_dim] (NUM_SPLITS == 1)
+    mid_o_ptr,  # [num_reqs, num_heads, NUM_SPLITS, head_dim] float32
+    mid_lse_ptr,  # [num_reqs, num_heads, NUM_SPLITS] float32 (log2 domain)
+    qk_scale,  # softmax scale * log2(e)
+    stride_q_tok,
+    stride_q_head,
+    stride_o_tok,
+    stride_o_head,
+    stride_c_blk,
+    stride_c_tok,
+    stride_c_head,
+    stride_bt,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,  # query heads per KV head
+    GROUP_PAD: tl.constexpr,  # >= 16 so tl.dot has a legal M
+    PAGE_SIZE: tl.constexpr,  # tokens per KV block
+    BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    req = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    seq_len = tl.load(seq_lens_ptr + req)
+    # Per-request slice length, rounded to whole tiles so slices never share a tile.
+    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    end = tl.minimum(start + split_len, seq_len)
+
+    offs_g = tl.arange(0, GROUP_PAD)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    mask_g = offs_g < GROUP_SIZE
+    mask_d = offs_d < HEAD_DIM
+    heads = kv_head * GROUP_SIZE + offs_g  # [GROUP_PAD] query heads of this group
+    q_ptrs = q_ptr + req.to(tl.int64) * stride_q_tok + heads[:, None] * stride_q_head
+    q = tl.load(q_ptrs + offs_d[None, :], mask=mask_g[:, None] & mask_d[None, :], other=0.0)
+
+    m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], dtype=tl.float32)
+
+    bt_row = block_table_ptr + req.to(tl.int64) * stride_bt
+    head_off = kv_head * stride_c_head
+    # -- main loop over this slice's keys ---------------------------------------------
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < end
+        block_ids = tl.load(bt_row + offs_n // PAGE_SIZE, mask=mask_n, other=0)
+        tok_off = block_ids.to(tl.int64) * stride_c_blk + (offs_n % PAGE_SIZE) * stride_c_tok
+        kv_off = tok_off[:, None] + head_off + offs_d[None, :]  # [BLOCK_N, HEAD_DIM_PAD]
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        # other=0: never-written slots may hold NaN, and 0 * NaN would poison acc.
+        k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [GROUP_PAD, BLOCK_N]
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # A group row with nothing seen yet has m_new = -inf: keep exp2's argument finite.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    # -- epilogue -------------------------------------------------------------------
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # empty slice or seq_len 0: output 0
+    o = acc / l_safe[:, None]
+    out_mask = mask_g[:, None] & mask_d[None, :]
+    if NUM_SPLITS == 1:
+        o_ptrs = out_ptr + req.to(tl.int64) * stride_o_tok + heads[:, None] * stride_o_head
+        tl.store(o_ptrs + offs_d[None, :], o.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        row = (req.to(tl.int64) * (GROUP_SIZE * tl.num_programs(1)) + heads) * NUM_SPLITS + split
+        tl.store(mid_o_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], o, mask=out_mask)
+        lse = tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf"))
+        tl.store(mid_lse_ptr + row, lse, mask=mask_g)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    mid_o_ptr,  # [num_reqs, num_heads, NUM_SPLITS, head_dim] float32
+    mid_lse_ptr,  # [num_reqs, num_heads, NUM_SPLITS] float32
+    out_ptr,  # [num_reqs, num_heads, head_dim]
+    stride_o_tok,
+    stride_o_head,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+):
+    req = tl.program_id(0)
+    head = tl.program_id(1)
+    row = req.to(tl.int64) * tl.num_programs(1) + head
+    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    mask_s = offs_s < NUM_SPLITS
+    mask_d = offs_d < HEAD_DIM
+    lse = tl.load(mid_lse_ptr + row * NUM_SPLITS + offs_s, mask=mask_s, other=float("-inf"))
+    lse_max = tl.max(lse, axis=0)
+    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+    w = tl.exp2(lse - lse_max)  # [SPLITS_PAD]; empty slices weigh 0
+    o = tl.load(
+        mid_o_ptr + (row * NUM_SPLITS + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
+        mask=mask_s[:, None] & mask_d[None, :],
+        other=0.0,
+    )
+    w_sum = tl.sum(w, axis=0)
+    o = tl.sum(o * w[:, None], axis=0) / tl.where(w_sum > 0.0, w_sum, 1.0)
+    o_ptrs = out_ptr + req.to(tl.int64) * stride_o_tok + head * stride_o_head + offs_d
+    tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=mask_d)
+
+
+def choose_num_splits(
+    num_reqs: int, num_kv_heads: int, max_seq_len: int | None, num_sms: int
+) -> int:
+    """Slices per request so that about four programs run per multiprocessor.
+
+    ``max_seq_len=None`` (CUDA-graph capture, where the context length of later replays
+    is unknown) sizes for long contexts: short sequences then just leave slices empty.
+    """
+    programs = max(1, num_reqs * num_kv_heads)
+    splits = triton.cdiv(4 * num_sms, programs)
+    if max_seq_len is not None:
+        splits = min(splits, triton.cdiv(max_seq_len, _MIN_TOKENS_PER_SPLIT))
+    return max(1, min(splits, _MAX_SPLITS))
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: a few slices still exercise the reduction
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def paged_decode_attention(
+    query: torch.Tensor,  # [>= num_reqs, num_heads, head_dim]; row r belongs to request r
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+    block_table: torch.Tensor,  # [>= num_reqs, max_num_blocks] int32
+    seq_lens: torch.Tensor,  # [>= num_reqs] int32
+    scale: float,
+    num_reqs: int | None = None,
+    max_seq_len: int | None = None,
+    num_splits: int | None = None,
+    out: torch.Tensor | None = None,  # [>= num_reqs, num_heads, head_dim]
+    config: DecodeConfig | None = None,
+) -> torch.Tensor:  # [query.shape[0], num_heads, head_dim], rows >= num_reqs untouched
+    """Attention of each request's single query token over its first ``seq_lens[r]``
+    cached tokens. ``num_splits=None`` picks a split count from the batch and
+    ``max_seq_len`` (pass ``max_seq_len=None`` when capturing a CUDA graph). A request
+    with ``seq_len == 0`` gets a zero output. Never synchronises with the host."""
+    num_heads, head_dim = query.shape[1], query.shape[2]
+    num_kv_heads = kv_cache.shape[3]
+    page_size = kv_cache.shape[2]
+    assert num_heads % num_kv_heads == 0, "num_kv_heads must divide num_heads"
+    assert query.stride(2) == 1 and kv_cache.stride(4) == 1, "head_dim must be contiguous"
+    num_reqs = query.shape[0] if num_reqs is None else num_reqs
+    if out is None:
+        out = torch.empty_like(query)
+    if num_reqs == 0:
+        return out
+    config = config or DecodeConfig()
+    if num_splits is None:
+        num_splits = choose_num_splits(num_reqs, num_kv_heads, max_seq_len, _num_sms(query.device))
+    group = num_heads // num_kv_heads
+    head_dim_pad = triton.next_power_of_2(head_dim)
+    k_cache, v_cache = kv_cache[0], kv_cache[1]
+    if num_splits > 1:
+        mid_o = torch.empty(
+            (num_reqs, num_heads, num_splits, head_dim), dtype=torch.float32, device=query.device
+        )
+        mid_lse = torch.empty(
+            (num_reqs, num_heads, num_splits), dtype=torch.float32, device=query.device
+        )
+    else:
+        mid_o = mid_lse = out  # unused by the kernel
+    _decode_split_kernel[(num_reqs, num_kv_heads, num_splits)](
+        query,
+        k_cache,
+        v_cache,
+        block_table,
+        seq_lens,
+        out,
+        mid_o,
+        mid_lse,
+        scale * _LOG2E,
+        query.stride(0),
+        query.stride(1),
+        out.stride(0),
+        out.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        block_table.stride(0),
+        HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=head_dim_pad,
+        GROUP_SIZE=group,
+        GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        PAGE_SIZE=page_size,
+        BLOCK_N=config.block_n,
+        NUM_SPLITS=num_splits,
+        # fp32 would otherwise silently run its dots in tf32 (~1e-3); tf32x3 is ~fp32.
+        DOT_PRECISION="tf32x3" if query.dtype == torch.float32 else "tf32",
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    if num_splits > 1:
+        _decode_reduce_kernel[(num_reqs, num_heads)](
+            mid_o,
+            mid_lse,
+            out,
+            out.stride(0),
+            out.stride(1),
+            HEAD_DIM=head_dim,
+            HEAD_DIM_PAD=head_dim_pad,
+            NUM_SPLITS=num_splits,
+            SPLITS_PAD=triton.next_power_of_2(num_splits),
+            num_warps=4,
+        )
+    return out
+
+
+def paged_decode_attention_ref(
+    query: torch.Tensor,  # [num_reqs, num_heads, head_dim]
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+    block_table: torch.Tensor,  # [num_reqs, max_num_blocks] int32
+    seq_lens: torch.Tensor,  # [num_reqs] int32
+    scale: float,
+) -> torch.Tensor:  # [num_reqs, num_heads, head_dim] float64
+    """Plain-torch float64 reference: gathers each request's K/V token by token."""
+    num_reqs, num_heads, head_dim = query.shape
+    page_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
+    group = num_heads // num_kv_heads
+    out = torch.zeros(num_reqs, num_heads, head_dim, dtype=torch.float64)
+    for r in range(num_reqs):
+        seq_len = int(seq_lens[r])
+        if seq_len == 0:
+            continue
+        pos = torch.arange(seq_len)
+        blocks = block_table[r].long().cpu()[pos // page_size]
+        k = kv_cache[0].cpu()[blocks, pos % page_size].double()  # [seq_len, kvh, head_dim]
+        v = kv_cache[1].cpu()[blocks, pos % page_size].double()
+        k = k.repeat_interleave(group, dim=1)  # [seq_len, num_heads, head_dim]
+        v = v.repeat_interleave(group, dim=1)
+        s = torch.einsum("hd,lhd->hl", query[r].cpu().double(), k) * scale
+        out[r] = torch.einsum("hl,lhd->hd", torch.softmax(s, dim=-1), v)
+    return out
+
+
+__all__ = [
+    "DecodeConfig",
+    "choose_num_splits",
+    "paged_decode_attention",
+    "paged_decode_attention_ref",
+]
