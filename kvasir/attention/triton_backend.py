@@ -5,11 +5,11 @@ anything else (prefill, chunked prefill, prefix-cache hits, mixed prefill + deco
 the varlen prefill kernel, which handles decode rows as ``q_len == 1`` requests.
 
 CUDA graphs: ``forward`` never synchronises with the host and reads only device tensors
-plus the host ints of the metadata. Its allocations are sized by those ints alone. When
-called while a CUDA graph is being captured, the decode split count ignores
-``max_seq_len`` (later replays may run much longer contexts) and is chosen from the batch
-size alone, unless ``decode_num_splits`` fixes it; slices are cut per request on the
-device, so any split count stays correct.
+plus the host ints of the metadata; its allocations are sized by those ints alone. The
+decode kernel's split count depends only on the batch shape (or ``decode_num_splits``),
+never on context lengths, so an eager warm-up at a batch size compiles exactly the
+kernels its graph capture launches, and a graph captured on short contexts stays fast
+and correct when replayed on long ones (slices are cut per request on the device).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from kvasir.kernels.prefill_attention import paged_prefill_attention
 class TritonAttentionBackend(AttentionBackend):
     """Paged attention in Triton kernels (see the module docstring for the contract).
 
-    ``decode_num_splits`` fixes the decode kernel's split-K count (e.g. for CUDA-graph
-    capture with a known upper bound); ``None`` chooses it per step.
+    ``decode_num_splits`` fixes the decode kernel's split-K count; ``None`` chooses it
+    from the batch shape.
     """
 
     def __init__(
@@ -54,7 +54,6 @@ class TritonAttentionBackend(AttentionBackend):
         reshape_and_cache(key, value, kv_cache, md.slot_mapping[:num_actual])
         out = torch.empty_like(query)
         if md.max_query_len == 1:
-            capturing = query.is_cuda and torch.cuda.is_current_stream_capturing()
             paged_decode_attention(
                 query,
                 kv_cache,
@@ -62,7 +61,6 @@ class TritonAttentionBackend(AttentionBackend):
                 md.seq_lens,
                 self.scale,
                 num_reqs=md.num_reqs,
-                max_seq_len=None if capturing else md.max_seq_len,
                 num_splits=self.decode_num_splits,
                 out=out,
             )

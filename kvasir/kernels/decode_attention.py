@@ -2,11 +2,13 @@
 
 One program handles every query head of one KV head (a "group") for one slice of one
 request's context, so each KV block is read from memory once per group, not once per
-query head. Long contexts are cut into ``num_splits`` slices (flash-decoding); each
+query head. Contexts are cut into up to ``num_splits`` slices (flash-decoding); each
 slice writes a partial (normalised output, log-sum-exp) and a second kernel combines
-them. The slice length is computed per request on the device from ``seq_lens``, so the
-launch grid depends only on host ints (``num_reqs``, ``num_splits``): safe to capture in
-a CUDA graph, and correct for any split count.
+them. Slices are cut per request on the device from ``seq_lens`` (never shorter than
+``min_split_len`` tokens, so short contexts leave the extra slices empty and cheap).
+The split count depends only on the batch shape (``num_reqs``, ``num_kv_heads``, the
+GPU's multiprocessor count), never on context lengths: an eager warm-up and a CUDA-graph
+capture of the same batch size compile and launch the same kernels.
 
 KV cache layout: ``[2, num_blocks, block_size, num_kv_heads, head_dim]`` (0 = K, 1 = V).
 """
@@ -20,19 +22,19 @@ import triton
 import triton.language as tl
 
 _LOG2E = 1.4426950408889634
-# Below this many tokens per slice, the partial-result round trip costs more than the
-# extra parallelism gains.
-_MIN_TOKENS_PER_SPLIT = 256
 _MAX_SPLITS = 32
 
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    """Tile shape of the decode kernel: ``block_n`` keys per iteration."""
+    """Tile shape of the decode kernel: ``block_n`` keys per iteration. Slices shorter
+    than ``min_split_len`` tokens (a multiple of ``block_n``) cost more in the partial
+    round trip than their parallelism gains."""
 
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 3
+    min_split_len: int = 256
 
 
 @triton.jit
@@ -61,6 +63,7 @@ def _decode_split_kernel(
     PAGE_SIZE: tl.constexpr,  # tokens per KV block
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
+    MIN_SPLIT_LEN: tl.constexpr,  # a multiple of BLOCK_N
     DOT_PRECISION: tl.constexpr,
 ):
     req = tl.program_id(0)
@@ -70,6 +73,7 @@ def _decode_split_kernel(
     seq_len = tl.load(seq_lens_ptr + req)
     # Per-request slice length, rounded to whole tiles so slices never share a tile.
     split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    split_len = tl.maximum(split_len, MIN_SPLIT_LEN)
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
 
@@ -157,19 +161,11 @@ def _decode_reduce_kernel(
     tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=mask_d)
 
 
-def choose_num_splits(
-    num_reqs: int, num_kv_heads: int, max_seq_len: int | None, num_sms: int
-) -> int:
-    """Slices per request so that about four programs run per multiprocessor.
-
-    ``max_seq_len=None`` (CUDA-graph capture, where the context length of later replays
-    is unknown) sizes for long contexts: short sequences then just leave slices empty.
-    """
+def choose_num_splits(num_reqs: int, num_kv_heads: int, num_sms: int) -> int:
+    """Slices per request so that about four programs run per multiprocessor on long
+    contexts. Deliberately independent of context length (see the module docstring)."""
     programs = max(1, num_reqs * num_kv_heads)
-    splits = triton.cdiv(4 * num_sms, programs)
-    if max_seq_len is not None:
-        splits = min(splits, triton.cdiv(max_seq_len, _MIN_TOKENS_PER_SPLIT))
-    return max(1, min(splits, _MAX_SPLITS))
+    return max(1, min(triton.cdiv(4 * num_sms, programs), _MAX_SPLITS))
 
 
 def _num_sms(device: torch.device) -> int:
@@ -185,15 +181,14 @@ def paged_decode_attention(
     seq_lens: torch.Tensor,  # [>= num_reqs] int32
     scale: float,
     num_reqs: int | None = None,
-    max_seq_len: int | None = None,
     num_splits: int | None = None,
     out: torch.Tensor | None = None,  # [>= num_reqs, num_heads, head_dim]
     config: DecodeConfig | None = None,
 ) -> torch.Tensor:  # [query.shape[0], num_heads, head_dim], rows >= num_reqs untouched
     """Attention of each request's single query token over its first ``seq_lens[r]``
-    cached tokens. ``num_splits=None`` picks a split count from the batch and
-    ``max_seq_len`` (pass ``max_seq_len=None`` when capturing a CUDA graph). A request
-    with ``seq_len == 0`` gets a zero output. Never synchronises with the host."""
+    cached tokens. ``num_splits=None`` picks the split count from the batch shape. A
+    request with ``seq_len == 0`` gets a zero output. Never synchronises with the host;
+    safe to capture in a CUDA graph once warmed up at the same ``num_reqs``."""
     num_heads, head_dim = query.shape[1], query.shape[2]
     num_kv_heads = kv_cache.shape[3]
     page_size = kv_cache.shape[2]
@@ -206,7 +201,8 @@ def paged_decode_attention(
         return out
     config = config or DecodeConfig()
     if num_splits is None:
-        num_splits = choose_num_splits(num_reqs, num_kv_heads, max_seq_len, _num_sms(query.device))
+        num_splits = choose_num_splits(num_reqs, num_kv_heads, _num_sms(query.device))
+    assert config.min_split_len % config.block_n == 0, "min_split_len must be whole tiles"
     group = num_heads // num_kv_heads
     head_dim_pad = triton.next_power_of_2(head_dim)
     k_cache, v_cache = kv_cache[0], kv_cache[1]
@@ -244,6 +240,7 @@ def paged_decode_attention(
         PAGE_SIZE=page_size,
         BLOCK_N=config.block_n,
         NUM_SPLITS=num_splits,
+        MIN_SPLIT_LEN=config.min_split_len,
         # fp32 would otherwise silently run its dots in tf32 (~1e-3); tf32x3 is ~fp32.
         DOT_PRECISION="tf32x3" if query.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps,
