@@ -12,7 +12,7 @@ Ceilings first: device-to-device copy bandwidth (bytes read + written) and a bf1
 ``--sweep`` also times tile-shape / split-count variants. Prints a table, then a
 one-line JSON summary last.
 
-    python benchmarks/bench_kernels.py [--sweep] [--out results.json]
+    PYTHONPATH=. python benchmarks/bench_kernels.py [--sweep] [--out results.json]
 """
 
 from __future__ import annotations
@@ -53,6 +53,15 @@ class Report:
 
 def _ms(fn: Callable[[], object]) -> float:
     return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def _try(what: str, fn: Callable[[], object]) -> None:
+    """Run one optional variant; a failure (e.g. out of shared memory) is reported, and
+    the remaining measurements still run."""
+    try:
+        fn()
+    except Exception as e:
+        print(f"  {what}: failed: {type(e).__name__}: {str(e)[:160]}", flush=True)
 
 
 def ceilings(_row: Report) -> tuple[float, float]:
@@ -105,21 +114,25 @@ def bench_decode(_row: Report, copy_gbps: float, sweep: bool) -> float:
     ms2 = run(None, None)
     _row("decode default, again (spread)", ms2, f"{nbytes / ms2 / 1e6 / copy_gbps:.1%} of copy")
     best = min(ms, ms2)
+
+    def variant(splits: int | None, cfg: DecodeConfig | None) -> None:
+        ms = run(splits, cfg)
+        name = "default" if cfg is None else f"n{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}"
+        _row(f"  decode {name} splits={splits or auto}", ms,
+             f"{nbytes / ms / 1e6 / copy_gbps:.1%} of copy")  # fmt: skip
+
     if sweep:
-        for splits in (1, 2, 4, 8):
-            ms = run(splits, None)
-            _row(f"  decode splits={splits}", ms, f"{nbytes / ms / 1e6 / copy_gbps:.1%}")
+        for splits in (1, 2, 4, 6, 8):
+            _try(f"decode splits={splits}", lambda s=splits: variant(s, None))
         for cfg in (
             DecodeConfig(64, 4, 2), DecodeConfig(64, 4, 5), DecodeConfig(32, 4, 5),
             DecodeConfig(128, 4, 3), DecodeConfig(128, 8, 3), DecodeConfig(64, 8, 3),
-            DecodeConfig(32, 2, 5),
+            DecodeConfig(32, 2, 5), DecodeConfig(128, 4, 5), DecodeConfig(64, 2, 3),
         ):  # fmt: skip
-            for splits in (None, 4):
-                ms = run(splits, cfg)
-                _row(f"  decode n{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages} "
-                     f"splits={splits or auto}", ms, f"{nbytes / ms / 1e6 / copy_gbps:.1%}")  # fmt: skip
-    # Other batch shapes at the default config (informative).
-    for n_seqs, n_ctx in ((1, 8192), (128, 2048)):
+            for splits in (None, 6):
+                _try(f"decode {cfg} {splits}", lambda s=splits, c=cfg: variant(s, c))
+    # Other batch shapes at the default config (informative; all far past L2).
+    for n_seqs, n_ctx in ((4, 8192), (128, 2048)):
         kv2, bt2 = _paged_cache(n_seqs, n_ctx, kv_heads, dim, page)
         sl2 = torch.full((n_seqs,), n_ctx, device="cuda", dtype=torch.int32)
         q2 = torch.randn(n_seqs, heads, dim, device="cuda", dtype=torch.bfloat16)
@@ -152,29 +165,31 @@ def bench_prefill(_row: Report, mm_tflops: float, sweep: bool) -> float:
     ms2 = run(None)
     _row("prefill default, again (spread)", ms2, f"{flops / ms2 / 1e9:.0f} TFLOP/s")
     best = min(ms, ms2)
+
+    def variant(cfg: PrefillConfig) -> None:
+        ms = run(cfg)
+        _row(f"  prefill m{cfg.block_m} n{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}",
+             ms, f"{flops / ms / 1e9:.0f} TFLOP/s")  # fmt: skip
+
     if sweep:
         for cfg in (
             PrefillConfig(128, 128, 8, 3), PrefillConfig(128, 64, 8, 4),
             PrefillConfig(128, 64, 8, 2), PrefillConfig(64, 64, 4, 3),
             PrefillConfig(128, 128, 8, 2), PrefillConfig(64, 128, 4, 3),
+            PrefillConfig(128, 32, 4, 3), PrefillConfig(64, 64, 4, 4),
         ):  # fmt: skip
-            try:
-                ms = run(cfg)
-            except Exception as e:  # out of shared memory etc.: report, go on
-                print(f"  prefill {cfg}: failed: {type(e).__name__}: {str(e)[:120]}")
-                continue
-            _row(f"  prefill m{cfg.block_m} n{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}",
-                 ms, f"{flops / ms / 1e9:.0f} TFLOP/s")  # fmt: skip
-    # Contiguous, non-paged attention through torch for comparison (FlashAttention-2).
-    try:
+            _try(f"prefill {cfg}", lambda c=cfg: variant(c))
+
+    def sdpa() -> None:
+        # Contiguous, non-paged attention through torch, for scale (FlashAttention-2).
         qt = q.view(1, s, heads, dim).transpose(1, 2)
         kt = torch.randn(1, kv_heads, s, dim, device="cuda", dtype=torch.bfloat16)
         vt = torch.randn_like(kt)
-        sdpa = torch.nn.functional.scaled_dot_product_attention
-        ms = _ms(lambda: sdpa(qt, kt, vt, is_causal=True, enable_gqa=True))
+        f = torch.nn.functional.scaled_dot_product_attention
+        ms = _ms(lambda: f(qt, kt, vt, is_causal=True, enable_gqa=True))
         _row("  torch sdpa causal (contiguous, for scale)", ms, f"{flops / ms / 1e9:.0f} TFLOP/s")
-    except Exception as e:
-        print(f"  torch sdpa: failed: {type(e).__name__}: {str(e)[:120]}")
+
+    _try("torch sdpa", sdpa)
     return flops / best / 1e9
 
 
@@ -252,8 +267,9 @@ def main() -> None:
     copy_gbps, mm_tflops = ceilings(report)
     decode_frac = bench_decode(report, copy_gbps, args.sweep)
     prefill_tflops = bench_prefill(report, mm_tflops, args.sweep)
-    other = bench_elementwise(report, copy_gbps)
-    other.update(bench_sampling(report))
+    other: dict[str, float] = {}
+    _try("elementwise", lambda: other.update(bench_elementwise(report, copy_gbps)))
+    _try("sampling", lambda: other.update(bench_sampling(report)))
     print("\n| kernel | time (us) | result |\n|---|---:|---|")
     for name, ms, metric in report.rows:
         print(f"| {name.strip()} | {ms * 1e3:.1f} | {metric} |")

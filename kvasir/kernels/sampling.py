@@ -62,11 +62,13 @@ def _penalties_kernel(
             in_prompt = tl.load(prompt_mask_ptr + row * stride_p + offs, mask=mask, other=0)
             seen = seen | (in_prompt != 0)
         rep = tl.load(repetition_ptr + row)
-        x = tl.where(seen, tl.where(x > 0.0, x / rep, x * rep), x)
+        # IEEE division (Triton's `/` is approximate): thresholds match torch bit for bit.
+        x = tl.where(seen, tl.where(x > 0.0, tl.math.div_rn(x, tl.zeros_like(x) + rep), x * rep), x)
         x = x - tl.load(frequency_ptr + row) * counts.to(tl.float32)
         x = x - tl.load(presence_ptr + row) * in_output.to(tl.float32)
     temp = tl.load(temperature_ptr + row)
-    x = x / tl.where(temp < 1e-5, 1.0, temp)  # greedy rows keep their logits' scale
+    temp = tl.where(temp < 1e-5, 1.0, temp)  # greedy rows keep their logits' scale
+    x = tl.math.div_rn(x, tl.zeros_like(x) + temp)
     tl.store(out_ptr + row * vocab_size + offs, x, mask=mask)
 
 
