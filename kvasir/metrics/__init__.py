@@ -1,0 +1,1 @@
+"""Server-side metrics: per-request statistics and their Prometheus export."""

@@ -1,0 +1,229 @@
+"""Prometheus metrics ``kvasir:*``, named and bucketed like vLLM's ``vllm:*`` set so
+existing dashboards and autoscalers work with a prefix change.
+
+Each server owns its own ``CollectorRegistry`` (no module-level state); ``/metrics``
+renders it with ``render()``.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE  # noqa: F401 - re-export
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from kvasir.core.outputs import SchedulerStats
+from kvasir.metrics.stats import FinishedRequestStats, IterationStats
+
+_TTFT_BUCKETS = [
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+    2560.0,
+]
+_ITL_BUCKETS = [
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+]
+_LATENCY_BUCKETS = [
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+    1920.0,
+    7680.0,
+]
+_TOKEN_BUCKETS = [1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
+_LEN_BUCKETS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000]
+FINISH_REASONS = ("stop", "length", "abort")
+
+
+class PrometheusMetrics:
+    """The server's metric set. ``record_*`` are called from the output handler."""
+
+    def __init__(self, model_name: str, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        labels = ["model_name"]
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(name, doc, labels, registry=r).labels(model_name)
+
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(name, doc, labels, registry=r).labels(model_name)
+
+        def hist(name: str, doc: str, buckets: list) -> Histogram:
+            return Histogram(name, doc, labels, buckets=buckets, registry=r).labels(model_name)
+
+        self.num_requests_running = gauge(
+            "kvasir:num_requests_running", "Number of requests in model execution batches."
+        )
+        self.num_requests_waiting = gauge(
+            "kvasir:num_requests_waiting", "Number of requests waiting to be processed."
+        )
+        self.kv_cache_usage = gauge(
+            "kvasir:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage."
+        )
+        self.prefix_cache_queries = counter(
+            "kvasir:prefix_cache_queries",
+            "Prefix cache queries, in terms of number of queried tokens.",
+        )
+        self.prefix_cache_hits = counter(
+            "kvasir:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens."
+        )
+        self.num_preemptions = counter(
+            "kvasir:num_preemptions", "Cumulative number of preemptions from the engine."
+        )
+        self.prompt_tokens = counter("kvasir:prompt_tokens", "Number of prefill tokens processed.")
+        self.generation_tokens = counter(
+            "kvasir:generation_tokens", "Number of generation tokens processed."
+        )
+        success = Counter(
+            "kvasir:request_success",
+            "Count of successfully processed requests.",
+            labels + ["finished_reason"],
+            registry=r,
+        )
+        self.request_success = {fr: success.labels(model_name, fr) for fr in FINISH_REASONS}
+        self._request_success = success
+        self._model_name = model_name
+        self.ttft = hist(
+            "kvasir:time_to_first_token_seconds",
+            "Histogram of time to first token in seconds.",
+            _TTFT_BUCKETS,
+        )
+        self.itl = hist(
+            "kvasir:inter_token_latency_seconds",
+            "Histogram of inter-token latency in seconds.",
+            _ITL_BUCKETS,
+        )
+        self.e2e = hist(
+            "kvasir:e2e_request_latency_seconds",
+            "Histogram of e2e request latency in seconds.",
+            _LATENCY_BUCKETS,
+        )
+        self.queue_time = hist(
+            "kvasir:request_queue_time_seconds",
+            "Histogram of time spent in WAITING phase for request.",
+            _LATENCY_BUCKETS,
+        )
+        self.prefill_time = hist(
+            "kvasir:request_prefill_time_seconds",
+            "Histogram of time spent in PREFILL phase for request.",
+            _LATENCY_BUCKETS,
+        )
+        self.decode_time = hist(
+            "kvasir:request_decode_time_seconds",
+            "Histogram of time spent in DECODE phase for request.",
+            _LATENCY_BUCKETS,
+        )
+        self.iteration_tokens = hist(
+            "kvasir:iteration_tokens_total",
+            "Histogram of number of tokens per engine_step.",
+            _TOKEN_BUCKETS,
+        )
+        self.request_prompt_tokens = hist(
+            "kvasir:request_prompt_tokens", "Number of prefill tokens processed.", _LEN_BUCKETS
+        )
+        self.request_generation_tokens = hist(
+            "kvasir:request_generation_tokens",
+            "Number of generation tokens processed.",
+            _LEN_BUCKETS,
+        )
+        # The core reports cumulative counts; Prometheus counters take increments.
+        self._last_cumulative = (0, 0, 0)
+
+    def record_scheduler_stats(self, stats: SchedulerStats) -> None:
+        self.num_requests_running.set(stats.num_running_reqs)
+        self.num_requests_waiting.set(stats.num_waiting_reqs)
+        self.kv_cache_usage.set(stats.kv_cache_usage)
+        cur = (stats.prefix_cache_queries, stats.prefix_cache_hits, stats.num_preemptions)
+        for counter, new, old in zip(
+            (self.prefix_cache_queries, self.prefix_cache_hits, self.num_preemptions),
+            cur,
+            self._last_cumulative,
+            strict=False,
+        ):
+            if new > old:
+                counter.inc(new - old)
+        self._last_cumulative = cur
+        if stats.num_scheduled_tokens > 0:
+            self.iteration_tokens.observe(stats.num_scheduled_tokens)
+
+    def record_iteration(self, it: IterationStats) -> None:
+        if it.num_prompt_tokens:
+            self.prompt_tokens.inc(it.num_prompt_tokens)
+        if it.num_generation_tokens:
+            self.generation_tokens.inc(it.num_generation_tokens)
+        for x in it.time_to_first_tokens:
+            self.ttft.observe(x)
+        for x in it.inter_token_latencies:
+            self.itl.observe(x)
+        self.record_finished(it.finished)
+
+    def record_finished(self, finished: list[FinishedRequestStats]) -> None:
+        for f in finished:
+            c = self.request_success.get(f.finish_reason)
+            if c is None:
+                c = self._request_success.labels(self._model_name, f.finish_reason)
+            c.inc()
+            self.e2e.observe(f.e2e_latency)
+            if f.queued_time is not None:
+                self.queue_time.observe(f.queued_time)
+            if f.prefill_time is not None:
+                self.prefill_time.observe(f.prefill_time)
+            if f.decode_time is not None:
+                self.decode_time.observe(f.decode_time)
+            self.request_prompt_tokens.observe(f.num_prompt_tokens)
+            self.request_generation_tokens.observe(f.num_generation_tokens)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
