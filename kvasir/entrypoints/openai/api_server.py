@@ -1,0 +1,272 @@
+"""The OpenAI-compatible HTTP server (FastAPI + uvicorn, one asyncio loop).
+
+``kvasir serve [MODEL]`` -> ``run_server``: spawn the engine core, then serve
+``/v1/completions``, ``/v1/chat/completions``, ``/v1/models``, ``/tokenize``,
+``/detokenize``, ``/health``, ``/metrics`` and ``/version``. SIGTERM drains (see
+``kvasir.entrypoints.openai.launcher``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
+from starlette.responses import JSONResponse, Response
+
+from kvasir import __version__
+from kvasir.engine.async_llm import AsyncLLM
+from kvasir.entrypoints.openai.errors import (
+    OpenAIError,
+    bad_request,
+    from_value_error,
+    install_exception_handlers,
+)
+from kvasir.entrypoints.openai.middleware import (
+    DOC_PATHS,
+    OPEN_PATHS,
+    ServerMiddleware,
+    ServerState,
+)
+from kvasir.entrypoints.openai.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionStreamResponse,
+    CompletionRequest,
+    CompletionResponse,
+    CompletionStreamResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ErrorResponse,
+    HealthResponse,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+    VersionResponse,
+)
+from kvasir.entrypoints.openai.serving_chat import OpenAIServingChat, messages_to_dicts
+from kvasir.entrypoints.openai.serving_common import PARAM_NAMES, ServingContext
+from kvasir.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from kvasir.metrics.prometheus import CONTENT_TYPE
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": desc}
+    for code, desc in {
+        400: "Invalid parameter (named in error.param), malformed JSON or a non-object body",
+        401: "Missing or wrong API key",
+        404: "Unknown model",
+        413: "Request body over --max-request-body-bytes",
+        429: "Waiting queue full (--max-queued-requests); see the Retry-After header",
+        503: "Server draining (SIGTERM) or engine dead",
+    }.items()
+}
+
+
+def _sse_doc(model: type) -> dict[int | str, dict[str, Any]]:
+    return {
+        200: {
+            "content": {
+                "text/event-stream": {
+                    "schema": {
+                        "type": "string",
+                        "description": f"With stream=true: `data: <{model.__name__}>` events, then `data: [DONE]`.",
+                    }
+                }
+            }
+        }
+    }
+
+
+def build_app(state: ServerState, ctx: ServingContext) -> FastAPI:
+    """The FastAPI app over a running ``AsyncLLM`` (held by ``ctx``)."""
+    app = FastAPI(title="kvasir OpenAI-compatible API", version=__version__)
+    install_exception_handlers(app)
+    completion = OpenAIServingCompletion(ctx)
+    chat = OpenAIServingChat(ctx)
+    engine: AsyncLLM = ctx.engine
+
+    @app.get(
+        "/health",
+        response_model=HealthResponse,
+        responses={503: {"model": ErrorResponse, "description": "draining or dead"}},
+    )
+    async def health() -> Response:
+        if state.dead or engine.is_dead:
+            return OpenAIError(
+                503, "The engine is dead.", "service_unavailable_error", None, "engine_dead"
+            ).to_response()
+        if state.draining:
+            return OpenAIError(
+                503,
+                "The server is shutting down.",
+                "service_unavailable_error",
+                None,
+                "server_draining",
+            ).to_response()
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/version", response_model=VersionResponse)
+    async def version() -> dict:
+        return {"version": __version__}
+
+    @app.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE: {}}}})
+    async def metrics() -> Response:
+        return Response(engine.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models", response_model=ModelList, responses=_ERRORS)
+    async def models() -> dict:
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": ctx.served_model_name,
+                    "object": "model",
+                    "created": state.extra["started"],
+                    "owned_by": "kvasir",
+                    "root": engine.config.model_config.model,
+                    "max_model_len": ctx.max_model_len,
+                }
+            ],
+        }
+
+    @app.post(
+        "/v1/completions",
+        response_model=CompletionResponse,
+        responses={**_ERRORS, **_sse_doc(CompletionStreamResponse)},
+    )
+    async def create_completion(request: CompletionRequest, raw_request: Request) -> Response:
+        return await completion.create_completion(request, raw_request)
+
+    @app.post(
+        "/v1/chat/completions",
+        response_model=ChatCompletionResponse,
+        responses={**_ERRORS, **_sse_doc(ChatCompletionStreamResponse)},
+    )
+    async def create_chat_completion(
+        request: ChatCompletionRequest, raw_request: Request
+    ) -> Response:
+        return await chat.create_chat_completion(request, raw_request)
+
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=_ERRORS)
+    async def tokenize(request: TokenizeRequest) -> dict:
+        ctx.check_model(request.model)
+        if (request.prompt is None) == (request.messages is None):
+            raise bad_request("exactly one of prompt and messages is required", "prompt")
+        if request.messages is not None:
+            try:
+                ids = engine.input_processor.apply_chat_template(
+                    messages_to_dicts(request.messages),
+                    add_generation_prompt=request.add_generation_prompt,
+                )
+            except OpenAIError:
+                raise
+            except Exception as e:  # template errors are the caller's input
+                raise bad_request(f"could not apply the chat template: {e}", "messages") from None
+        else:
+            assert request.prompt is not None
+            try:
+                _, ids = engine.input_processor.tokenize(request.prompt)
+            except ValueError as e:
+                raise from_value_error(e, PARAM_NAMES) from None
+        return {"count": len(ids), "max_model_len": ctx.max_model_len, "tokens": ids}
+
+    @app.post("/detokenize", response_model=DetokenizeResponse, responses=_ERRORS)
+    async def detokenize(request: DetokenizeRequest) -> dict:
+        ctx.check_model(request.model)
+        vocab = engine.model_info.vocab_size
+        for i, t in enumerate(request.tokens):
+            if not 0 <= t < vocab:
+                raise bad_request(f"token id {t} is out of vocabulary [0, {vocab})", f"tokens[{i}]")
+        if ctx.tokenizer is None:
+            raise bad_request("this model has no tokenizer", "tokens")
+        return {"prompt": ctx.tokenizer.decode(request.tokens)}
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            if state.api_key is not None:
+                schema.setdefault("components", {})["securitySchemes"] = {
+                    "bearer": {"type": "http", "scheme": "bearer"}
+                }
+                for path, ops in schema.get("paths", {}).items():
+                    if path not in OPEN_PATHS and path not in DOC_PATHS:
+                        for op in ops.values():
+                            op["security"] = [{"bearer": []}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    app.add_middleware(ServerMiddleware, state=state)
+    return app
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``kvasir serve`` flags: the server's (vLLM names) plus every engine flag."""
+    from kvasir.engine.arg_utils import EngineArgs
+
+    parser.add_argument(
+        "model_tag",
+        nargs="?",
+        default=None,
+        metavar="MODEL",
+        help="model to serve (same as --model; default: SmolLM2-135M-Instruct)",
+    )
+    g = parser.add_argument_group("server")
+    g.add_argument("--host", type=str, default="0.0.0.0", help="address to bind")
+    g.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
+    g.add_argument(
+        "--api-key",
+        type=str,
+        default=os.environ.get("KVASIR_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on every inference path "
+        "(default: $KVASIR_API_KEY)",
+    )
+    g.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, seconds in-flight requests may take to finish before "
+        "they end with finish_reason 'abort'",
+    )
+    g.add_argument(
+        "--max-request-body-bytes",
+        type=int,
+        default=8 * 2**20,
+        help="larger request bodies get 413",
+    )
+    g.add_argument(
+        "--retry-after", type=int, default=1, help="Retry-After seconds sent with 429 (queue full)"
+    )
+    g.add_argument(
+        "--log-requests-json",
+        action="store_true",
+        help="one JSON log line per finished request with its timings",
+    )
+    g.add_argument("--disable-uvicorn-access-log", action="store_true")
+    g.add_argument(
+        "--uvicorn-log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug", "trace"],
+    )
+    EngineArgs.add_cli_args(parser)
+    return parser
+
+
+def run_server(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM/SIGINT (exit 0 after the drain) or until the engine dies
+    (exit 1). Returns the exit code."""
+    from kvasir.entrypoints.openai.launcher import run_server as _run
+
+    return _run(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kvasir serve")
+    add_cli_args(parser)
+    return run_server(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,204 @@
+"""Start-up, graceful drain and exit of ``kvasir serve``.
+
+SIGTERM / SIGINT: /health turns 503 and new requests get 503 at once (the port stays
+open so load balancers see it), in-flight requests run until ``--shutdown-timeout``,
+the rest end with finish_reason "abort", then uvicorn stops, the engine core is shut
+down and the process exits 0. A second signal skips the wait.
+
+Engine death: /health turns 503, in-flight requests fail at once with an error, and
+shortly after the server exits 1 so a supervisor restarts it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import socket
+import sys
+import time
+from contextlib import contextmanager
+
+import uvicorn
+
+from kvasir.engine.async_llm import AsyncLLM
+from kvasir.entrypoints.openai.api_server import build_app
+from kvasir.entrypoints.openai.middleware import ServerState
+from kvasir.entrypoints.openai.serving_common import ServingContext
+
+logger = logging.getLogger("kvasir.serve")
+
+# After the engine dies, keep answering (503) this long so health checks see it.
+_DEAD_GRACE_S = 1.0
+# After the drain has ended every request, how long handlers get to send their last bytes.
+_FLUSH_TIMEOUT_S = 3.0
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: SIGTERM starts our drain instead of
+    closing the listening socket at once."""
+
+    @contextmanager
+    def capture_signals(self):  # type: ignore[override]
+        yield
+
+
+class Drainer:
+    """Owns the shutdown sequence and the process exit code."""
+
+    def __init__(
+        self, state: ServerState, engine: AsyncLLM, server: uvicorn.Server, timeout: float
+    ) -> None:
+        self.state = state
+        self.engine = engine
+        self.server = server
+        self.timeout = timeout
+        self.exit_code = 0
+        self._task: asyncio.Task | None = None
+        self._hurry = asyncio.Event()
+
+    def on_signal(self, sig: int) -> None:
+        if self._task is not None:
+            logger.warning("second signal: ending in-flight requests now")
+            self._hurry.set()
+            return
+        logger.info("received %s: draining (up to %.0fs)", signal.Signals(sig).name, self.timeout)
+        self.state.draining = True
+        self._task = asyncio.get_running_loop().create_task(self._drain())
+
+    def on_engine_dead(self, err: BaseException) -> None:
+        logger.error("%s; the server will exit", err)
+        self.state.dead = True
+        self.exit_code = 1
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._exit_after_dead())
+
+    async def _drain(self) -> None:
+        deadline = time.monotonic() + self.timeout
+        while self.engine.num_in_flight and time.monotonic() < deadline:
+            if self._hurry.is_set():
+                break
+            await asyncio.sleep(0.05)
+        left = self.engine.in_flight_request_ids()
+        if left:
+            logger.warning("shutdown timeout: aborting %d in-flight request(s)", len(left))
+        for rid in left:
+            self.engine.finish_aborted(rid)
+        await self._wait_flushed(_FLUSH_TIMEOUT_S)
+        self.server.should_exit = True
+
+    async def _exit_after_dead(self) -> None:
+        await asyncio.sleep(_DEAD_GRACE_S)
+        await self._wait_flushed(_FLUSH_TIMEOUT_S)
+        self.server.should_exit = True
+
+    async def _wait_flushed(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self.state.num_active_requests and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """Bind before loading the model: a taken port fails in a second, not after the
+    load, and ``--port 0`` picks a free port we can print."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    req_logger = logging.getLogger("kvasir.requests")
+    req_logger.propagate = False
+    req_logger.setLevel(logging.INFO)
+    if args.log_requests_json and not req_logger.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))  # the message is the JSON
+        req_logger.addHandler(handler)
+
+
+def _served_model_name(args: argparse.Namespace) -> str:
+    if args.served_model_name:
+        return args.served_model_name
+    if not args.model:
+        from kvasir.models.default import DEFAULT_MODEL_NAME
+
+        return DEFAULT_MODEL_NAME
+    return str(args.model)
+
+
+async def serve(args: argparse.Namespace) -> int:
+    from kvasir.engine.arg_utils import EngineArgs
+    from kvasir.models.loader import load_tokenizer
+
+    if args.model_tag is not None:
+        if args.model is not None and args.model != args.model_tag:
+            raise ValueError(f"model given twice: {args.model_tag!r} and --model {args.model!r}")
+        args.model = args.model_tag
+    engine_args = EngineArgs.from_cli_args(args)
+    served = _served_model_name(args)
+    engine_args.served_model_name = served
+    config = engine_args.create_engine_config()
+    sock = _bind(args.host, args.port)
+    host, port = sock.getsockname()[:2]
+    print(f"kvasir: listening on http://{host}:{port} (loading {served} ...)", flush=True)
+    tokenizer = load_tokenizer(config.model_config)
+    engine = await AsyncLLM.create(
+        config,
+        tokenizer,
+        log_requests_json=args.log_requests_json,
+        served_model_name=served,
+    )
+    state = ServerState(
+        api_key=args.api_key or None,
+        max_request_body_bytes=args.max_request_body_bytes,
+        extra={"started": int(time.time())},
+    )
+    app = build_app(state, ServingContext(engine, served, args.retry_after))
+    uv_config = uvicorn.Config(
+        app,
+        log_level=args.uvicorn_log_level,
+        access_log=not args.disable_uvicorn_access_log,
+        timeout_graceful_shutdown=5,
+        lifespan="off",
+        timeout_keep_alive=5,
+    )
+    server = _Server(uv_config)
+    drainer = Drainer(state, engine, server, args.shutdown_timeout)
+    engine.add_dead_callback(drainer.on_engine_dead)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, drainer.on_signal, sig)
+    print(
+        f"kvasir: serving {served} on http://{host}:{port} "
+        f"(engine core pid {engine.core.pid if engine.core else '?'})",
+        flush=True,
+    )
+    try:
+        await server.serve(sockets=[sock])
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await engine.shutdown()
+        sock.close()
+    logger.info("exit %d", drainer.exit_code)
+    return drainer.exit_code
+
+
+def run_server(args: argparse.Namespace) -> int:
+    _setup_logging(args)
+    try:
+        return asyncio.run(serve(args))
+    except (RuntimeError, OSError, ValueError) as e:
+        # Start-up failures (model load, port in use, bad flag) are one clear line.
+        print(f"kvasir serve: error: {e}", file=sys.stderr, flush=True)
+        return 1

@@ -1,0 +1,149 @@
+"""One pure-ASGI middleware in front of the app: API-key check (401), drain/dead gate
+(503), request-body limit (413), and a count of requests in flight (for the drain).
+
+Pure ASGI rather than ``BaseHTTPMiddleware`` so streaming responses and the client's
+``http.disconnect`` pass through untouched.
+"""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from kvasir.entrypoints.openai.errors import OpenAIError
+
+# Open without a key and while draining (health checks must see the 503 themselves).
+OPEN_PATHS = frozenset({"/health", "/metrics", "/version", "/ping"})
+# API documentation is not an inference path either.
+DOC_PATHS = frozenset({"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+
+
+@dataclass
+class ServerState:
+    """Mutable per-server state shared by the middleware, the routes and the drain."""
+
+    api_key: str | None = None
+    max_request_body_bytes: int = 8 * 2**20
+    draining: bool = False
+    dead: bool = False
+    num_active_requests: int = 0  # HTTP requests through the gate, not yet finished
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+async def _send_error(send: Send, err: OpenAIError) -> None:
+    resp = err.to_response()
+    await send(
+        {"type": "http.response.start", "status": resp.status_code, "headers": resp.raw_headers}
+    )
+    await send({"type": "http.response.body", "body": resp.body})
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for k, v in scope.get("headers", ()):
+        if k == name:
+            return v
+    return None
+
+
+class ServerMiddleware:
+    def __init__(self, app: ASGIApp, state: ServerState) -> None:
+        self.app = app
+        self.state = state
+
+    def _authorized(self, scope: Scope) -> bool:
+        key = self.state.api_key
+        assert key is not None
+        auth = _header(scope, b"authorization") or b""
+        scheme, _, token = auth.decode("latin-1").partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip(), key):
+            return True
+        x_key = _header(scope, b"x-api-key")
+        return x_key is not None and hmac.compare_digest(x_key.decode("latin-1"), key)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        st = self.state
+        if path in OPEN_PATHS or path in DOC_PATHS:
+            await self.app(scope, receive, send)
+            return
+        if st.api_key is not None and not self._authorized(scope):
+            await _send_error(
+                send,
+                OpenAIError(
+                    401,
+                    "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
+                    "invalid_request_error",
+                    None,
+                    "invalid_api_key",
+                ),
+            )
+            return
+        if st.dead or st.draining:
+            msg = "The engine is dead." if st.dead else "The server is shutting down."
+            await _send_error(
+                send,
+                OpenAIError(
+                    503,
+                    msg,
+                    "service_unavailable_error",
+                    None,
+                    "engine_dead" if st.dead else "server_draining",
+                ),
+            )
+            return
+        if scope["method"] in ("POST", "PUT", "PATCH"):
+            got = await self._read_body(scope, receive, send)
+            if got is None:
+                return
+            receive = got
+        st.num_active_requests += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            st.num_active_requests -= 1
+
+    async def _read_body(self, scope: Scope, receive: Receive, send: Send) -> Receive | None:
+        """Buffer the body (at most the limit) and return a receive that replays it and
+        then passes through (so disconnects still arrive). None: already answered."""
+        limit = self.state.max_request_body_bytes
+        too_large = OpenAIError(
+            413,
+            f"Request body is larger than the limit of {limit} bytes (--max-request-body-bytes).",
+            "invalid_request_error",
+            None,
+            "request_too_large",
+        )
+        cl = _header(scope, b"content-length")
+        if cl is not None and cl.isdigit() and int(cl) > limit:
+            await _send_error(send, too_large)
+            return None
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            body = message.get("body", b"")
+            size += len(body)
+            if size > limit:
+                await _send_error(send, too_large)
+                return None
+            chunks.append(body)
+            if not message.get("more_body", False):
+                break
+        replay: list[Message] = [
+            {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        ]
+
+        async def replay_receive() -> Message:
+            if replay:
+                return replay.pop()
+            return await receive()
+
+        return replay_receive

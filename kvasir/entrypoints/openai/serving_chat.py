@@ -1,0 +1,303 @@
+"""``POST /v1/chat/completions``: the tokenizer's chat template, logprobs with
+``top_logprobs``, ``n``, SSE streaming with ``stream_options.include_usage``."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncGenerator
+from typing import Any
+
+from fastapi import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from kvasir.engine.async_llm import EngineDeadError, RequestRejectedError
+from kvasir.entrypoints.openai.errors import OpenAIError, bad_request
+from kvasir.entrypoints.openai.protocol import ChatCompletionRequest, ChatMessage
+from kvasir.entrypoints.openai.serving_common import (
+    SSE_DONE,
+    ClientDisconnected,
+    ServingContext,
+    check_length,
+    check_unsupported,
+    first_outputs,
+    make_sampling_params,
+    merge_async_iterators,
+    num_cached,
+    safe_logprob,
+    sse,
+    sse_error,
+    token_text,
+    top_entries,
+    until_disconnect,
+    usage_dict,
+)
+from kvasir.outputs import PositionLogprobs, RequestOutput
+
+# HF apply_chat_template arguments that chat_template_kwargs must not override.
+_RESERVED_TEMPLATE_KWARGS = {
+    "conversation",
+    "tools",
+    "documents",
+    "chat_template",
+    "add_generation_prompt",
+    "continue_final_message",
+    "tokenize",
+    "padding",
+    "truncation",
+    "max_length",
+    "return_tensors",
+    "return_dict",
+    "return_assistant_tokens_mask",
+    "tokenizer_kwargs",
+}
+
+
+def messages_to_dicts(messages: list[ChatMessage]) -> list[dict]:
+    """Chat messages as the template expects them: text parts joined into a string."""
+    out = []
+    for i, m in enumerate(messages):
+        content = m.content
+        if isinstance(content, list):
+            texts = []
+            for j, part in enumerate(content):
+                if part.type != "text" or part.text is None:
+                    raise bad_request(
+                        f"content part type {part.type!r} is not supported (text only)",
+                        f"messages[{i}].content[{j}].type",
+                    )
+                texts.append(part.text)
+            content = "\n".join(texts)
+        d: dict[str, Any] = {"role": m.role, "content": content or ""}
+        if m.name is not None:
+            d["name"] = m.name
+        out.append(d)
+    return out
+
+
+def chat_logprobs(
+    tokenizer: Any, token_ids: list[int], logprobs: list[PositionLogprobs], k: int
+) -> list[dict]:
+    content = []
+    for tid, pos in zip(token_ids, logprobs, strict=False):
+        lp = pos.get(tid) if pos else None
+        s = token_text(tokenizer, tid, lp)
+        content.append(
+            {
+                "token": s,
+                "logprob": -9999.0 if lp is None else safe_logprob(lp.logprob),
+                "bytes": list(s.encode("utf-8")),
+                "top_logprobs": [
+                    {
+                        "token": (ts := token_text(tokenizer, t, p)),
+                        "logprob": safe_logprob(p.logprob),
+                        "bytes": list(ts.encode("utf-8")),
+                    }
+                    for t, p in top_entries(pos, k)
+                ]
+                if pos
+                else [],
+            }
+        )
+    return content
+
+
+class OpenAIServingChat:
+    def __init__(self, ctx: ServingContext) -> None:
+        self.ctx = ctx
+
+    def _render(self, req: ChatCompletionRequest) -> list[int]:
+        kwargs = dict(req.chat_template_kwargs or {})
+        bad = sorted(set(kwargs) & _RESERVED_TEMPLATE_KWARGS)
+        if bad:
+            raise bad_request(f"chat_template_kwargs must not set {bad}", "chat_template_kwargs")
+        if req.continue_final_message and req.add_generation_prompt:
+            raise bad_request(
+                "continue_final_message and add_generation_prompt cannot both be true",
+                "continue_final_message",
+            )
+        if req.continue_final_message:
+            kwargs["continue_final_message"] = True
+        try:
+            return self.ctx.engine.input_processor.apply_chat_template(
+                messages_to_dicts(req.messages),
+                add_generation_prompt=req.add_generation_prompt,
+                **kwargs,
+            )
+        except OpenAIError:
+            raise
+        except Exception as e:  # jinja2 errors ("roles must alternate" ...) are input errors
+            raise bad_request(f"could not apply the chat template: {e}", "messages") from None
+
+    async def create_chat_completion(
+        self, req: ChatCompletionRequest, raw_request: Request
+    ) -> Response:
+        ctx = self.ctx
+        ctx.check_model(req.model)
+        check_unsupported(req)
+        if req.tools and req.tool_choice != "none":
+            raise bad_request("tool calling is not supported", "tools")
+        if req.response_format is not None and req.response_format.type != "text":
+            raise bad_request(
+                "only response_format type 'text' is supported", "response_format.type"
+            )
+        if req.top_logprobs is not None and not req.logprobs:
+            raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
+        max_name = (
+            "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        )
+        max_tokens = (
+            req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        )
+        rename = {"max_tokens": max_name, "prompt": "messages"}
+        prompt_ids = self._render(req)
+        check_length(ctx, len(prompt_ids), max_tokens, "messages", max_name)
+        k = (req.top_logprobs or 0) if req.logprobs else None
+        params = make_sampling_params(req, max_tokens, k, req.stream, rename=rename)
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        gen = ctx.engine.generate(
+            prompt_ids, params, request_id, priority=req.priority, cache_salt=req.cache_salt
+        )
+        try:
+            (first,) = await until_disconnect(first_outputs([gen]), raw_request)
+        except ClientDisconnected:
+            await gen.aclose()
+            return Response(status_code=499)
+        except (RequestRejectedError, EngineDeadError, ValueError) as e:
+            await gen.aclose()
+            raise ctx.engine_error(e, rename) from None
+        if req.stream:
+            return StreamingResponse(
+                self._stream(req, request_id, created, first, gen, len(prompt_ids), k),
+                media_type="text/event-stream",
+            )
+        try:
+            final = first
+            if not first.finished:
+                final = await until_disconnect(_last(gen), raw_request)
+        except ClientDisconnected:
+            return Response(status_code=499)
+        except (RequestRejectedError, EngineDeadError, ValueError) as e:
+            raise ctx.engine_error(e, rename) from None
+        choices = []
+        num_generated = 0
+        for c in sorted(final.outputs, key=lambda c: c.index):
+            num_generated += len(c.token_ids)
+            logprobs = None
+            if k is not None:
+                logprobs = {
+                    "content": chat_logprobs(ctx.tokenizer, c.token_ids, c.logprobs or [], k)
+                }
+            choices.append(
+                {
+                    "index": c.index,
+                    "message": {"role": "assistant", "content": c.text},
+                    "logprobs": logprobs,
+                    "finish_reason": c.finish_reason,
+                    "stop_reason": c.stop_reason,
+                }
+            )
+        return JSONResponse(
+            {
+                "id": request_id,
+                "object": "chat.completion",
+                "created": created,
+                "model": ctx.served_model_name,
+                "choices": choices,
+                "usage": usage_dict(len(prompt_ids), num_generated, num_cached(final)),
+            }
+        )
+
+    async def _stream(
+        self,
+        req: ChatCompletionRequest,
+        request_id: str,
+        created: int,
+        first: RequestOutput,
+        gen: AsyncGenerator[RequestOutput, None],
+        num_prompt: int,
+        k: int | None,
+    ) -> AsyncGenerator[bytes, None]:
+        ctx = self.ctx
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
+        generated = [0] * req.n
+        cached = num_cached(first)
+
+        def chunk(choices: list[dict], usage: dict | None = None) -> bytes:
+            body: dict[str, Any] = {
+                "id": request_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": ctx.served_model_name,
+                "choices": choices,
+            }
+            if usage is not None:
+                body["usage"] = usage
+            return sse(body)
+
+        async def outputs() -> AsyncGenerator[RequestOutput, None]:
+            yield first
+            if not first.finished:
+                async for _, out in merge_async_iterators([gen]):
+                    yield out
+
+        # The role comes first, in a chunk of its own per choice (as OpenAI sends it).
+        for i in range(req.n):
+            yield chunk(
+                [
+                    {
+                        "index": i,
+                        "delta": {"role": "assistant", "content": ""},
+                        "logprobs": None,
+                        "finish_reason": None,
+                    }
+                ]
+            )
+        it = outputs()
+        try:
+            async for out in it:
+                cached = max(cached, num_cached(out))
+                for c in out.outputs:
+                    if not c.text and not c.token_ids and c.finish_reason is None:
+                        continue
+                    generated[c.index] += len(c.token_ids)
+                    logprobs = None
+                    if k is not None:
+                        logprobs = {
+                            "content": chat_logprobs(
+                                ctx.tokenizer, c.token_ids, c.logprobs or [], k
+                            )
+                        }
+                    usage = None
+                    if include_usage and continuous:
+                        usage = usage_dict(num_prompt, sum(generated), cached)
+                    yield chunk(
+                        [
+                            {
+                                "index": c.index,
+                                "delta": {"content": c.text},
+                                "logprobs": logprobs,
+                                "finish_reason": c.finish_reason,
+                                "stop_reason": c.stop_reason,
+                            }
+                        ],
+                        usage,
+                    )
+            if include_usage:
+                yield chunk([], usage_dict(num_prompt, sum(generated), cached))
+        except (RequestRejectedError, EngineDeadError, ValueError, OpenAIError) as e:
+            yield sse_error(ctx.engine_error(e))
+        finally:
+            await it.aclose()
+            await gen.aclose()
+        yield SSE_DONE
+
+
+async def _last(gen: AsyncGenerator[RequestOutput, None]) -> RequestOutput:
+    last = None
+    async for out in gen:
+        last = out
+    assert last is not None
+    return last

@@ -1,0 +1,293 @@
+"""What completions and chat completions share: model check, sampling parameters,
+engine-error mapping, client-disconnect handling, SSE framing and logprob formatting."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import AsyncGenerator, Awaitable
+from typing import Any, TypeVar
+
+import msgspec
+from fastapi import Request
+
+from kvasir.engine.async_llm import AsyncLLM, EngineDeadError, RequestRejectedError
+from kvasir.entrypoints.openai.errors import OpenAIError, bad_request, from_value_error
+from kvasir.entrypoints.openai.protocol import SamplingFields
+from kvasir.outputs import Logprob, PositionLogprobs, RequestOutput
+from kvasir.sampling_params import RequestOutputKind, SamplingParams
+
+T = TypeVar("T")
+SSE_DONE = b"data: [DONE]\n\n"
+_json = msgspec.json.Encoder()
+
+
+class ClientDisconnected(Exception):
+    """The HTTP client went away before the response was ready."""
+
+
+class ServingContext:
+    """Per-server state the handlers need."""
+
+    def __init__(self, engine: AsyncLLM, served_model_name: str, retry_after_s: int = 1) -> None:
+        self.engine = engine
+        self.served_model_name = served_model_name
+        self.max_model_len = engine.model_info.max_model_len
+        self.tokenizer = engine.tokenizer
+        self.retry_after_s = retry_after_s
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.served_model_name:
+            raise OpenAIError(
+                404,
+                f"The model `{model}` does not exist. Served: `{self.served_model_name}`.",
+                "invalid_request_error",
+                "model",
+                "model_not_found",
+            )
+
+    def engine_error(self, e: BaseException, rename: dict[str, str] | None = None) -> OpenAIError:
+        """Map what ``AsyncLLM.generate`` raises onto an HTTP error."""
+        if isinstance(e, OpenAIError):
+            return e
+        if isinstance(e, RequestRejectedError):
+            if e.queue_full:
+                return OpenAIError(
+                    429,
+                    f"The server is overloaded: {e}. Retry later.",
+                    "rate_limit_error",
+                    None,
+                    "queue_full",
+                    {"Retry-After": str(self.retry_after_s)},
+                )
+            return from_value_error(e, PARAM_NAMES, rename)
+        if isinstance(e, EngineDeadError):
+            return OpenAIError(
+                503,
+                f"The engine is not available: {e}",
+                "service_unavailable_error",
+                None,
+                "engine_dead",
+            )
+        if isinstance(e, ValueError):
+            return from_value_error(e, PARAM_NAMES, rename)
+        raise e
+
+
+PARAM_NAMES = set(SamplingFields.model_fields) | {
+    "prompt",
+    "messages",
+    "max_tokens",
+    "max_completion_tokens",
+    "logprobs",
+    "top_logprobs",
+    "prompt_logprobs",
+    "echo",
+    "best_of",
+    "suffix",
+    "tools",
+    "response_format",
+    "request_id",
+}
+
+
+def check_unsupported(req: SamplingFields) -> None:
+    if req.logit_bias:
+        raise bad_request("logit_bias is not supported", "logit_bias")
+
+
+def make_sampling_params(
+    req: SamplingFields,
+    max_tokens: int | None,
+    logprobs: int | None,
+    stream: bool,
+    prompt_logprobs: int | None = None,
+    rename: dict[str, str] | None = None,
+) -> SamplingParams:
+    try:
+        return SamplingParams(
+            n=req.n,
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=-1 if req.top_k is None else req.top_k,
+            min_p=0.0 if req.min_p is None else req.min_p,
+            seed=req.seed,
+            stop=req.stop,
+            stop_token_ids=req.stop_token_ids,
+            ignore_eos=req.ignore_eos,
+            max_tokens=max_tokens,
+            min_tokens=req.min_tokens,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            skip_special_tokens=req.skip_special_tokens,
+            spaces_between_special_tokens=req.spaces_between_special_tokens,
+            include_stop_str_in_output=req.include_stop_str_in_output,
+            output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
+        )
+    except ValueError as e:
+        raise from_value_error(e, PARAM_NAMES, rename) from None
+
+
+def check_length(
+    ctx: ServingContext,
+    num_prompt_tokens: int,
+    max_tokens: int | None,
+    prompt_param: str,
+    max_tokens_param: str,
+) -> None:
+    limit = ctx.max_model_len
+    if num_prompt_tokens + 1 > limit:
+        raise bad_request(
+            f"This model's maximum context length is {limit} tokens, but the prompt has "
+            f"{num_prompt_tokens} tokens (at least one more is needed to generate).",
+            prompt_param,
+            "context_length_exceeded",
+        )
+    if max_tokens is not None and num_prompt_tokens + max_tokens > limit:
+        raise bad_request(
+            f"{max_tokens_param} is too large: {max_tokens}. This model's maximum context "
+            f"length is {limit} tokens and the prompt has {num_prompt_tokens} tokens.",
+            max_tokens_param,
+            "context_length_exceeded",
+        )
+
+
+# ---------------------------------------------------------------- disconnects
+
+
+async def _wait_disconnect(raw_request: Request) -> None:
+    while True:
+        message = await raw_request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def until_disconnect(aw: Awaitable[T], raw_request: Request) -> T:
+    """Await ``aw``; if the client disconnects first, cancel it (which aborts the
+    engine requests behind it) and raise ClientDisconnected."""
+    task = asyncio.ensure_future(aw)
+    watcher = asyncio.ensure_future(_wait_disconnect(raw_request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    try:
+        await task
+    except (asyncio.CancelledError, Exception):
+        pass
+    raise ClientDisconnected()
+
+
+async def merge_async_iterators(
+    iterators: list[AsyncGenerator[T, None]],
+) -> AsyncGenerator[tuple[int, T], None]:
+    """Items of several async generators as they come, tagged with the generator's
+    index. Closing this closes them all (aborting their requests)."""
+    if len(iterators) == 1:
+        try:
+            async for item in iterators[0]:
+                yield 0, item
+        finally:
+            await iterators[0].aclose()
+        return
+    queue: asyncio.Queue[tuple[int, Any] | None] = asyncio.Queue()
+    sentinel_exc: list[BaseException] = []
+
+    async def pump(i: int, it: AsyncGenerator[T, None]) -> None:
+        try:
+            async for item in it:
+                await queue.put((i, item))
+        except Exception as e:
+            sentinel_exc.append(e)
+        finally:
+            await queue.put(None)
+
+    tasks = [asyncio.create_task(pump(i, it)) for i, it in enumerate(iterators)]
+    remaining = len(tasks)
+    try:
+        while remaining:
+            got = await queue.get()
+            if got is None:
+                remaining -= 1
+                if sentinel_exc:
+                    raise sentinel_exc[0]
+                continue
+            yield got
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for it in iterators:
+            await it.aclose()
+
+
+async def first_outputs(gens: list[AsyncGenerator[T, None]]) -> list[T]:
+    """The first item of every generator, concurrently. If one raises, the others are
+    cancelled (aborting their requests) and the error propagates; the caller closes
+    the generators."""
+    tasks = [asyncio.ensure_future(g.__anext__()) for g in gens]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for t in tasks:
+            if t.done() and not t.cancelled() and t.exception() is not None:
+                raise t.exception()  # type: ignore[misc]
+        return [t.result() for t in tasks]
+    finally:
+        for t in tasks:
+            if not t.done():
+                t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+# ---------------------------------------------------------------- SSE / logprobs
+
+
+def sse(obj: Any) -> bytes:
+    return b"data: " + _json.encode(obj) + b"\n\n"
+
+
+def sse_error(err: OpenAIError) -> bytes:
+    return sse(err.to_dict())
+
+
+def safe_logprob(x: float) -> float:
+    # JSON has no -inf/NaN; vLLM reports -9999.0 for impossible tokens.
+    if math.isnan(x) or x < -9999.0:
+        return -9999.0
+    return float(x)
+
+
+def token_text(tokenizer: Any, token_id: int, lp: Logprob | None) -> str:
+    if lp is not None and lp.decoded_token is not None:
+        return lp.decoded_token
+    if tokenizer is None:
+        return f"token_id:{token_id}"
+    return tokenizer.decode([token_id])
+
+
+def top_entries(pos: PositionLogprobs, k: int) -> list[tuple[int, Logprob]]:
+    """The k most likely entries of one position, by rank."""
+    items = sorted(pos.items(), key=lambda kv: (kv[1].rank or 0, -kv[1].logprob))
+    return [kv for kv in items if kv[1].rank is not None and kv[1].rank <= k][:k] if k else []
+
+
+def num_cached(out: RequestOutput) -> int:
+    return max(int(out.num_cached_tokens or 0), 0)
+
+
+def usage_dict(num_prompt: int, num_generated: int, num_cached_tokens: int) -> dict:
+    return {
+        "prompt_tokens": num_prompt,
+        "completion_tokens": num_generated,
+        "total_tokens": num_prompt + num_generated,
+        "prompt_tokens_details": {"cached_tokens": num_cached_tokens},
+    }
