@@ -1,0 +1,1 @@
+"""Benchmarks: `kvasir bench latency|throughput|serve`."""
