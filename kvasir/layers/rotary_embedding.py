@@ -105,9 +105,10 @@ class RotaryEmbedding(nn.Module):
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         # Module.to(dtype) would round the table to bf16/fp16; keep it float32 so
         # positions are as exact as HF's (which computes cos/sin in float32 per step).
+        cache = self.cos_sin_cache
         super()._apply(fn, recurse)
         if self.cos_sin_cache.dtype != torch.float:
-            self.reset_buffers()
+            self.cos_sin_cache = cache.to(self.cos_sin_cache.device)
         return self
 
     def forward(

@@ -51,6 +51,14 @@ def merge_ids(*groups: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(dict.fromkeys(i for g in groups for i in g))
 
 
+def _first_id(*values: Any) -> int | None:
+    for v in values:
+        ids = token_ids(v)
+        if ids:
+            return ids[0]
+    return None
+
+
 def parse_rope(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     """(rope_theta, rope_scaling) from either the classic ``rope_theta``/``rope_scaling``
     keys or transformers 5's ``rope_parameters`` (which holds rope_theta inside)."""
@@ -118,7 +126,7 @@ def arch_config_from_hf(
             attention_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
             qk_norm=model_type == "qwen3",
             hidden_act=str(cfg.get("hidden_act", "silu")),
-            bos_token_id=cfg.get("bos_token_id", gen.get("bos_token_id")),
+            bos_token_id=_first_id(cfg.get("bos_token_id"), gen.get("bos_token_id")),
             eos_token_id=merge_ids(
                 token_ids(cfg.get("eos_token_id")), token_ids(gen.get("eos_token_id"))
             ),
