@@ -301,3 +301,16 @@ def test_timings_and_stats(tokenizer: Any) -> None:
     assert s.inter_token_latencies == [1.0, 2.0]
     assert (s.queue_time, s.time_to_first_token, s.prefill_time) == (1.0, 2.0, 1.0)
     assert (s.decode_time, s.inference_time, s.e2e_latency) == (3.0, 4.0, 5.0)
+
+
+def test_abort_one_sample_of_n2(tokenizer: Any) -> None:
+    processor = OutputProcessor(tokenizer)
+    params = SamplingParams(n=2, output_kind=CUMULATIVE)
+    processor.add_request("r", None, [1], params, 0.0, ["0_r", "1_r"])
+    assert processor.abort_requests(["1_r"]) == ["1_r"]
+    assert processor.has_unfinished_requests()
+    o = processor.process_outputs([out("0_r", [42], finish_reason="length"), out("1_r", [43])])
+    (ro,) = o.request_outputs
+    assert ro.finished
+    assert [(c.token_ids, c.finish_reason) for c in ro.outputs] == [([42], "length"), ([], "abort")]
+    assert not processor.has_unfinished_requests()

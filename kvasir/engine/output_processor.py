@@ -307,14 +307,14 @@ class OutputProcessor:
                     if self._children.pop(child.request_id, None) is not None:
                         core_ids.append(child.request_id)
                 continue
-            child = self._children.pop(request_id, None)
-            if child is None:
+            sample = self._children.pop(request_id, None)
+            if sample is None:
                 continue
             core_ids.append(request_id)
-            child.finish_reason = "abort"
-            child.parent.num_unfinished -= 1
-            if child.parent.num_unfinished == 0:
-                self._parents.pop(child.parent.request_id, None)
+            sample.finish_reason = "abort"
+            sample.parent.num_unfinished -= 1
+            if sample.parent.num_unfinished == 0:
+                self._parents.pop(sample.parent.request_id, None)
         return core_ids
 
     def finish_aborted(self, request_id: str) -> RequestOutput | None:
