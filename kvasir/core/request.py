@@ -67,6 +67,10 @@ class Request:
         self.block_hashes: list[bytes] = []
         sp = sampling_params
         self.max_tokens = sp.max_tokens  # resolved against max_model_len by the engine
+        # Set by the scheduler: admission order (breaks arrival_time ties) and the
+        # wall-clock time (time.time()) the request was first scheduled.
+        self.arrival_seq = -1
+        self.first_scheduled_time: float | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

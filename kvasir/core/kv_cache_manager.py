@@ -1,0 +1,212 @@
+"""Per-request block tables over a ``BlockPool``, with prefix caching and forking.
+
+A request's block table holds the KV of its first ``num_computed_tokens`` tokens plus
+room for the tokens scheduled in the current step. Only *full* blocks are ever shared
+(prefix-cache hits and forks), so a shared block is never written again: no copy on
+write is needed.
+"""
+
+from __future__ import annotations
+
+from kvasir.core.block_pool import BlockPool, KVCacheBlock
+from kvasir.core.hashing import update_block_hashes
+from kvasir.core.request import Request
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class KVCacheManager:
+    """Allocates, shares and frees KV blocks for requests.
+
+    ``num_blocks`` includes the reserved null block 0 (see ``block_pool``), so
+    ``num_usable_blocks == num_blocks - 1``. Counters ``prefix_cache_queries`` and
+    ``prefix_cache_hits`` are cumulative, in tokens.
+    """
+
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_caching: bool = True,
+        max_model_len: int | None = None,
+    ) -> None:
+        self.block_size = block_size
+        self.enable_caching = enable_caching
+        self.max_model_len = max_model_len
+        self.block_pool = BlockPool(num_blocks, enable_caching)
+        self.req_to_blocks: dict[str, list[KVCacheBlock]] = {}
+        # Per request: how many leading blocks were already offered to the prefix cache.
+        self.num_cached_block: dict[str, int] = {}
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
+
+    # ------------------------------------------------------------------ queries
+
+    @property
+    def num_usable_blocks(self) -> int:
+        return self.block_pool.num_usable_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.block_pool.get_num_free_blocks()
+
+    @property
+    def usage(self) -> float:
+        """Fraction of usable blocks held by requests."""
+        return self.block_pool.get_usage()
+
+    def get_block_ids(self, request_id: str) -> list[int]:
+        return [block.block_id for block in self.req_to_blocks.get(request_id, ())]
+
+    def get_computed_blocks(
+        self, request: Request, record_stats: bool = True
+    ) -> tuple[list[KVCacheBlock], int]:
+        """Longest run of leading full blocks of ``request`` found in the prefix cache,
+        and the number of tokens they hold. Does not take references (pass the blocks to
+        ``allocate_slots``).
+
+        At most ``(num_tokens - 1) // block_size`` blocks: the last token is always
+        recomputed so the model produces logits for it. Returns ``([], 0)`` when caching
+        is off or the request wants prompt logprobs (those need every prompt position).
+        ``record_stats=False`` lets a caller that may retry the lookup count it only once
+        via ``record_prefix_cache_stats``.
+        """
+        if not self.enable_caching or request.sampling_params.prompt_logprobs is not None:
+            return [], 0
+        update_block_hashes(request, self.block_size)
+        max_num_blocks = (request.num_tokens - 1) // self.block_size
+        blocks: list[KVCacheBlock] = []
+        for block_hash in request.block_hashes[:max_num_blocks]:
+            block = self.block_pool.get_cached_block(block_hash)
+            if block is None:
+                break
+            blocks.append(block)
+        num_computed_tokens = len(blocks) * self.block_size
+        if record_stats:
+            self.record_prefix_cache_stats(request.num_tokens, num_computed_tokens)
+        return blocks, num_computed_tokens
+
+    def record_prefix_cache_stats(self, num_queried_tokens: int, num_hit_tokens: int) -> None:
+        self.prefix_cache_queries += num_queried_tokens
+        self.prefix_cache_hits += num_hit_tokens
+
+    def get_fork_blocks(self, parent: Request, num_tokens: int) -> list[KVCacheBlock]:
+        """The parent's first ``num_tokens // block_size`` blocks (must be full and
+        computed), for ``allocate_slots(child, ..., new_computed_blocks=...)``."""
+        num_blocks = num_tokens // self.block_size
+        parent_blocks = self.req_to_blocks.get(parent.request_id, [])
+        assert num_blocks * self.block_size <= parent.num_computed_tokens, (
+            "can only fork computed full blocks"
+        )
+        assert num_blocks <= len(parent_blocks)
+        return parent_blocks[:num_blocks]
+
+    # ------------------------------------------------------------------ mutations
+
+    def allocate_slots(
+        self,
+        request: Request,
+        num_new_tokens: int,
+        new_computed_blocks: list[KVCacheBlock] | None = None,
+        num_new_computed_tokens: int = 0,
+        delay_cache_blocks: bool = False,
+    ) -> list[int] | None:
+        """Grow the block table so it holds ``request.num_computed_tokens +
+        num_new_computed_tokens + num_new_tokens`` tokens.
+
+        ``new_computed_blocks`` (prefix hits or a parent's blocks, holding
+        ``num_new_computed_tokens`` tokens) are shared: they get a reference and are
+        appended first. Returns the ids of every block appended by this call (shared ones
+        first, then fresh ones), or None -- changing nothing -- if too few blocks are free.
+
+        Full blocks whose KV this step completes are registered in the prefix cache
+        unless ``delay_cache_blocks`` (then call ``cache_blocks`` once the KV exists).
+        """
+        assert num_new_tokens >= 0 and num_new_computed_tokens >= 0
+        new_computed_blocks = new_computed_blocks or []
+        req_blocks = self.req_to_blocks.get(request.request_id, [])
+        assert not (new_computed_blocks and req_blocks), (
+            "shared blocks can only start an empty block table"
+        )
+        assert num_new_computed_tokens == len(new_computed_blocks) * self.block_size
+        num_total_tokens = request.num_computed_tokens + num_new_computed_tokens + num_new_tokens
+        if self.max_model_len is not None:
+            assert num_total_tokens <= self.max_model_len, "allocation beyond max_model_len"
+        num_new_blocks = max(
+            cdiv(num_total_tokens, self.block_size) - len(req_blocks) - len(new_computed_blocks),
+            0,
+        )
+        # Touching a free cached block takes it out of the free list.
+        num_evictable_computed = sum(1 for b in new_computed_blocks if b.ref_cnt == 0)
+        if num_new_blocks > self.block_pool.get_num_free_blocks() - num_evictable_computed:
+            return None
+
+        self.block_pool.touch(new_computed_blocks)
+        new_blocks = self.block_pool.get_new_blocks(num_new_blocks)
+        if request.request_id not in self.req_to_blocks:
+            self.req_to_blocks[request.request_id] = req_blocks
+        if new_computed_blocks:
+            req_blocks.extend(new_computed_blocks)
+            # Shared blocks are already cached (or caching is off): skip them later.
+            self.num_cached_block[request.request_id] = len(new_computed_blocks)
+        req_blocks.extend(new_blocks)
+        if not delay_cache_blocks:
+            self.cache_blocks(request, min(num_total_tokens, request.num_tokens))
+        return [b.block_id for b in new_computed_blocks] + [b.block_id for b in new_blocks]
+
+    def cache_blocks(self, request: Request, num_computed_tokens: int) -> None:
+        """Register the request's full blocks within its first ``num_computed_tokens``
+        tokens in the prefix cache (idempotent, incremental)."""
+        if not self.enable_caching:
+            return
+        req_blocks = self.req_to_blocks.get(request.request_id)
+        if not req_blocks:
+            return
+        update_block_hashes(request, self.block_size)
+        num_full_blocks = min(
+            num_computed_tokens // self.block_size, len(request.block_hashes), len(req_blocks)
+        )
+        num_cached_blocks = self.num_cached_block.get(request.request_id, 0)
+        if num_full_blocks <= num_cached_blocks:
+            return
+        self.block_pool.cache_full_blocks(
+            req_blocks, request.block_hashes, num_cached_blocks, num_full_blocks
+        )
+        self.num_cached_block[request.request_id] = num_full_blocks
+
+    def uncache_blocks(self, request: Request, num_computed_tokens: int) -> None:
+        """Drop the prefix-cache entries of the request's blocks past its first
+        ``num_computed_tokens // block_size`` (registered for KV that will not be
+        computed after all, e.g. a request taken back out of a step)."""
+        req_blocks = self.req_to_blocks.get(request.request_id, [])
+        first = num_computed_tokens // self.block_size
+        for block in req_blocks[first:]:
+            # Blocks past the computed prefix are never shared: only this request
+            # could have registered them.
+            assert block.ref_cnt == 1
+            self.block_pool.uncache_block(block)
+        if self.num_cached_block.get(request.request_id, 0) > first:
+            self.num_cached_block[request.request_id] = first
+
+    def fork(self, parent: Request, child: Request, num_tokens: int) -> list[int]:
+        """Share the parent's first ``num_tokens // block_size`` (computed, full) blocks
+        with ``child``, whose block table must be empty. Returns the shared block ids.
+
+        Works with prefix caching on or off (no hash lookup involved)."""
+        assert not self.req_to_blocks.get(child.request_id), "child already has blocks"
+        blocks = self.get_fork_blocks(parent, num_tokens)
+        self.block_pool.touch(blocks)
+        self.req_to_blocks[child.request_id] = list(blocks)
+        self.num_cached_block[child.request_id] = len(blocks)
+        return [b.block_id for b in blocks]
+
+    def free(self, request: Request) -> None:
+        """Release the request's blocks, tail first so its last blocks are evicted first."""
+        blocks = self.req_to_blocks.pop(request.request_id, [])
+        self.num_cached_block.pop(request.request_id, None)
+        self.block_pool.free_blocks(reversed(blocks))
+
+    def reset_prefix_cache(self) -> bool:
+        return self.block_pool.reset_prefix_cache()

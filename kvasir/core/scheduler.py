@@ -1,0 +1,440 @@
+"""The scheduler: one decision per step, ``{request_id: num_new_tokens}``.
+
+Contract with the model runner (see ``core/outputs.py``):
+
+* ``num_computed_tokens`` in ``NewRequestData`` / ``CachedRequestData`` is the value
+  *before* this step. For a request with ``c`` computed and ``n`` scheduled tokens the
+  runner computes the KV of ``all_token_ids[c:c + n]`` and samples a token iff
+  ``c + n == num_tokens`` (the end of the known tokens); a prefill chunk that stops
+  short of the end samples nothing.
+* The scheduler advances ``request.num_computed_tokens`` at ``schedule()`` time (as vLLM
+  v1 does); ``update_from_output`` only appends tokens and checks stop conditions.
+* A request is *new* to the runner (``scheduled_new_reqs``, full data, all block ids) the
+  first time it is scheduled and again after every preemption; otherwise it is *cached*
+  (``scheduled_cached_reqs``, only blocks appended this step), even if it sat out some
+  steps for lack of token budget. The runner keeps a request's state until its id shows
+  up in ``finished_req_ids`` (dropped for good) or ``preempted_req_ids`` (dropped from the
+  batch; it comes back as new with its output tokens so far).
+* ``num_scheduled_tokens`` lists single-token entries (decodes) first, then longer ones,
+  each group in scheduling order. Block 0 is never handed out (padding target).
+* Requests of one step may share KV that this same step computes: a full block is
+  registered in the prefix cache when the step that completes it is scheduled (as in
+  vLLM v1), and an n>1 child may fork its parent's prompt blocks in the step that
+  finishes the parent's prompt. So the runner must run a step's whole batch in one
+  forward pass, each layer writing all of the step's KV before any attention reads it
+  (the ``AttentionBackend`` contract) -- never decodes and prefills as separate passes.
+
+Policy: running requests first (in admission order), each getting what it still needs
+up to the remaining token budget (chunked prefill). When KV blocks run out, the
+lowest-priority running request is preempted by recompute (``fcfs``: the latest
+admitted; ``priority``: largest ``priority``, then latest arrival) and goes back to the
+front of its queue. Then, unless this step preempted, waiting requests are admitted in
+queue order; when the head does not fit, admission stops so younger requests cannot
+starve it. n>1 children (``fork_of``) wait until their parent's prompt is scheduled to
+be computed, then share its full prompt blocks (at least one token is always
+recomputed). A request taken back out of the step it was scheduled in (priority-policy
+preemption) first loses the hashes registered for KV that will now never be computed.
+
+Requests are capped so that ``prompt + max_tokens <= min(max_model_len, KV capacity in
+tokens)``: a request alone in the cache can always finish (it ends with "length").
+
+Aborts: ``abort_requests`` frees everything at once; their ``EngineCoreOutput``
+(``finish_reason="abort"``) come from ``take_aborted_outputs()``, never from
+``update_from_output``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+from kvasir.config import CacheConfig, SchedulerConfig
+from kvasir.core.block_pool import KVCacheBlock
+from kvasir.core.kv_cache_manager import KVCacheManager, cdiv
+from kvasir.core.outputs import (
+    CachedRequestData,
+    EngineCoreOutput,
+    ModelRunnerOutput,
+    NewRequestData,
+    SchedulerOutput,
+    SchedulerStats,
+    TokenLogprobs,
+)
+from kvasir.core.request import Request, RequestStatus
+from kvasir.core.request_queue import create_request_queue
+
+
+class Scheduler:
+    """Decides each step which requests advance by how many tokens; owns request state
+    and the KV cache manager. Pure Python: never sees a tensor.
+
+    ``num_blocks`` counts every KV block including the reserved null block 0.
+    """
+
+    def __init__(
+        self, scheduler_config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int
+    ) -> None:
+        self.scheduler_config = scheduler_config
+        self.cache_config = cache_config
+        if scheduler_config.max_model_len is None:
+            raise ValueError(
+                "scheduler_config.max_model_len must be resolved against the model "
+                "before building the Scheduler"
+            )
+        self.max_model_len: int = scheduler_config.max_model_len
+        self.max_num_seqs = scheduler_config.max_num_seqs
+        self.max_num_batched_tokens = scheduler_config.max_num_batched_tokens
+        self.block_size = cache_config.block_size
+        self.kv_cache_manager = KVCacheManager(
+            num_blocks,
+            cache_config.block_size,
+            enable_caching=cache_config.enable_prefix_caching,
+            max_model_len=self.max_model_len,
+        )
+        self.requests: dict[str, Request] = {}  # every unfinished request
+        self.waiting = create_request_queue(scheduler_config.policy)
+        self.running: list[Request] = []  # admission order
+        self.finished_req_ids: set[str] = set()  # since the last schedule()
+        self.num_preemptions = 0  # cumulative
+        self._aborted_outputs: list[EngineCoreOutput] = []
+        self._prompt_logprobs: dict[str, list[TokenLogprobs]] = {}
+        self._next_arrival_seq = 0
+        self._last_num_scheduled_tokens = 0
+
+    # ------------------------------------------------------------------ intake
+
+    def add_request(self, request: Request) -> None:
+        """Queue a request. Raises ValueError if it can never run (prompt too long for
+        ``max_model_len`` or the KV cache), its id is taken, or the queue is full."""
+        rid = request.request_id
+        if rid in self.requests:
+            raise ValueError(f"request id {rid!r} is already in use")
+        num_prompt = request.num_prompt_tokens
+        if num_prompt == 0:
+            raise ValueError(f"request {rid!r}: the prompt must contain at least one token")
+        if num_prompt + 1 > self.max_model_len:
+            raise ValueError(
+                f"request {rid!r}: prompt of {num_prompt} tokens plus 1 generated token "
+                f"exceeds max_model_len ({self.max_model_len})"
+            )
+        num_usable = self.kv_cache_manager.num_usable_blocks
+        kv_capacity = num_usable * self.block_size
+        if cdiv(num_prompt + 1, self.block_size) > num_usable:
+            raise ValueError(
+                f"request {rid!r}: prompt of {num_prompt} tokens plus 1 generated token "
+                f"does not fit in the KV cache ({num_usable} blocks of {self.block_size} "
+                f"= {kv_capacity} tokens)"
+            )
+        max_queued = self.scheduler_config.max_queued_requests
+        if max_queued is not None and len(self.waiting) >= max_queued:
+            raise ValueError(
+                f"request {rid!r} rejected: the waiting queue is full "
+                f"(max_queued_requests={max_queued})"
+            )
+        limit = min(self.max_model_len, kv_capacity) - num_prompt
+        request.max_tokens = limit if request.max_tokens is None else min(request.max_tokens, limit)
+        request.arrival_seq = self._next_arrival_seq
+        self._next_arrival_seq += 1
+        request.status = RequestStatus.WAITING
+        self.requests[rid] = request
+        self.waiting.add(request)
+
+    # ------------------------------------------------------------------ schedule
+
+    def schedule(self) -> SchedulerOutput:
+        """Pick this step's requests and token counts; allocate their KV blocks."""
+        kv = self.kv_cache_manager
+        token_budget = self.max_num_batched_tokens
+        chunked = self.scheduler_config.enable_chunked_prefill
+        num_scheduled: dict[str, int] = {}
+        new_reqs: list[NewRequestData] = []
+        cached_reqs: dict[str, CachedRequestData] = {}
+        preempted_ids: set[str] = set()
+
+        # Running requests: decodes and unfinished prefill chunks.
+        i = 0
+        while i < len(self.running) and token_budget > 0:
+            request = self.running[i]
+            num_new = request.num_tokens - request.num_computed_tokens
+            if num_new <= 0 or (not chunked and num_new > token_budget):
+                i += 1
+                continue
+            num_new = min(num_new, token_budget)
+            while True:
+                new_block_ids = kv.allocate_slots(request, num_new)
+                if new_block_ids is not None:
+                    break
+                victim = self._select_victim()
+                victim_index = self.running.index(victim)
+                del self.running[victim_index]
+                if victim.request_id in num_scheduled:
+                    # Scheduled earlier in this step (priority policy): take it back.
+                    # Blocks it registered for this step's KV will hold no KV.
+                    token_budget += num_scheduled.pop(victim.request_id)
+                    computed_before = cached_reqs.pop(victim.request_id).num_computed_tokens
+                    kv.uncache_blocks(victim, computed_before)
+                self._preempt(victim)
+                preempted_ids.add(victim.request_id)
+                if victim_index < i:
+                    i -= 1
+                if victim is request:
+                    break
+            if new_block_ids is None:
+                continue  # the request itself was preempted; running[i] is the next one
+            cached_reqs[request.request_id] = CachedRequestData(
+                request.request_id, new_block_ids, request.num_computed_tokens
+            )
+            num_scheduled[request.request_id] = num_new
+            token_budget -= num_new
+            request.num_computed_tokens += num_new
+            i += 1
+
+        # Waiting requests; none in a step that had to preempt (it would thrash).
+        if not preempted_ids:
+            now = time.time()
+            skipped: list[Request] = []
+            while self.waiting and token_budget > 0 and len(self.running) < self.max_num_seqs:
+                request = self.waiting.peek()
+                assert request.num_computed_tokens == 0
+                hold, computed_blocks, num_computed, from_cache = self._prefix_for(request)
+                if hold:  # a child whose parent's prompt is not computed yet
+                    skipped.append(self.waiting.pop())
+                    continue
+                num_new = request.num_tokens - num_computed
+                if not chunked and num_new > token_budget:
+                    break
+                num_new = min(num_new, token_budget)
+                new_block_ids = kv.allocate_slots(request, num_new, computed_blocks, num_computed)
+                if new_block_ids is None:
+                    break  # the head does not fit: nobody jumps ahead of it
+                self.waiting.pop()
+                if from_cache:
+                    kv.record_prefix_cache_stats(request.num_tokens, num_computed)
+                request.status = RequestStatus.RUNNING
+                self.running.append(request)
+                if request.num_cached_tokens < 0:
+                    request.num_cached_tokens = num_computed
+                if request.first_scheduled_time is None:
+                    request.first_scheduled_time = now
+                new_reqs.append(
+                    NewRequestData(
+                        req_id=request.request_id,
+                        prompt_token_ids=list(request.prompt_token_ids),
+                        output_token_ids=list(request.output_token_ids),
+                        sampling_params=request.sampling_params,
+                        block_ids=kv.get_block_ids(request.request_id),
+                        num_computed_tokens=num_computed,
+                    )
+                )
+                num_scheduled[request.request_id] = num_new
+                token_budget -= num_new
+                request.num_computed_tokens = num_computed + num_new
+            for request in reversed(skipped):
+                self.waiting.prepend(request)
+
+        # Decodes first, then longer queries, each in scheduling order.
+        ordered = {rid: n for rid, n in num_scheduled.items() if n == 1}
+        ordered.update((rid, n) for rid, n in num_scheduled.items() if n != 1)
+        total = sum(ordered.values())
+        assert total <= self.max_num_batched_tokens
+        self._last_num_scheduled_tokens = total
+        finished_ids, self.finished_req_ids = self.finished_req_ids, set()
+        return SchedulerOutput(
+            scheduled_new_reqs=new_reqs,
+            scheduled_cached_reqs=list(cached_reqs.values()),
+            num_scheduled_tokens=ordered,
+            total_num_scheduled_tokens=total,
+            finished_req_ids=finished_ids,
+            preempted_req_ids=preempted_ids,
+        )
+
+    def _select_victim(self) -> Request:
+        if self.scheduler_config.policy == "priority":
+            return max(self.running, key=lambda r: (r.priority, r.arrival_time, r.arrival_seq))
+        return self.running[-1]
+
+    def _preempt(self, request: Request) -> None:
+        """Preempt by recompute: drop the KV, restart from token 0 later."""
+        self.kv_cache_manager.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.prepend(request)
+
+    def _prefix_for(self, request: Request) -> tuple[bool, list[KVCacheBlock], int, bool]:
+        """(hold, computed blocks, their tokens, found in the prefix cache) for a waiting
+        request: its parent's prompt blocks (fork) or prefix-cache hits, the longer."""
+        kv = self.kv_cache_manager
+        fork_blocks: list[KVCacheBlock] = []
+        if request.fork_of is not None:
+            parent = self.requests.get(request.fork_of)
+            if (
+                parent is not None
+                and parent is not request
+                and request.sampling_params.prompt_logprobs is None
+                and parent.cache_salt == request.cache_salt
+                and parent.prompt_token_ids == request.prompt_token_ids
+            ):
+                # num_computed_tokens counts this step's tokens already (see module doc).
+                if parent.status != RequestStatus.RUNNING or (
+                    parent.num_computed_tokens < parent.num_prompt_tokens
+                ):
+                    # Never-scheduled children wait for the parent; resumed ones don't.
+                    if request.status == RequestStatus.WAITING:
+                        return True, [], 0, False
+                else:
+                    num_fork_blocks = (parent.num_prompt_tokens - 1) // self.block_size
+                    fork_blocks = kv.get_fork_blocks(parent, num_fork_blocks * self.block_size)
+        from_cache = kv.enable_caching and request.sampling_params.prompt_logprobs is None
+        cached_blocks, _ = kv.get_computed_blocks(request, record_stats=False)
+        if len(fork_blocks) >= len(cached_blocks) and fork_blocks:
+            return False, fork_blocks, len(fork_blocks) * self.block_size, False
+        return False, cached_blocks, len(cached_blocks) * self.block_size, from_cache
+
+    # ------------------------------------------------------------------ results
+
+    def update_from_output(
+        self, scheduler_output: SchedulerOutput, model_runner_output: ModelRunnerOutput
+    ) -> list[EngineCoreOutput]:
+        """Append sampled tokens, apply stop conditions, free finished requests.
+
+        Returns one output per request that got tokens or finished this step. Prompt
+        logprobs are gathered over a prompt's chunks and sent once, with the first token.
+        """
+        index = {rid: i for i, rid in enumerate(model_runner_output.req_ids)}
+        outputs: list[EngineCoreOutput] = []
+        any_finished = False
+        for rid, num_scheduled in scheduler_output.num_scheduled_tokens.items():
+            request = self.requests.get(rid)
+            if request is None or request.status != RequestStatus.RUNNING:
+                continue  # aborted after it was scheduled
+            first_output = request.num_output_tokens == 0
+            chunk = model_runner_output.prompt_logprobs.get(rid)
+            if chunk and first_output and request.sampling_params.prompt_logprobs is not None:
+                self._add_prompt_logprobs(request, num_scheduled, chunk)
+            i = index.get(rid)
+            sampled = model_runner_output.sampled_token_ids[i] if i is not None else []
+            new_token_ids: list[int] = []
+            for token_id in sampled:
+                request.append_output_token_ids([token_id])
+                new_token_ids.append(token_id)
+                if self._check_stop(request, token_id):
+                    break
+            if not new_token_ids:
+                continue  # a prefill chunk short of the end: nothing to report
+            logprobs = model_runner_output.logprobs.get(rid)
+            outputs.append(
+                EngineCoreOutput(
+                    request_id=rid,
+                    new_token_ids=new_token_ids,
+                    new_logprobs=logprobs[: len(new_token_ids)] if logprobs else None,
+                    new_prompt_logprobs=self._prompt_logprobs.pop(rid, None)
+                    if first_output
+                    else None,
+                    finish_reason=request.get_finished_reason(),
+                    stop_reason=request.stop_reason,
+                    num_cached_tokens=max(request.num_cached_tokens, 0),
+                    first_scheduled_time=request.first_scheduled_time,
+                    num_preemptions=request.num_preemptions,
+                )
+            )
+            if request.is_finished():
+                any_finished = True
+                self._free_request(request)
+        if any_finished:
+            self.running = [r for r in self.running if not r.is_finished()]
+        return outputs
+
+    def _add_prompt_logprobs(
+        self, request: Request, num_scheduled: int, chunk: list[TokenLogprobs]
+    ) -> None:
+        """Gather one step's prompt logprobs. The chunk ends at target position
+        ``min(c + n, num_prompt - 1)``; positions already gathered (a runner recomputing
+        them after a preemption) are skipped, so runners may or may not de-duplicate."""
+        gathered = self._prompt_logprobs.setdefault(request.request_id, [])
+        computed_before = request.num_computed_tokens - num_scheduled
+        last = min(computed_before + num_scheduled, request.num_prompt_tokens - 1)
+        first = last - len(chunk) + 1  # prompt position of chunk[0]; position 0 has none
+        skip = max(len(gathered) + 1 - first, 0)
+        gathered.extend(chunk[skip:])
+
+    def _check_stop(self, request: Request, token_id: int) -> bool:
+        """EOS, then stop_token_ids (neither before min_tokens), then length."""
+        sp = request.sampling_params
+        if request.num_output_tokens >= sp.min_tokens:
+            if not sp.ignore_eos and token_id in request.eos_token_ids:
+                request.status = RequestStatus.FINISHED_STOPPED
+                return True
+            if sp.stop_token_ids and token_id in sp.stop_token_ids:
+                request.status = RequestStatus.FINISHED_STOPPED
+                request.stop_reason = token_id
+                return True
+        assert request.max_tokens is not None  # resolved in add_request
+        if (
+            request.num_output_tokens >= request.max_tokens
+            or request.num_tokens >= self.max_model_len
+        ):
+            request.status = RequestStatus.FINISHED_LENGTH_CAPPED
+            return True
+        return False
+
+    def _free_request(self, request: Request) -> None:
+        self.kv_cache_manager.free(request)
+        del self.requests[request.request_id]
+        self._prompt_logprobs.pop(request.request_id, None)
+        self.finished_req_ids.add(request.request_id)
+
+    # ------------------------------------------------------------------ control
+
+    def abort_requests(self, request_ids: Iterable[str]) -> None:
+        """Finish requests in any state as aborted; unknown ids are ignored. Their
+        outputs come from ``take_aborted_outputs()``."""
+        if isinstance(request_ids, str):
+            request_ids = [request_ids]
+        for rid in request_ids:
+            request = self.requests.get(rid)
+            if request is None:
+                continue
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+            else:
+                self.waiting.remove(request)
+            request.status = RequestStatus.FINISHED_ABORTED
+            self._free_request(request)
+            self._aborted_outputs.append(
+                EngineCoreOutput(
+                    request_id=rid,
+                    new_token_ids=[],
+                    finish_reason="abort",
+                    num_cached_tokens=max(request.num_cached_tokens, 0),
+                    first_scheduled_time=request.first_scheduled_time,
+                    num_preemptions=request.num_preemptions,
+                )
+            )
+
+    def take_aborted_outputs(self) -> list[EngineCoreOutput]:
+        """Outputs of requests aborted since the last call (``finish_reason="abort"``)."""
+        outputs, self._aborted_outputs = self._aborted_outputs, []
+        return outputs
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    def reset_prefix_cache(self) -> bool:
+        return self.kv_cache_manager.reset_prefix_cache()
+
+    def make_stats(self) -> SchedulerStats:
+        kv = self.kv_cache_manager
+        return SchedulerStats(
+            num_running_reqs=len(self.running),
+            num_waiting_reqs=len(self.waiting),
+            kv_cache_usage=kv.usage,
+            prefix_cache_queries=kv.prefix_cache_queries,
+            prefix_cache_hits=kv.prefix_cache_hits,
+            num_preemptions=self.num_preemptions,
+            num_scheduled_tokens=self._last_num_scheduled_tokens,
+        )
