@@ -82,6 +82,12 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--input-len", type=int, default=128, help="synthetic prompt words (~tokens)")
     p.add_argument("--output-len", type=int, default=64, help="max_tokens per request")
     p.add_argument(
+        "--random-token-ids",
+        action="store_true",
+        help="synthetic prompts as random token-id lists of exactly --input-len "
+        "(completions only; for models without a tokenizer, e.g. --load-format dummy)",
+    )
+    p.add_argument(
         "--range-ratio", type=float, default=0.0, help="lengths uniform in [len*(1-r), len*(1+r)]"
     )
     p.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s")

@@ -85,3 +85,34 @@ def test_bench_serve_reports_latencies(server: ServerProc, tmp_path) -> None:
     assert r.returncode == 0, r.stderr
     s2 = json.loads(r.stdout.strip().splitlines()[-1])
     assert s2["completed"] == 4 and 0 < s2["total_output_tokens"] <= 4 * 3
+
+
+def test_bench_serve_random_token_ids(server: ServerProc) -> None:
+    # Exact prompt lengths (token ids), as used with --load-format dummy models.
+    cmd = [
+        sys.executable,
+        "-m",
+        "kvasir.entrypoints.cli",
+        "bench",
+        "serve",
+        "--base-url",
+        server.url,
+        "--api-key",
+        API_KEY,
+        "--random-token-ids",
+        "--num-prompts",
+        "2",
+        "--input-len",
+        "8",
+        "--output-len",
+        "2",
+        "--ignore-eos",
+        "--max-concurrency",
+        "1",
+        "--disable-tqdm",
+    ]
+    r = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout.strip().splitlines()[-1])
+    assert s["completed"] == 2 and s["total_input_tokens"] == 16
+    assert s["total_output_tokens"] == 4

@@ -31,13 +31,13 @@ def test_32_concurrent_requests_match_sequential(server: ServerProc, http) -> No
     ref = {}
     for p in PROMPTS:
         r = http.post(
-            "/v1/completions", json={"model": MODEL, "prompt": p, "max_tokens": 8, "temperature": 0}
+            "/v1/completions", json={"model": MODEL, "prompt": p, "max_tokens": 6, "temperature": 0}
         )
         ref[p] = r.json()["choices"][0]["text"]
 
     async def one(c: httpx.AsyncClient, i: int) -> tuple[str, str]:
         p = PROMPTS[i % len(PROMPTS)]
-        body = {"model": MODEL, "prompt": p, "max_tokens": 8, "temperature": 0}
+        body = {"model": MODEL, "prompt": p, "max_tokens": 6, "temperature": 0}
         if i % 2:
             text = ""
             async with c.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:

@@ -58,12 +58,12 @@ def test_burst_over_queue_limit_gets_429(servers) -> None:
     async def one(c: httpx.AsyncClient, i: int) -> tuple[int, str | None, int]:
         stream = i % 2 == 1
         if not stream:
-            r = await c.post("/v1/completions", json=_body(16))
+            r = await c.post("/v1/completions", json=_body(8))
             ntok = r.json()["usage"]["completion_tokens"] if r.status_code == 200 else 0
             return r.status_code, r.headers.get("retry-after"), ntok
         ntok = 0
         async with c.stream(
-            "POST", "/v1/completions", json=_body(16, True, stream_options={"include_usage": True})
+            "POST", "/v1/completions", json=_body(8, True, stream_options={"include_usage": True})
         ) as r:
             if r.status_code != 200:
                 await r.aread()
@@ -87,7 +87,7 @@ def test_burst_over_queue_limit_gets_429(servers) -> None:
         if code == 429:
             assert retry_after is not None and int(retry_after) >= 1
         else:
-            assert ntok == 16
+            assert ntok == 8
     r = httpx.post(srv.url + "/v1/completions", json=_body(4), headers=srv.headers, timeout=60)
     assert r.status_code == 200
 

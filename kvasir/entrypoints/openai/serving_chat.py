@@ -21,6 +21,7 @@ from kvasir.entrypoints.openai.serving_common import (
     check_length,
     check_unsupported,
     first_outputs,
+    internal_error,
     make_sampling_params,
     merge_async_iterators,
     num_cached,
@@ -289,6 +290,8 @@ class OpenAIServingChat:
                 yield chunk([], usage_dict(num_prompt, sum(generated), cached))
         except (RequestRejectedError, EngineDeadError, ValueError, OpenAIError) as e:
             yield sse_error(ctx.engine_error(e))
+        except Exception as e:  # headers are sent: a bug still ends as an error event
+            yield sse_error(internal_error(e))
         finally:
             await it.aclose()
             await gen.aclose()

@@ -4,6 +4,7 @@ engine-error mapping, client-disconnect handling, SSE framing and logprob format
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 from collections.abc import AsyncGenerator, Awaitable
 from typing import Any, TypeVar
@@ -17,6 +18,7 @@ from kvasir.entrypoints.openai.protocol import SamplingFields
 from kvasir.outputs import Logprob, PositionLogprobs, RequestOutput
 from kvasir.sampling_params import RequestOutputKind, SamplingParams
 
+logger = logging.getLogger(__name__)
 T = TypeVar("T")
 SSE_DONE = b"data: [DONE]\n\n"
 _json = msgspec.json.Encoder()
@@ -257,6 +259,17 @@ def sse(obj: Any) -> bytes:
 
 def sse_error(err: OpenAIError) -> bytes:
     return sse(err.to_dict())
+
+
+def internal_error(e: BaseException) -> OpenAIError:
+    logger.exception("error while streaming", exc_info=e)
+    return OpenAIError(
+        500,
+        f"internal server error: {type(e).__name__}",
+        "internal_server_error",
+        None,
+        "internal_error",
+    )
 
 
 def safe_logprob(x: float) -> float:
