@@ -126,7 +126,7 @@ def bench_decode(_row: Report, copy_gbps: float, sweep: bool) -> float:
             _try(f"decode splits={splits}", lambda s=splits: variant(s, None))
         for cfg in (
             DecodeConfig(64, 4, 2), DecodeConfig(64, 4, 5), DecodeConfig(32, 4, 5),
-            DecodeConfig(128, 4, 3), DecodeConfig(128, 8, 3), DecodeConfig(64, 8, 3),
+            DecodeConfig(64, 4, 3), DecodeConfig(128, 8, 3), DecodeConfig(64, 8, 3),
             DecodeConfig(32, 2, 5), DecodeConfig(128, 4, 5), DecodeConfig(64, 2, 3),
         ):  # fmt: skip
             for splits in (None, 6):
@@ -173,7 +173,7 @@ def bench_prefill(_row: Report, mm_tflops: float, sweep: bool) -> float:
 
     if sweep:
         for cfg in (
-            PrefillConfig(128, 128, 8, 3), PrefillConfig(128, 64, 8, 4),
+            PrefillConfig(128, 64, 8, 3), PrefillConfig(128, 64, 8, 4),
             PrefillConfig(128, 64, 8, 2), PrefillConfig(64, 64, 4, 3),
             PrefillConfig(128, 128, 8, 2), PrefillConfig(64, 128, 4, 3),
             PrefillConfig(128, 32, 4, 3), PrefillConfig(64, 64, 4, 4),
