@@ -168,7 +168,9 @@ def load_tokenizer(model_config: ModelConfig) -> PreTrainedTokenizerBase | None:
             return gguf_tokenizer(path)
         source = path if os.path.isdir(path) else os.path.dirname(path)
         has_files = any(os.path.exists(os.path.join(source, f)) for f in _TOKENIZER_FILES)
-        if fmt == "dummy" and (is_builtin_dummy_config(path) or not has_files):
+        # A checkpoint without tokenizer files serves token-id prompts only (vLLM's
+        # skip_tokenizer_init); text prompts then get a clear error.
+        if (fmt == "dummy" and is_builtin_dummy_config(path)) or not has_files:
             return None
     elif source.endswith(".gguf"):
         return gguf_tokenizer(source)
