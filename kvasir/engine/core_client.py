@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from typing import Any
 
 import msgspec
 import zmq
@@ -82,7 +83,7 @@ class EngineCoreClient:
         try:
             await self._spawn(log_level)
         except BaseException:
-            self.shutdown()
+            self.shutdown(timeout=0.5)  # still loading: nothing to finish
             raise
         return self
 
@@ -103,8 +104,13 @@ class EngineCoreClient:
         self.proc.start()
         loop = asyncio.get_running_loop()
         died: asyncio.Future[None] = loop.create_future()
-        loop.add_reader(self.proc.sentinel, lambda: died.done() or died.set_result(None))
-        recv = asyncio.ensure_future(self._output.recv())
+
+        def on_exit() -> None:
+            if not died.done():
+                died.set_result(None)
+
+        loop.add_reader(self.proc.sentinel, on_exit)
+        recv: asyncio.Future[Any] = asyncio.ensure_future(self._output.recv())
         await asyncio.wait([recv, died], return_when=asyncio.FIRST_COMPLETED)
         loop.remove_reader(self.proc.sentinel)
         if not recv.done():
