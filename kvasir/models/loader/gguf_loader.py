@@ -1,5 +1,6 @@
 """GGUF checkpoints (llama.cpp): metadata -> ModelArchConfig, tensors dequantized to
-float and renamed to HF names, llama.cpp's q/k row permutation undone."""
+float and renamed to HF names, llama.cpp's q/k row permutation undone, and the HF
+tokenizer rebuilt from the vocabulary. All three share one parse of the file."""
 
 from __future__ import annotations
 
@@ -7,13 +8,17 @@ import functools
 import os
 import re
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from kvasir.config import ModelArchConfig
 from kvasir.layers.rotary_embedding import compute_inv_freq
+from kvasir.models.loader.gguf_reader import GGUFFile, dequantize, read_gguf
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 # GGUF `general.architecture` -> (HF architecture, HF model_type)
 _ARCHS = {
@@ -45,52 +50,32 @@ _ROPE_FREQS = "rope_freqs.weight"
 _LLAMA3_DEFAULTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0}
 
 
-def open_gguf(path: str) -> Any:
-    """A ``gguf.GGUFReader`` over ``path`` (memory-mapped); ValueError naming the file if
-    it is not a readable GGUF file."""
-    import gguf
-
-    try:
-        return gguf.GGUFReader(path)
-    except Exception as e:  # the reader raises whatever numpy/struct raise on bad bytes
-        raise ValueError(f"corrupt or unreadable GGUF file '{path}': {e}") from e
+def open_gguf(path: str) -> GGUFFile:
+    """The parsed GGUF file at ``path`` (parsed once per process, tensors memory-mapped);
+    ValueError naming the file if it is not a readable GGUF file."""
+    return read_gguf(path)
 
 
-def _field(reader: Any, key: str, default: Any = None) -> Any:
-    field = reader.fields.get(key)
-    if field is None:
-        return default
-    return field.contents()
-
-
-def _dequantize(tensor: Any, path: str) -> np.ndarray:
-    from gguf.quants import dequantize
-
-    try:
-        return dequantize(tensor.data, tensor.tensor_type)
-    except Exception as e:
-        raise ValueError(
-            f"cannot dequantize tensor {tensor.name!r} ({tensor.tensor_type.name}) "
-            f"of GGUF file '{path}': {e}"
-        ) from e
+def _field(gguf: GGUFFile, key: str, default: Any = None) -> Any:
+    return gguf.metadata.get(key, default)
 
 
 def _rope_scaling(
-    reader: Any, arch: str, path: str, head_dim: int, theta: float
+    gguf: GGUFFile, arch: str, path: str, head_dim: int, theta: float
 ) -> dict[str, Any] | None:
-    kind = _field(reader, f"{arch}.rope.scaling.type")
-    factor = _field(reader, f"{arch}.rope.scaling.factor")
+    kind = _field(gguf, f"{arch}.rope.scaling.type")
+    factor = _field(gguf, f"{arch}.rope.scaling.factor")
     if kind == "linear" and factor:
         return {"rope_type": "linear", "factor": float(factor)}
     if kind not in (None, "none") and factor not in (None, 1.0):
         raise ValueError(f"GGUF file '{path}': rope scaling {kind!r} is not supported")
-    rope_freqs = next((t for t in reader.tensors if t.name == _ROPE_FREQS), None)
+    rope_freqs = gguf.tensor_map.get(_ROPE_FREQS)
     if rope_freqs is None:
         return None
     # llama.cpp divides each frequency by rope_freqs[i]; recover HF's llama3 parameters
     # (the long-wavelength divisor is `factor`) and check they reproduce the divisors.
-    divisors = torch.from_numpy(np.array(_dequantize(rope_freqs, path), dtype=np.float32))
-    original_ctx = _field(reader, f"{arch}.rope.scaling.original_context_length", 8192)
+    divisors = torch.from_numpy(dequantize(rope_freqs, path))
+    original_ctx = _field(gguf, f"{arch}.rope.scaling.original_context_length", 8192)
     scaling = {
         "rope_type": "llama3",
         "factor": float(divisors.max()),
@@ -103,36 +88,36 @@ def _rope_scaling(
     return scaling
 
 
-def gguf_arch_config(reader: Any, path: str) -> ModelArchConfig:
+def gguf_arch_config(gguf: GGUFFile, path: str) -> ModelArchConfig:
     """ModelArchConfig from GGUF metadata (llama, qwen2, qwen3 architectures)."""
-    arch = _field(reader, "general.architecture")
+    arch = _field(gguf, "general.architecture")
     if arch not in _ARCHS:
         raise ValueError(
             f"GGUF architecture {arch!r} of '{path}' not supported; supported: {list(_ARCHS)}"
         )
     hf_arch, model_type = _ARCHS[arch]
-    names = {t.name: t for t in reader.tensors}
+    names = gguf.tensor_map
     if "token_embd.weight" not in names:
         raise ValueError(f"GGUF file '{path}' has no token_embd.weight tensor")
 
     def key(name: str, default: Any = None) -> Any:
-        value = _field(reader, f"{arch}.{name}", default)
+        value = _field(gguf, f"{arch}.{name}", default)
         if value is None:
             raise ValueError(f"GGUF file '{path}' lacks metadata '{arch}.{name}'")
         return value
 
     hidden_size = int(key("embedding_length"))
     num_heads = int(key("attention.head_count"))
-    head_dim = _field(reader, f"{arch}.attention.key_length")
+    head_dim = _field(gguf, f"{arch}.attention.key_length")
     if head_dim is None and arch == "llama":
-        head_dim = _field(reader, "llama.rope.dimension_count")
+        head_dim = _field(gguf, "llama.rope.dimension_count")
     head_dim = int(head_dim or hidden_size // num_heads)
     theta = float(key("rope.freq_base", 10000.0))
-    eos = [_field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
+    eos = [_field(gguf, f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
     return ModelArchConfig(
         architectures=(hf_arch,),
         # The embedding's row count is the truth; `vocab_size` metadata is optional.
-        vocab_size=int(names["token_embd.weight"].shape[1]),
+        vocab_size=int(names["token_embd.weight"].shape[0]),
         hidden_size=hidden_size,
         intermediate_size=int(key("feed_forward_length")),
         num_hidden_layers=int(key("block_count")),
@@ -141,23 +126,25 @@ def gguf_arch_config(reader: Any, path: str) -> ModelArchConfig:
         head_dim=head_dim,
         rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-6)),
         rope_theta=theta,
-        rope_scaling=_rope_scaling(reader, arch, path, head_dim, theta),
+        rope_scaling=_rope_scaling(gguf, arch, path, head_dim, theta),
         max_position_embeddings=int(key("context_length")),
         tie_word_embeddings="output.weight" not in names,
         attention_bias="blk.0.attn_q.bias" in names,
         qk_norm="blk.0.attn_q_norm.weight" in names,
-        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
+        bos_token_id=_field(gguf, "tokenizer.ggml.bos_token_id"),
         eos_token_id=tuple(dict.fromkeys(int(e) for e in eos if e is not None)),
         model_type=model_type,
     )
 
 
-def _unpermute(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+def _unpermute(weight: np.ndarray, num_heads: int) -> np.ndarray:
     """Undo llama.cpp's q/k permutation (HF's interleaved->half-split RoPE layout)."""
-    # rows [num_heads, head_dim // 2, 2] -> [num_heads, 2, head_dim // 2]
+    # rows [num_heads, head_dim // 2, 2] -> [num_heads, 2, head_dim // 2]; numpy, not
+    # torch: a single-threaded copy does not stall when the CPU is oversubscribed.
     shape = weight.shape
     half = shape[0] // num_heads // 2
-    return weight.reshape(num_heads, half, 2, *shape[1:]).transpose(1, 2).reshape(shape)
+    rows = weight.reshape(num_heads, half, 2, *shape[1:]).swapaxes(1, 2)
+    return np.ascontiguousarray(rows).reshape(shape)
 
 
 def gguf_hf_name(name: str) -> str | None:
@@ -171,38 +158,124 @@ def gguf_hf_name(name: str) -> str | None:
 
 
 def iterate_gguf(
-    reader: Any, path: str, arch_config: ModelArchConfig
+    gguf: GGUFFile, path: str, arch_config: ModelArchConfig
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(hf_name, float32 tensor)`` one dequantized tensor at a time."""
-    permuted = _field(reader, "general.architecture") == "llama"
-    for tensor in reader.tensors:
+    permuted = _field(gguf, "general.architecture") == "llama"
+    for tensor in gguf.tensors:
         if tensor.name == _ROPE_FREQS:
             continue  # folded into arch_config.rope_scaling
         hf_name = gguf_hf_name(tensor.name)
         if hf_name is None:
             raise ValueError(f"unexpected tensor {tensor.name!r} in GGUF file '{path}'")
-        array = _dequantize(tensor, path)
-        if not array.flags.writeable or array.dtype != np.float32:
-            # Unquantized tensors come back as read-only views of the file mapping.
-            array = np.array(array, dtype=np.float32)
-        weight = torch.from_numpy(array)
+        weight = dequantize(tensor, path)
         if permuted and ".self_attn.q_proj." in hf_name:
             weight = _unpermute(weight, arch_config.num_attention_heads)
         elif permuted and ".self_attn.k_proj." in hf_name:
             weight = _unpermute(weight, arch_config.num_key_value_heads)
-        yield hf_name, weight
+        yield hf_name, torch.from_numpy(weight)
+
+
+# Files that make `AutoTokenizer.from_pretrained(dir, gguf_file=...)` build the tokenizer
+# (or pick its class) from the directory rather than from the GGUF metadata alone.
+_HF_TOKENIZER_FILE_PREFIXES = (
+    "tokenizer", "vocab", "merges", "special_tokens_map", "added_tokens", "chat_template",
+    "additional_chat_templates", "tekken", "tiktoken",
+)  # fmt: skip
+# transformers.integrations.gguf.gguf_tokenizer_mapping._SPECIAL_TOKENS
+_SPECIAL_TOKENS = {
+    "bos_token": "bos_token_id",
+    "eos_token": "eos_token_id",
+    "unk_token": "unknown_token_id",
+    "pad_token": "padding_token_id",
+}
+
+
+def _tokenizer_from_metadata(gguf: GGUFFile) -> PreTrainedTokenizerBase | None:
+    """The tokenizer ``AutoTokenizer.from_pretrained(dir, gguf_file=name)`` builds, made
+    from the already-parsed metadata the way transformers 5 does it (``get_gguf_tokenizer``
+    + ``convert_gguf_tokenizer``, then the tokenizer class its GGUF config maps to), with
+    none of its file reads. None where transformers would take another route: an
+    architecture kvasir does not run, or tokenizer files beside the GGUF."""
+    from transformers import TokenizersBackend
+    from transformers.integrations.gguf import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+    from transformers.models.auto.tokenization_auto import (
+        TOKENIZER_MAPPING_NAMES,
+        tokenizer_class_from_name,
+    )
+
+    meta = gguf.metadata
+    arch = meta.get("general.architecture")
+    # load_gguf_checkpoint turns a llama file named exactly "mistral" into a mistral config
+    if arch not in _ARCHS or (arch == "llama" and meta.get("general.name") == "mistral"):
+        return None
+    directory = os.path.dirname(gguf.path)
+    if any(f.startswith(_HF_TOKENIZER_FILE_PREFIXES) for f in os.listdir(directory)):
+        return None
+    class_name = TOKENIZER_MAPPING_NAMES.get(_ARCHS[arch][1])
+    tokenizer_cls = tokenizer_class_from_name(class_name) if class_name else TokenizersBackend
+    if tokenizer_cls is None or class_name == "MistralCommonBackend":
+        return None
+
+    # get_gguf_tokenizer: llama.cpp key names -> transformers names. Lists are copied: the
+    # parsed metadata is cached and shared.
+    grouped = {
+        group: {
+            name: list(meta[key]) if isinstance(meta[key], list) else meta[key]
+            for short, name in renames.items()
+            if (key := f"tokenizer.{short}") in meta
+        }
+        for group, renames in GGUF_TOKENIZER_MAPPING.items()
+    }
+    tokenizer_dict, tokenizer_config = grouped["tokenizer"], grouped["tokenizer_config"]
+    tokenizer_type = tokenizer_dict.get("tokenizer_type")
+    if tokenizer_type == "llama":
+        tokenizer_config.setdefault("add_bos_token", True)
+    elif tokenizer_type == "gemma4":
+        tokenizer_config["add_bos_token"] = False
+    for name, key in _SPECIAL_TOKENS.items():
+        token_id = meta.get(f"tokenizer.ggml.{key}")
+        tokenizer_config[name] = (
+            tokenizer_dict["tokens"][token_id] if token_id is not None else None
+        )
+
+    backend, extra_kwargs = convert_gguf_tokenizer(arch, tokenizer_dict)
+    tokenizer_config.update(extra_kwargs)
+    # The kwargs PreTrainedTokenizerBase._from_pretrained hands the class for a local GGUF,
+    # with the converted backend in place of `gguf_file` (which would re-read the file).
+    return tokenizer_cls(
+        tokenizer_object=backend,
+        vocab_file=None,
+        name_or_path=directory,
+        is_local=True,
+        local_files_only=False,
+        added_tokens_decoder={},
+        **tokenizer_config,
+    )
 
 
 @functools.lru_cache(maxsize=4)
-def gguf_tokenizer(path: str) -> Any:
-    """The HF tokenizer built from a GGUF file's vocabulary, read the way transformers
-    reads it. Cached per path: building it takes seconds."""
-    from transformers import AutoTokenizer
-
-    path = os.path.abspath(path)
+def _cached_tokenizer(path: str, mtime_ns: int, size: int) -> PreTrainedTokenizerBase:
+    del mtime_ns, size  # cache key only: a rewritten file gets a new tokenizer
     try:
+        tokenizer = _tokenizer_from_metadata(read_gguf(path))
+        if tokenizer is not None:
+            return tokenizer
+        from transformers import AutoTokenizer
+
         return AutoTokenizer.from_pretrained(
             os.path.dirname(path), gguf_file=os.path.basename(path)
         )
     except Exception as e:
         raise ValueError(f"cannot read the tokenizer of GGUF file '{path}': {e}") from e
+
+
+def gguf_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    """The HF tokenizer of a GGUF file: equal to ``AutoTokenizer.from_pretrained(dir,
+    gguf_file=name)``, built from the shared parse. Cached per (path, mtime, size)."""
+    path = os.path.abspath(path)
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise ValueError(f"cannot read the tokenizer of GGUF file '{path}': {e}") from e
+    return _cached_tokenizer(path, st.st_mtime_ns, st.st_size)
