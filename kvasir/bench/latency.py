@@ -96,6 +96,8 @@ def main(args: argparse.Namespace) -> int:
         "cuda_graphs": bool(getattr(runner, "cuda_graphs_enabled", False)),
     }
     if args.prefill_len:
+        # The prompt plus its one generated token must fit max_model_len.
+        args.prefill_len = min(args.prefill_len, llm.llm_engine.model_info.max_model_len - 1)
         long_prompt = [rng.randrange(1000, arch.vocab_size) for _ in range(args.prefill_len)]
         sp1 = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
 
