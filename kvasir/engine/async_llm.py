@@ -243,12 +243,15 @@ class AsyncLLM:
         for cid in child_ids:
             self._parent_of.pop(cid, None)
 
-    def abort(self, request_id: str) -> None:
-        """Abort a request everywhere (core, detokenizer, stats). Idempotent."""
+    def abort(self, request_id: str, record: bool = True) -> None:
+        """Abort a request everywhere (core, detokenizer, stats). Idempotent.
+        ``record``: count it as a finished ("abort") request in the metrics."""
         core_ids = self.output_processor.abort_requests([request_id])
         if self.core is not None:
             self.core.abort_requests(core_ids)
-        self._record_finished(self.stats.finish(core_ids, "abort", time.time()))
+        finished = self.stats.finish(core_ids, "abort", time.time())
+        if record:
+            self._record_finished(finished)
 
     def finish_aborted(self, request_id: str) -> None:
         """Drain timeout: end a request with finish_reason "abort" (the client gets a
@@ -284,8 +287,9 @@ class AsyncLLM:
             parent = self._parent_of.get(rej.request_id)
             if parent is None:
                 continue
-            # Drop the whole request (its other samples may have been accepted).
-            self.abort(parent)
+            # Drop the whole request (its other samples may have been accepted); it never
+            # ran, so it is not a finished request for the metrics.
+            self.abort(parent, record=False)
             collector = self._collectors.get(parent)
             if collector is not None:
                 collector.put_nowait(RequestRejectedError(rej.message, rej.queue_full))
