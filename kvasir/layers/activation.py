@@ -13,5 +13,9 @@ class SiluAndMul(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [num_tokens, 2 * intermediate_size] -> [num_tokens, intermediate_size]
+        if x.is_cuda and x.dim() == 2:
+            from kvasir.kernels.activation import silu_and_mul
+
+            return silu_and_mul(x)  # one Triton pass, no [T, d] temporaries
         d = x.shape[-1] // 2
         return F.silu(x[..., :d]) * x[..., d:]

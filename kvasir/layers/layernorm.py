@@ -25,6 +25,18 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         # x, residual: [..., hidden_size]
+        if x.is_cuda and x.dtype != torch.float32:
+            # One Triton pass (add + norm) instead of ~8 elementwise kernels; it rounds
+            # the residual sum to x's dtype before normalising, exactly like HF.
+            from kvasir.kernels.rmsnorm import fused_add_rms_norm, rms_norm
+
+            x2 = x.reshape(-1, self.hidden_size)
+            if residual is None:
+                return rms_norm(x2, self.weight, self.variance_epsilon).view_as(x)
+            out, res = fused_add_rms_norm(
+                x2, residual.reshape(-1, self.hidden_size), self.weight, self.variance_epsilon
+            )
+            return out.view_as(x), res.view_as(x)
         orig_dtype = x.dtype
         x = x.float()
         if residual is not None:
