@@ -3,6 +3,12 @@
 ``step()`` is the hot loop body: schedule -> execute -> update. It never tokenizes,
 detokenizes or touches the network; the offline ``LLMEngine`` calls it in-process and
 the API server runs it in its own process (``core_proc``).
+
+With async scheduling (``EngineConfig.async_scheduling``; on by default on CUDA) a step
+is: schedule N + 1, launch it on the device (``execute_model_async``, no waiting), then
+read back step N and update the scheduler with it. The device runs N + 1 while the host
+does N's bookkeeping, the caller's output processing and N + 2's scheduling; outputs
+come one ``step()`` later than without it, and are otherwise identical.
 """
 
 from __future__ import annotations
@@ -14,10 +20,16 @@ from dataclasses import replace
 import msgspec
 
 from kvasir.config import EngineConfig, ModelArchConfig
-from kvasir.core.outputs import EngineCoreOutput, ModelRunnerOutput, SchedulerStats
+from kvasir.core.outputs import (
+    EngineCoreOutput,
+    ModelRunnerOutput,
+    SchedulerOutput,
+    SchedulerStats,
+)
 from kvasir.core.request import Request
 from kvasir.core.scheduler import Scheduler
 from kvasir.engine.messages import EngineCoreRequest
+from kvasir.worker.async_output import AsyncModelRunnerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +77,15 @@ class EngineCore:
         num_blocks = self.runner.determine_num_blocks()
         self.runner.initialize_kv_cache(num_blocks)
         bs = config.cache_config.block_size
-        self.scheduler = Scheduler(config.scheduler_config, config.cache_config, num_blocks)
+        async_scheduling = config.async_scheduling
+        if async_scheduling is None:
+            async_scheduling = self.runner.device.type == "cuda"
+        self.async_scheduling = async_scheduling
+        self.scheduler = Scheduler(
+            config.scheduler_config, config.cache_config, num_blocks, async_scheduling
+        )
+        # Async scheduling: the launched step whose output has not been read back.
+        self._in_flight: tuple[SchedulerOutput, AsyncModelRunnerOutput] | None = None
         self.startup_time = time.perf_counter() - t0
         self.model_info = ModelInfo(
             model_name=config.model_config.served_model_name or config.model_config.model,
@@ -109,25 +129,51 @@ class EngineCore:
         self.scheduler.abort_requests(request_ids)
 
     def step(self) -> tuple[list[EngineCoreOutput], SchedulerStats]:
+        if self.async_scheduling:
+            return self._step_async()
         if not self.scheduler.has_unfinished_requests():
             return self._take_aborted(), self.scheduler.make_stats()
         so = self.scheduler.schedule()
         if so.total_num_scheduled_tokens > 0:
             mro = self.runner.execute_model(so)
         else:
-            mro = ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
+            mro = _EMPTY_OUTPUT
         outputs = self._take_aborted() + self.scheduler.update_from_output(so, mro)
         return outputs, self.scheduler.make_stats()
+
+    def _step_async(self) -> tuple[list[EngineCoreOutput], SchedulerStats]:
+        """Launch step N + 1, then read back step N (see the module docstring)."""
+        sched = self.scheduler
+        so, launched = None, None
+        if sched.has_unfinished_requests():
+            so = sched.schedule()
+            # Even an empty step goes to the runner: it drops finished requests' state.
+            launched = self.runner.execute_model_async(so)
+        outputs = self._take_aborted()
+        if self._in_flight is not None:
+            prev_so, prev = self._in_flight
+            self._in_flight = None
+            outputs += sched.update_from_output(prev_so, prev.get_output())
+        if so is not None:
+            if launched is None:
+                outputs += sched.update_from_output(so, _EMPTY_OUTPUT)
+            else:
+                self._in_flight = (so, launched)
+        return outputs, sched.make_stats()
 
     def _take_aborted(self) -> list[EngineCoreOutput]:
         take = getattr(self.scheduler, "take_aborted_outputs", None)
         return take() if take is not None else []
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or self._in_flight is not None
 
     def reset_prefix_cache(self) -> None:
         self.scheduler.kv_cache_manager.reset_prefix_cache()
 
     def shutdown(self) -> None:
+        self._in_flight = None
         self.runner.kv_caches = []
+
+
+_EMPTY_OUTPUT = ModelRunnerOutput(req_ids=[], sampled_token_ids=[])

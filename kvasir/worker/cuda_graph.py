@@ -4,6 +4,8 @@ A decode step launches hundreds of small kernels; replaying one captured graph r
 their launch cost. Graphs capture against the runner's persistent buffers, so a replay
 only needs those buffers filled in place. Batches are padded up to the next captured
 size; padded rows write their K/V into a sink block that the scheduler never hands out.
+The runner writes the padding rows into its host buffers with the real ones (one copy
+per buffer, no extra kernels); ``run`` pads on the device instead.
 """
 
 from __future__ import annotations
@@ -37,9 +39,7 @@ class CUDAGraphRunner:
         self.logits: dict[int, torch.Tensor] = {}  # [B, vocab] output buffers
         self.pool = None
         self.capture_time = 0.0
-        self.arange = torch.arange(
-            self.max_batch_size + 1, dtype=torch.int32, device=runner.device
-        )
+        self.arange = torch.arange(self.max_batch_size + 1, dtype=torch.int32, device=runner.device)
 
     @property
     def max_batch_size(self) -> int:
@@ -103,11 +103,17 @@ class CUDAGraphRunner:
         torch.cuda.synchronize()
         self.capture_time = time.perf_counter() - t0
 
+    def replay(self, size: int) -> torch.Tensor:
+        """Replay the graph of a captured ``size`` whose inputs (padding rows included,
+        see ``_fill_padding``) are already in the runner's buffers; returns the logits
+        buffer [size, vocab], valid until the next replay."""
+        self.graphs[size].replay()
+        return self.logits[size]
+
     def run(self, num_reqs: int) -> torch.Tensor:
-        """Replay the graph for a decode batch of num_reqs rows whose inputs are already
-        in the runner's buffers; returns logits [num_reqs, vocab]."""
+        """Pad a decode batch of num_reqs rows on the device and replay; returns logits
+        [num_reqs, vocab]."""
         size = self.padded_size(num_reqs)
         assert size is not None
         self._fill_padding(num_reqs, size)
-        self.graphs[size].replay()
-        return self.logits[size][:num_reqs]
+        return self.replay(size)[:num_reqs]

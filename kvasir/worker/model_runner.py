@@ -1,15 +1,25 @@
 """The model runner: turns a SchedulerOutput into one forward pass and one sample.
 
-It keeps each request's state (``CachedRequestState``) and receives only diffs from the
-scheduler. Every step it builds a flat varlen batch plus explicit AttentionMetadata
-(no module-level state), runs the model, gathers the logits of the tokens that sample,
-and samples. Device tensors needed every step live in persistent buffers.
+It keeps each request's state in a row of the persistent ``InputBatch`` and receives
+only diffs from the scheduler. Every step it builds a flat varlen batch (in row order)
+plus explicit AttentionMetadata (no module-level state) with numpy over those rows,
+copies it from pinned host buffers into persistent device buffers without waiting,
+runs the model (a CUDA graph for decode batches), gathers the logits of the tokens that
+sample, and samples. Nothing waits for the device: the sampled ids come back through an
+``AsyncModelRunnerOutput`` that the caller reads when it needs them.
+
+Async scheduling: when the caller launches step N + 1 before reading step N back, a
+request that sampled in step N decodes in step N + 1 from a token the host has not
+seen; the runner copies it on the device from step N's sampled-token tensor into
+``input_ids`` (``InputBatch.prev_sample_index`` says where it is).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -23,7 +33,9 @@ from kvasir.layers.sampler import (
     SamplingMetadata,
     compute_token_logprobs,
 )
+from kvasir.worker.async_output import AsyncModelRunnerOutput, logprobs_to_lists
 from kvasir.worker.cuda_graph import CUDAGraphRunner
+from kvasir.worker.input_batch import InputBatch, to_device
 from kvasir.worker.request_state import CachedRequestState
 
 logger = logging.getLogger(__name__)
@@ -81,21 +93,45 @@ class ModelRunner:
         self.cuda_graph: CUDAGraphRunner | None = None
 
         # Persistent device buffers, updated in place every step (CUDA graphs capture
-        # against them).
+        # against them), each filled from a pinned host twin (numpy views) by an
+        # asynchronous copy.
         d = self.device
-        self.input_ids = torch.zeros(self.max_num_tokens, dtype=torch.int64, device=d)
-        self.positions = torch.zeros(self.max_num_tokens, dtype=torch.int64, device=d)
-        self.slot_mapping = torch.zeros(self.max_num_tokens, dtype=torch.int64, device=d)
-        self.query_start_loc = torch.zeros(self.max_num_reqs + 1, dtype=torch.int32, device=d)
-        self.seq_lens = torch.zeros(self.max_num_reqs, dtype=torch.int32, device=d)
-        self.block_table = torch.zeros(
-            (self.max_num_reqs, self.max_num_blocks_per_req), dtype=torch.int32, device=d
-        )
         pin = d.type == "cuda"
-        self.block_table_cpu = torch.zeros(
-            (self.max_num_reqs, self.max_num_blocks_per_req), dtype=torch.int32, pin_memory=pin
+        num_tokens, num_reqs = self.max_num_tokens, self.max_num_reqs
+        self.input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=d)
+        self.positions = torch.zeros(num_tokens, dtype=torch.int64, device=d)
+        self.slot_mapping = torch.zeros(num_tokens, dtype=torch.int64, device=d)
+        self.query_start_loc = torch.zeros(num_reqs + 1, dtype=torch.int32, device=d)
+        self.seq_lens = torch.zeros(num_reqs, dtype=torch.int32, device=d)
+        self.block_table = torch.zeros(
+            (num_reqs, self.max_num_blocks_per_req), dtype=torch.int32, device=d
         )
-        self.block_table_np = self.block_table_cpu.numpy()
+
+        def host(n: int | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+            return torch.zeros(n, dtype=dtype, pin_memory=pin)
+
+        self.input_ids_cpu = host(num_tokens, torch.int64)
+        self.positions_cpu = host(num_tokens, torch.int64)
+        self.slot_mapping_cpu = host(num_tokens, torch.int64)
+        self.query_start_loc_cpu = host(num_reqs + 1, torch.int32)
+        self.seq_lens_cpu = host(num_reqs, torch.int32)
+        # Block-table rows gathered in batch order when not every row runs.
+        self.block_table_staging_cpu = host((num_reqs, self.max_num_blocks_per_req), torch.int32)
+        # Where last step's sampled tokens go in input_ids: [dst..., src...].
+        self.scatter_cpu = host(2 * num_reqs, torch.int64)
+        self.scatter_index = torch.zeros(2 * num_reqs, dtype=torch.int64, device=d)
+        self.input_batch = InputBatch(
+            num_reqs, self.max_model_len, self.max_num_blocks_per_req, arch_config.vocab_size, pin
+        )
+        self._empty = torch.empty(0, dtype=torch.float32, device=d)
+        # Recorded after each step's host->device copies: the pinned sources (and the
+        # batch's block table) are rewritten only once they have been read.
+        self._copy_event = torch.cuda.Event() if pin else None
+        self._prev_sampled: torch.Tensor | None = None  # [S] last step's sampled ids
+        self._unread: list[AsyncModelRunnerOutput] = []  # launched, not yet read back
+        self._sampling_cache: tuple[tuple[int, int], SamplingMetadata] | None = None
+        self._batch_ids_cache: tuple[int, list[CachedRequestState], list[str]] | None = None
+        self.sink_block_id = 0
 
     # ------------------------------------------------------------------ KV cache
     def kv_bytes_per_block(self) -> int:
@@ -141,10 +177,14 @@ class ModelRunner:
         a = self.arch_config
         shape = self.attn_backend_cls.get_kv_cache_shape(
             num_reqs * (-(-n // num_reqs) // self.block_size + 1) + 1,
-            self.block_size, a.num_key_value_heads, a.head_dim,
+            self.block_size,
+            a.num_key_value_heads,
+            a.head_dim,
         )
-        caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
-                  for _ in range(a.num_hidden_layers)]
+        caches = [
+            torch.zeros(shape, dtype=self.dtype, device=self.device)
+            for _ in range(a.num_hidden_layers)
+        ]
         lens = [n // num_reqs] * num_reqs
         lens[-1] += n - sum(lens)
         blocks, start = [], 1
@@ -159,23 +199,30 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[:num_reqs])
         del logits, hidden, caches
 
-    def _build_metadata_simple(
-        self, lens: list[int], blocks: list[list[int]]
-    ) -> AttentionMetadata:
+    def _build_metadata_simple(self, lens: list[int], blocks: list[list[int]]) -> AttentionMetadata:
         d = self.device
         qsl = torch.tensor([0] + list(np.cumsum(lens)), dtype=torch.int32)
         sl = torch.tensor(lens, dtype=torch.int32)
         width = max(len(b) for b in blocks)
         bt = torch.tensor([b + [0] * (width - len(b)) for b in blocks], dtype=torch.int32)
-        slots = torch.cat([
-            torch.tensor(b, dtype=torch.int64).repeat_interleave(self.block_size)[:length]
-            * self.block_size + torch.arange(length) % self.block_size
-            for b, length in zip(blocks, lens)
-        ])
+        slots = torch.cat(
+            [
+                torch.tensor(b, dtype=torch.int64).repeat_interleave(self.block_size)[:length]
+                * self.block_size
+                + torch.arange(length) % self.block_size
+                for b, length in zip(blocks, lens, strict=True)
+            ]
+        )
         return AttentionMetadata(
-            num_reqs=len(lens), num_actual_tokens=int(sum(lens)), max_query_len=max(lens),
-            max_seq_len=max(lens), query_start_loc=qsl.to(d), seq_lens=sl.to(d),
-            block_table=bt.to(d), slot_mapping=slots.to(d), query_start_loc_cpu=qsl,
+            num_reqs=len(lens),
+            num_actual_tokens=int(sum(lens)),
+            max_query_len=max(lens),
+            max_seq_len=max(lens),
+            query_start_loc=qsl.to(d),
+            seq_lens=sl.to(d),
+            block_table=bt.to(d),
+            slot_mapping=slots.to(d),
+            query_start_loc_cpu=qsl,
             seq_lens_cpu=sl,
         )
 
@@ -192,6 +239,7 @@ class ModelRunner:
             for _ in range(a.num_hidden_layers)
         ]
         self.num_blocks = num_blocks
+        self.sink_block_id = num_blocks
         # The torch backend reads host-side metadata, so graphs need the Triton backend.
         if (
             self.device.type == "cuda"
@@ -213,253 +261,366 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ state
     def _update_states(self, so: SchedulerOutput) -> None:
+        ib = self.input_batch
         for rid in so.finished_req_ids:
-            self.requests.pop(rid, None)
+            st = self.requests.pop(rid, None)
+            if st is not None and st.row >= 0:
+                ib.remove(st)
+        for rid in so.preempted_req_ids:
+            st = self.requests.get(rid)
+            if st is not None and st.row >= 0:
+                ib.remove(st)  # keeps its state (generator) for when it resumes
+        eos = list(self.arch_config.eos_token_id)
         for new in so.scheduled_new_reqs:
             old = self.requests.get(new.req_id)
-            gen = old.generator if old is not None else None
+            if old is not None and old.row >= 0:
+                ib.remove(old)
             sp = new.sampling_params
+            gen = old.generator if old is not None else None
             if gen is None and sp.seed is not None:
                 gen = torch.Generator(device=self.device)
                 gen.manual_seed(sp.seed)
-            self.requests[new.req_id] = CachedRequestState(
+            stop_ids: list[int] = []
+            if sp.min_tokens:
+                stop_ids = list(sp.stop_token_ids or []) + ([] if sp.ignore_eos else eos)
+            st = CachedRequestState(
                 req_id=new.req_id,
-                prompt_token_ids=list(new.prompt_token_ids),
-                output_token_ids=list(new.output_token_ids),
                 sampling_params=sp,
-                block_ids=list(new.block_ids),
-                num_computed_tokens=new.num_computed_tokens,
+                num_prompt_tokens=len(new.prompt_token_ids),
                 generator=gen,
+                min_tokens_stop_ids=stop_ids,
                 prompt_logprobs_done=old.prompt_logprobs_done if old is not None else 0,
             )
+            self.requests[new.req_id] = st
+            ib.add(
+                st,
+                list(new.prompt_token_ids) + list(new.output_token_ids),
+                new.block_ids,
+                new.num_computed_tokens,
+            )
+        reqs, num_computed = self.requests, ib.num_computed_tokens
         for cached in so.scheduled_cached_reqs:
-            st = self.requests[cached.req_id]
-            st.block_ids.extend(cached.new_block_ids)
-            st.num_computed_tokens = cached.num_computed_tokens
+            row = reqs[cached.req_id].row
+            num_computed[row] = cached.num_computed_tokens
+            if cached.new_block_ids:
+                ib.append_block_ids(row, cached.new_block_ids)
+
+    def _read_back(self, upto: AsyncModelRunnerOutput) -> None:
+        """Read launched steps back, oldest first, through ``upto``; their sampled ids
+        join the known tokens of their rows."""
+        while self._unread:
+            out = self._unread.pop(0)
+            tokens = out.materialize()
+            if len(tokens):
+                self.input_batch.record_sampled(out.sampled_states, tokens)
+            if out is upto:
+                return
 
     # ------------------------------------------------------------------ step
-    @torch.inference_mode()
     def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
-        self._update_states(so)
-        req_ids = list(so.num_scheduled_tokens.keys())
-        if not req_ids:
+        """Run one step and wait for its sampled tokens."""
+        out = self.execute_model_async(so)
+        if out is None:
             return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
-        num_reqs = len(req_ids)
-        states = [self.requests[r] for r in req_ids]
-        num_sched = np.fromiter(
-            (so.num_scheduled_tokens[r] for r in req_ids), dtype=np.int64, count=num_reqs
-        )
-        num_computed = np.fromiter(
-            (s.num_computed_tokens for s in states), dtype=np.int64, count=num_reqs
-        )
-        total = int(num_sched.sum())
-        seq_lens = num_computed + num_sched
-        cu = np.zeros(num_reqs + 1, dtype=np.int64)
-        np.cumsum(num_sched, out=cu[1:])
+        return out.get_output()
 
-        # Flat token ids and positions. Decode rows take one token; prefill rows a slice.
-        ids_np = np.empty(total, dtype=np.int64)
-        for i, st in enumerate(states):
-            c, n = int(num_computed[i]), int(num_sched[i])
-            if n == 1:
-                ids_np[cu[i]] = st.all_token_ids[c]
-            else:
-                ids_np[cu[i] : cu[i] + n] = st.all_token_ids[c : c + n]
-        req_idx = np.repeat(np.arange(num_reqs), num_sched)
-        pos_np = np.arange(total, dtype=np.int64) - np.repeat(cu[:-1], num_sched) + np.repeat(
-            num_computed, num_sched
-        )
-
-        # Block table rows and slot mapping.
-        width = 0
-        bt = self.block_table_np
-        for i, st in enumerate(states):
-            nb = len(st.block_ids)
-            bt[i, :nb] = st.block_ids
-            width = max(width, nb)
-        block_idx = bt[req_idx, pos_np // self.block_size].astype(np.int64)
-        slots_np = block_idx * self.block_size + pos_np % self.block_size
-
-        d = self.device
-        non_blocking = d.type == "cuda"
-        self.input_ids[:total].copy_(torch.from_numpy(ids_np), non_blocking=non_blocking)
-        self.positions[:total].copy_(torch.from_numpy(pos_np), non_blocking=non_blocking)
-        self.slot_mapping[:total].copy_(torch.from_numpy(slots_np), non_blocking=non_blocking)
-        qsl_cpu = torch.from_numpy(cu.astype(np.int32))
-        sl_cpu = torch.from_numpy(seq_lens.astype(np.int32))
-        self.query_start_loc[: num_reqs + 1].copy_(qsl_cpu, non_blocking=non_blocking)
-        self.seq_lens[:num_reqs].copy_(sl_cpu, non_blocking=non_blocking)
-        width = max(width, 1)
-        self.block_table[:num_reqs, :width].copy_(
-            self.block_table_cpu[:num_reqs, :width], non_blocking=non_blocking
-        )
-        meta = AttentionMetadata(
-            num_reqs=num_reqs,
-            num_actual_tokens=total,
-            max_query_len=int(num_sched.max()),
-            max_seq_len=int(seq_lens.max()),
-            query_start_loc=self.query_start_loc[: num_reqs + 1],
-            seq_lens=self.seq_lens[:num_reqs],
-            block_table=self.block_table[:num_reqs, :width],
-            slot_mapping=self.slot_mapping[:total],
-            query_start_loc_cpu=qsl_cpu,
-            seq_lens_cpu=sl_cpu,
-        )
-        # Rows that reach the end of their known tokens sample one new token.
-        num_tokens = np.fromiter((s.num_tokens for s in states), dtype=np.int64, count=num_reqs)
-        sample_rows = np.nonzero(seq_lens >= num_tokens)[0]
-        cg = self.cuda_graph
-        use_graph = (
-            cg is not None
-            and meta.max_query_len == 1
-            and num_reqs <= cg.max_batch_size
-            and not any(_needs_prompt_logprobs(st) for st in states)
-        )
+    @torch.inference_mode()
+    def execute_model_async(self, so: SchedulerOutput) -> AsyncModelRunnerOutput | None:
+        """Queue one step on the device and return without waiting for it (None when
+        nothing is scheduled). At most one earlier step may still be unread: its
+        sampled ids are this step's decode inputs; anything older is read back first."""
+        if len(self._unread) > 1:
+            self._read_back(self._unread[-2])
+        if self._copy_event is not None:
+            self._copy_event.synchronize()  # last step's copies read the pinned buffers
+        self._update_states(so)
+        if not so.num_scheduled_tokens:
+            return None
+        ib = self.input_batch
+        if self._unread and ib.num_penalized:
+            self._read_back(self._unread[-1])  # penalties need every token on the host
+        step = self._prepare_inputs(so)
+        rows, n = step.rows, len(step.rows)
         prompt_lp: dict[str, list[TokenLogprobs]] = {}
-        all_logits = None
-        if use_graph:
-            assert cg is not None
-            all_logits = cg.run(num_reqs)  # [num_reqs, vocab]
+        all_logits = hidden = None
+        if step.graph_size:
+            assert self.cuda_graph is not None
+            all_logits = self.cuda_graph.replay(step.graph_size)[:n]  # [n, vocab]
         else:
             hidden = self.model(
-                self.input_ids[:total], self.positions[:total], self.kv_caches, meta
-            )  # [total, hidden]
-            prompt_lp = self._prompt_logprobs(states, hidden, cu, num_computed, num_sched)
+                self.input_ids[: step.num_tokens],
+                self.positions[: step.num_tokens],
+                self.kv_caches,
+                step.attn_metadata,
+            )  # [num_tokens, hidden]
+            if ib.num_prompt_logprobs:
+                prompt_lp = self._prompt_logprobs(step, hidden)
 
-        sampled_lists: list[list[int]] = [[] for _ in range(num_reqs)]
-        logprobs_out: dict[str, list[TokenLogprobs]] = {}
-        if len(sample_rows) > 0:
+        sample_idx = np.nonzero(step.seq_lens >= ib.num_tokens[rows])[0]
+        num_sampled = len(sample_idx)
+        ib.num_computed_tokens[rows] = step.seq_lens
+        ib.prev_sample_index[: ib.num_reqs] = -1
+        d = self.device
+        sampled = torch.empty(0, dtype=torch.int64, device=d)
+        lp: LogprobsTensors | None = None
+        if num_sampled:
             if all_logits is not None:
-                logits = all_logits if len(sample_rows) == num_reqs else all_logits[
-                    torch.from_numpy(sample_rows).to(d)]
+                logits = all_logits
+                if num_sampled < n:
+                    logits = all_logits.index_select(0, to_device(sample_idx, d))
             else:
-                idx = torch.from_numpy(cu[1:][sample_rows] - 1).to(d)
+                assert hidden is not None
+                idx = to_device(step.query_start_loc[1:][sample_idx] - 1, d)
                 logits = self.model.compute_logits(hidden.index_select(0, idx))  # [S, vocab]
-            sample_states = [states[i] for i in sample_rows]
-            meta_s = self._sampling_metadata(sample_states, logits.shape[-1])
-            out = self.sampler(logits, meta_s)
-            tokens = out.sampled_token_ids.tolist()
-            lp = out.logprobs_tensors
-            lp_lists = _logprobs_to_lists(lp) if lp is not None else None
-            for j, i in enumerate(sample_rows):
-                st = states[i]
-                tok = int(tokens[j])
-                st.append_output_token(tok)
-                sampled_lists[i] = [tok]
-                if lp_lists is not None and st.sampling_params.logprobs is not None:
-                    k = st.sampling_params.logprobs
-                    logprobs_out[st.req_id] = [lp_lists[j][: k + 1]]
-        for i, st in enumerate(states):
-            st.num_computed_tokens = int(seq_lens[i])
-        return ModelRunnerOutput(
-            req_ids=req_ids,
-            sampled_token_ids=sampled_lists,
-            logprobs=logprobs_out,
+            rows_s = rows[sample_idx]
+            md = self._sampling_metadata(rows_s, step.dense and num_sampled == n)
+            out = self.sampler(logits, md)
+            sampled, lp = out.sampled_token_ids, out.logprobs_tensors
+            ib.prev_sample_index[rows_s] = np.arange(num_sampled)
+            ib.num_tokens[rows_s] += 1
+        self._prev_sampled = sampled if num_sampled else None
+        states = step.states
+        sampled_states = states if num_sampled == n else [states[i] for i in sample_idx]
+        event = None
+        if d.type == "cuda" and num_sampled:
+            # Into pinned memory behind the sampler; the event says when it landed.
+            sampled_host = torch.empty(num_sampled, dtype=torch.int64, pin_memory=True)
+            sampled_host.copy_(sampled, non_blocking=True)
+            if lp is not None:
+                lp = LogprobsTensors(*(_to_host(t) for t in lp))
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            sampled_host = sampled.cpu()
+        handle = AsyncModelRunnerOutput(
+            req_ids=step.req_ids,
+            sample_indices=sample_idx,
+            sampled_states=sampled_states,
+            sampled_token_ids=sampled_host,
+            logprobs=lp,
             prompt_logprobs=prompt_lp,
+            event=event,
+            on_ready=self._read_back,
+        )
+        self._unread.append(handle)
+        return handle
+
+    def _prepare_inputs(self, so: SchedulerOutput) -> _StepInputs:
+        """Fill the pinned host buffers for this step with numpy over the batch rows,
+        copy them to the device (non-blocking), and drop last step's sampled tokens
+        into place on the device. The batch runs in row order."""
+        ib = self.input_batch
+        nst = so.num_scheduled_tokens
+        n = len(nst)
+        reqs = self.requests
+        rows = np.fromiter((reqs[r].row for r in nst), dtype=np.int64, count=n)
+        num_sched = np.fromiter(nst.values(), dtype=np.int64, count=n)
+        dense = n == ib.num_reqs  # every row runs: rows are a permutation of 0..n-1
+        if dense:
+            ordered = np.empty_like(num_sched)
+            ordered[rows] = num_sched
+            num_sched, rows = ordered, np.arange(n)
+        else:
+            order = np.argsort(rows)
+            rows, num_sched = rows[order], num_sched[order]
+        states, req_ids = self._batch_ids(rows, dense)
+
+        num_computed = ib.num_computed_tokens[rows]
+        seq_lens = num_computed + num_sched
+        max_query_len = int(num_sched.max())
+        cu = np.zeros(n + 1, dtype=np.int64)
+        if max_query_len == 1:
+            cu[1:] = np.arange(1, n + 1)
+            total, tok_rows, positions = n, rows, num_computed
+        else:
+            np.cumsum(num_sched, out=cu[1:])
+            total = int(cu[-1])
+            tok_rows = np.repeat(rows, num_sched)
+            positions = np.arange(total) + np.repeat(num_computed - cu[:-1], num_sched)
+
+        cg = self.cuda_graph
+        graph_size = None
+        if (
+            cg is not None
+            and max_query_len == 1
+            and n <= cg.max_batch_size
+            and not (ib.num_prompt_logprobs and any(s.needs_prompt_logprobs for s in states))
+        ):
+            graph_size = cg.padded_size(n)
+        # Graph steps are decode-only: one token per request, padded rows included.
+        padded = graph_size or n
+        padded_tokens = graph_size or total
+
+        bs = self.block_size
+        ids_np = self.input_ids_cpu.numpy()
+        pos_np = self.positions_cpu.numpy()
+        slots_np = self.slot_mapping_cpu.numpy()
+        qsl_np = self.query_start_loc_cpu.numpy()
+        sl_np = self.seq_lens_cpu.numpy()
+        # Known tokens; a token still on the device is put in place below.
+        ids_np[:total] = ib.token_ids[tok_rows, positions]
+        pos_np[:total] = positions
+        block_ids = ib.block_table[tok_rows, positions // bs]
+        slots_np[:total] = block_ids * bs + positions % bs
+        qsl_np[: n + 1] = cu
+        sl_np[:n] = seq_lens
+        if dense:
+            bt_src = ib.block_table_cpu
+            bt_np = ib.block_table  # rows >= n are free
+        else:
+            bt_src = self.block_table_staging_cpu
+            bt_np = bt_src.numpy()
+            bt_np[:n] = ib.block_table[rows]
+        if padded > n:
+            # CUDA-graph padding rows: one token at position 0 of the sink block.
+            ids_np[n:padded] = 0
+            pos_np[n:padded] = 0
+            slots_np[n:padded] = self.sink_block_id * bs
+            qsl_np[n + 1 : padded + 1] = np.arange(n + 1, padded + 1)
+            sl_np[n:padded] = 1
+            bt_np[n:padded, 0] = self.sink_block_id
+
+        nb = self.device.type == "cuda"
+        t = padded_tokens
+        self.input_ids[:t].copy_(self.input_ids_cpu[:t], non_blocking=nb)
+        self.positions[:t].copy_(self.positions_cpu[:t], non_blocking=nb)
+        self.slot_mapping[:t].copy_(self.slot_mapping_cpu[:t], non_blocking=nb)
+        self.query_start_loc[: padded + 1].copy_(
+            self.query_start_loc_cpu[: padded + 1], non_blocking=nb
+        )
+        self.seq_lens[:padded].copy_(self.seq_lens_cpu[:padded], non_blocking=nb)
+        self.block_table[:padded].copy_(bt_src[:padded], non_blocking=nb)
+        self._scatter_pending(rows, cu, num_computed, max_query_len)
+        if self._copy_event is not None:
+            self._copy_event.record()
+
+        meta = AttentionMetadata(
+            num_reqs=n,
+            num_actual_tokens=total,
+            max_query_len=max_query_len,
+            max_seq_len=int(seq_lens.max()),
+            query_start_loc=self.query_start_loc[: n + 1],
+            seq_lens=self.seq_lens[:n],
+            block_table=self.block_table[:n],
+            slot_mapping=self.slot_mapping[:total],
+            query_start_loc_cpu=self.query_start_loc_cpu[: n + 1],
+            seq_lens_cpu=self.seq_lens_cpu[:n],
+        )
+        return _StepInputs(
+            rows=rows,
+            states=states,
+            req_ids=req_ids,
+            dense=dense,
+            num_tokens=total,
+            num_scheduled=num_sched,
+            num_computed=num_computed,
+            seq_lens=seq_lens,
+            query_start_loc=cu,
+            graph_size=graph_size,
+            attn_metadata=meta,
         )
 
+    def _batch_ids(
+        self, rows: np.ndarray, dense: bool
+    ) -> tuple[list[CachedRequestState], list[str]]:
+        """States and request ids of ``rows``; cached while the batch is unchanged."""
+        ib = self.input_batch
+        cache = self._batch_ids_cache
+        if dense and cache is not None and cache[0] == ib.version:
+            return cache[1], cache[2]
+        states = [ib.req_states[r] for r in rows.tolist()]
+        req_ids = [s.req_id for s in states]  # type: ignore[union-attr]
+        if dense:
+            self._batch_ids_cache = (ib.version, states, req_ids)  # type: ignore[assignment]
+        return states, req_ids  # type: ignore[return-value]
+
+    def _scatter_pending(
+        self, rows: np.ndarray, cu: np.ndarray, num_computed: np.ndarray, max_query_len: int
+    ) -> None:
+        """Rows whose next input token was sampled by the last step and never came to
+        the host: copy it on the device from that step's sampled ids into input_ids."""
+        ib = self.input_batch
+        known = ib.num_known_tokens[rows]
+        pending = np.nonzero(ib.num_tokens[rows] > known)[0]
+        if not len(pending):
+            return
+        prev = self._prev_sampled
+        assert prev is not None
+        # A row that sampled last step computed all its known tokens, so its query
+        # starts exactly at the pending token.
+        assert (known[pending] == num_computed[pending]).all()
+        src = ib.prev_sample_index[rows[pending]]
+        m = len(pending)
+        if max_query_len == 1 and m == len(rows) == len(prev) and (src == pending).all():
+            self.input_ids[:m].copy_(prev)  # steady decode: same rows, same order
+            return
+        nb = self.device.type == "cuda"
+        stage = self.scatter_cpu.numpy()
+        stage[:m] = cu[pending]
+        stage[m : 2 * m] = src
+        self.scatter_index[: 2 * m].copy_(self.scatter_cpu[: 2 * m], non_blocking=nb)
+        dst_t, src_t = self.scatter_index[:m], self.scatter_index[m : 2 * m]
+        self.input_ids.index_copy_(0, dst_t, prev.index_select(0, src_t))
+
     def _prompt_logprobs(
-        self,
-        states: list[CachedRequestState],
-        hidden: torch.Tensor,
-        cu: np.ndarray,
-        num_computed: np.ndarray,
-        num_sched: np.ndarray,
+        self, step: _StepInputs, hidden: torch.Tensor
     ) -> dict[str, list[TokenLogprobs]]:
         out: dict[str, list[TokenLogprobs]] = {}
-        for i, st in enumerate(states):
+        ib = self.input_batch
+        for i, st in enumerate(step.states):
             k = st.sampling_params.prompt_logprobs
             if k is None:
                 continue
-            c, n = int(num_computed[i]), int(num_sched[i])
+            c, n = int(step.num_computed[i]), int(step.num_scheduled[i])
             # Position p predicts prompt token p + 1; only targets inside the prompt count.
             first, last = max(c, st.prompt_logprobs_done), min(c + n, st.num_prompt_tokens - 1)
             if last <= first:
                 continue
-            rows = torch.arange(first - c, last - c, device=hidden.device) + int(cu[i])
+            start = int(step.query_start_loc[i])
+            rows = torch.arange(first - c, last - c, device=hidden.device) + start
             logits = self.model.compute_logits(hidden.index_select(0, rows))
-            targets = torch.tensor(
-                st.prompt_token_ids[first + 1 : last + 1], dtype=torch.int64, device=hidden.device
-            )
+            targets = torch.from_numpy(
+                ib.token_ids[st.row, first + 1 : last + 1].astype(np.int64)
+            ).to(hidden.device)
             lp = compute_token_logprobs(logits, targets, k)
-            out[st.req_id] = _logprobs_to_lists(lp)
+            out[st.req_id] = logprobs_to_lists(lp)
             st.prompt_logprobs_done = last
         return out
 
-    def _sampling_metadata(
-        self, states: list[CachedRequestState], vocab_size: int
-    ) -> SamplingMetadata:
-        d = self.device
-        sps = [s.sampling_params for s in states]
-        temps = [0.0 if sp.is_greedy else sp.temperature for sp in sps]
-        all_greedy = all(t == 0.0 for t in temps)
-        all_random = all(t != 0.0 for t in temps)
-        use_top_k = any(sp.top_k not in (-1, None) and sp.top_k < vocab_size for sp in sps)
-        use_top_p = any(sp.top_p < 1.0 for sp in sps)
-        use_min_p = any(sp.min_p > 0.0 for sp in sps)
-        no_pen = all(
-            sp.presence_penalty == 0.0
-            and sp.frequency_penalty == 0.0
-            and sp.repetition_penalty == 1.0
-            for sp in sps
-        )
-        generators = {i: s.generator for i, s in enumerate(states) if s.generator is not None}
-        min_tok: dict[int, list[int]] = {}
-        for i, s in enumerate(states):
-            sp = s.sampling_params
-            if sp.min_tokens and len(s.output_token_ids) < sp.min_tokens:
-                stop_ids = list(sp.stop_token_ids or [])
-                if not sp.ignore_eos:
-                    stop_ids += list(self.arch_config.eos_token_id)
-                if stop_ids:
-                    min_tok[i] = stop_ids
-        prompt_ids = None
-        if not no_pen:
-            width = max(s.num_prompt_tokens for s in states)
-            prompt_ids = torch.full((len(states), width), vocab_size, dtype=torch.int64)
-            for i, s in enumerate(states):
-                prompt_ids[i, : s.num_prompt_tokens] = torch.tensor(s.prompt_token_ids)
-            prompt_ids = prompt_ids.to(d)
-        wants = [sp.logprobs for sp in sps if sp.logprobs is not None]
-
-        def t(vals: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(vals, dtype=dtype).to(d, non_blocking=True)
-
-        return SamplingMetadata(
-            temperature=t(temps, torch.float32),
-            all_greedy=all_greedy,
-            all_random=all_random,
-            top_k=t([sp.top_k if sp.top_k > 0 else vocab_size for sp in sps], torch.int64)
-            if use_top_k
-            else None,
-            top_p=t([sp.top_p for sp in sps], torch.float32) if use_top_p else None,
-            min_p=t([sp.min_p for sp in sps], torch.float32) if use_min_p else None,
-            generators=generators,
-            no_penalties=no_pen,
-            presence_penalties=t([sp.presence_penalty for sp in sps], torch.float32),
-            frequency_penalties=t([sp.frequency_penalty for sp in sps], torch.float32),
-            repetition_penalties=t([sp.repetition_penalty for sp in sps], torch.float32),
-            prompt_token_ids=prompt_ids,
-            output_token_ids=[s.output_token_ids for s in states],
-            min_tokens_stop_ids=min_tok,
-            max_num_logprobs=max(wants) if wants else None,
-        )
+    def _sampling_metadata(self, rows: np.ndarray, whole_batch: bool) -> SamplingMetadata:
+        """Per-row sampling tensors for ``rows``; reused while the batch is unchanged and
+        every row samples (greedy-only batches build no tensors at all)."""
+        ib = self.input_batch
+        cacheable = whole_batch and not ib.num_penalized
+        key = (ib.version, len(rows))
+        cache = self._sampling_cache
+        if cacheable and cache is not None and cache[0] == key:
+            md = cache[1]
+        else:
+            md = ib.make_sampling_metadata(rows, self.device, self._empty)
+            if cacheable:
+                self._sampling_cache = (key, md)
+        if ib.num_min_tokens:
+            md = replace(md, min_tokens_stop_ids=ib.min_tokens_stop_ids(rows))
+        return md
 
 
-def _needs_prompt_logprobs(st: CachedRequestState) -> bool:
-    return (
-        st.sampling_params.prompt_logprobs is not None
-        and st.prompt_logprobs_done < st.num_prompt_tokens - 1
-    )
+class _StepInputs(NamedTuple):
+    """One step's batch, in batch (row) order, as the runner prepared it."""
+
+    rows: np.ndarray  # [n] batch row of each request
+    states: list[CachedRequestState]  # [n]
+    req_ids: list[str]  # [n]
+    dense: bool  # every row of the batch runs, in row order
+    num_tokens: int  # tokens in the flat batch (unpadded)
+    num_scheduled: np.ndarray  # [n]
+    num_computed: np.ndarray  # [n] before this step
+    seq_lens: np.ndarray  # [n] after this step
+    query_start_loc: np.ndarray  # [n + 1]
+    graph_size: int | None  # padded CUDA-graph batch size; None: eager
+    attn_metadata: AttentionMetadata
 
 
-def _logprobs_to_lists(lp: LogprobsTensors) -> list[TokenLogprobs]:
-    ids = lp.logprob_token_ids.tolist()
-    vals = lp.logprobs.tolist()
-    ranks = lp.selected_token_ranks.tolist()
-    out: list[TokenLogprobs] = []
-    for row_ids, row_vals, rank in zip(ids, vals, ranks):
-        entry = [(row_ids[0], row_vals[0], int(rank))]
-        entry += [(t, v, r + 1) for r, (t, v) in enumerate(zip(row_ids[1:], row_vals[1:]))]
-        out.append(entry)
-    return out
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return host.copy_(t, non_blocking=True)

@@ -9,38 +9,30 @@ import torch
 from kvasir.sampling_params import SamplingParams
 
 
-@dataclass
+@dataclass(eq=False)
 class CachedRequestState:
-    """The runner's copy of a request: token ids, block table and sampling state.
+    """The runner's handle on a request; its token ids and block table live in its row
+    of the persistent ``InputBatch`` (``row``; -1 while it is not in the batch).
 
     Kept across preemption (the generator must continue where it stopped, so a seeded
     request samples the same tokens whether or not it was preempted); dropped when the
-    scheduler reports the request finished.
+    scheduler reports the request finished. A resumed request gets a *new* state object
+    (same generator), so work still in flight for the old one can tell it is stale.
     """
 
     req_id: str
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]
     sampling_params: SamplingParams
-    block_ids: list[int]
-    num_computed_tokens: int
+    num_prompt_tokens: int
     generator: torch.Generator | None = None
+    # EOS / stop token ids masked while fewer than min_tokens are out (min_tokens only).
+    min_tokens_stop_ids: list[int] = field(default_factory=list)
     # Prompt positions whose logprobs were already produced (prompt_logprobs only).
     prompt_logprobs_done: int = 0
-    all_token_ids: list[int] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if not self.all_token_ids:
-            self.all_token_ids = self.prompt_token_ids + self.output_token_ids
+    row: int = -1
 
     @property
-    def num_tokens(self) -> int:
-        return len(self.all_token_ids)
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
-
-    def append_output_token(self, token_id: int) -> None:
-        self.output_token_ids.append(token_id)
-        self.all_token_ids.append(token_id)
+    def needs_prompt_logprobs(self) -> bool:
+        return (
+            self.sampling_params.prompt_logprobs is not None
+            and self.prompt_logprobs_done < self.num_prompt_tokens - 1
+        )
