@@ -151,6 +151,8 @@ class EngineConfig:
     attention_backend: str = "auto"  # auto: triton on CUDA, torch on CPU
     enforce_eager: bool = False  # disable CUDA graphs
     disable_log_stats: bool = True
+    # Schedule step N + 1 while the device runs step N (None: on for CUDA, off on CPU).
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         _check(

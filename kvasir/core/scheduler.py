@@ -41,6 +41,15 @@ tokens)``: a request alone in the cache can always finish (it ends with "length"
 Aborts: ``abort_requests`` frees everything at once; their ``EngineCoreOutput``
 (``finish_reason="abort"``) come from ``take_aborted_outputs()``, never from
 ``update_from_output``.
+
+Async scheduling (``async_scheduling=True``): the engine calls ``schedule()`` for step
+N + 1 before ``update_from_output`` of step N, so a request that samples in step N has
+one *output placeholder*: a token that exists on the device but not yet here. It
+counts as known for scheduling (the request decodes it in step N + 1) and is replaced
+by the real token in ``update_from_output``. A request that will finish once its
+placeholders arrive (max_tokens, max_model_len) is not scheduled again; one that stops
+on EOS / a stop token is found one step late and the token its extra step sampled is
+dropped (as in vLLM). Outputs are the same as without async scheduling.
 """
 
 from __future__ import annotations
@@ -72,7 +81,11 @@ class Scheduler:
     """
 
     def __init__(
-        self, scheduler_config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int
+        self,
+        scheduler_config: SchedulerConfig,
+        cache_config: CacheConfig,
+        num_blocks: int,
+        async_scheduling: bool = False,
     ) -> None:
         self.scheduler_config = scheduler_config
         self.cache_config = cache_config
@@ -100,6 +113,12 @@ class Scheduler:
         self._prompt_logprobs: dict[str, list[TokenLogprobs]] = {}
         self._next_arrival_seq = 0
         self._last_num_scheduled_tokens = 0
+        self.async_scheduling = async_scheduling
+        # Async scheduling: request id -> tokens sampled by steps whose output has not
+        # come back yet; and per SchedulerOutput (by id), the arrival_seq of the first
+        # request added after it (a request reusing a finished id is not in that step).
+        self._num_output_placeholders: dict[str, int] = {}
+        self._arrival_limits: dict[int, int] = {}
 
     # ------------------------------------------------------------------ intake
 
@@ -150,12 +169,18 @@ class Scheduler:
         new_reqs: list[NewRequestData] = []
         cached_reqs: dict[str, CachedRequestData] = {}
         preempted_ids: set[str] = set()
+        placeholders = self._num_output_placeholders
+        placeholder_added: set[str] = set()
 
         # Running requests: decodes and unfinished prefill chunks.
         i = 0
         while i < len(self.running) and token_budget > 0:
             request = self.running[i]
-            num_new = request.num_tokens - request.num_computed_tokens
+            num_placeholders = placeholders.get(request.request_id, 0)
+            if num_placeholders and self._finishes_with(request, num_placeholders):
+                i += 1  # its last token is in flight; another step would be wasted
+                continue
+            num_new = request.num_tokens + num_placeholders - request.num_computed_tokens
             if num_new <= 0 or (not chunked and num_new > token_budget):
                 i += 1
                 continue
@@ -173,6 +198,9 @@ class Scheduler:
                     token_budget += num_scheduled.pop(victim.request_id)
                     computed_before = cached_reqs.pop(victim.request_id).num_computed_tokens
                     kv.uncache_blocks(victim, computed_before)
+                    if victim.request_id in placeholder_added:
+                        placeholder_added.discard(victim.request_id)
+                        self._remove_placeholder(victim.request_id)
                 self._preempt(victim)
                 preempted_ids.add(victim.request_id)
                 if victim_index < i:
@@ -187,6 +215,12 @@ class Scheduler:
             num_scheduled[request.request_id] = num_new
             token_budget -= num_new
             request.num_computed_tokens += num_new
+            if (
+                self.async_scheduling
+                and request.num_computed_tokens == request.num_tokens + num_placeholders
+            ):
+                placeholders[request.request_id] = num_placeholders + 1  # it samples
+                placeholder_added.add(request.request_id)
             i += 1
 
         # Waiting requests; none in a step that had to preempt (it would thrash).
@@ -196,6 +230,10 @@ class Scheduler:
             while self.waiting and token_budget > 0 and len(self.running) < self.max_num_seqs:
                 request = self.waiting.peek()
                 assert request.num_computed_tokens == 0
+                if request.request_id in placeholders:
+                    # Preempted while its last token was in flight: resume once it is here.
+                    skipped.append(self.waiting.pop())
+                    continue
                 hold, computed_blocks, num_computed, from_cache = self._prefix_for(request)
                 if hold:  # a child whose parent's prompt is not computed yet
                     skipped.append(self.waiting.pop())
@@ -229,6 +267,8 @@ class Scheduler:
                 num_scheduled[request.request_id] = num_new
                 token_budget -= num_new
                 request.num_computed_tokens = num_computed + num_new
+                if self.async_scheduling and request.num_computed_tokens == request.num_tokens:
+                    placeholders[request.request_id] = 1
             for request in reversed(skipped):
                 self.waiting.prepend(request)
 
@@ -239,7 +279,7 @@ class Scheduler:
         assert total <= self.max_num_batched_tokens
         self._last_num_scheduled_tokens = total
         finished_ids, self.finished_req_ids = self.finished_req_ids, set()
-        return SchedulerOutput(
+        so = SchedulerOutput(
             scheduled_new_reqs=new_reqs,
             scheduled_cached_reqs=list(cached_reqs.values()),
             num_scheduled_tokens=ordered,
@@ -247,6 +287,28 @@ class Scheduler:
             finished_req_ids=finished_ids,
             preempted_req_ids=preempted_ids,
         )
+        if self.async_scheduling:
+            limits = self._arrival_limits
+            limits[id(so)] = self._next_arrival_seq
+            if len(limits) > 16:  # outputs never passed to update_from_output
+                del limits[next(iter(limits))]
+        return so
+
+    def _finishes_with(self, request: Request, num_placeholders: int) -> bool:
+        """Whether the request reaches max_tokens or max_model_len once its
+        placeholders are real tokens (so it certainly finishes)."""
+        assert request.max_tokens is not None
+        return (
+            request.num_output_tokens + num_placeholders >= request.max_tokens
+            or request.num_tokens + num_placeholders >= self.max_model_len
+        )
+
+    def _remove_placeholder(self, request_id: str) -> None:
+        n = self._num_output_placeholders.get(request_id, 0)
+        if n > 1:
+            self._num_output_placeholders[request_id] = n - 1
+        elif n == 1:
+            del self._num_output_placeholders[request_id]
 
     def _select_victim(self) -> Request:
         if self.scheduler_config.policy == "priority":
@@ -305,16 +367,28 @@ class Scheduler:
         index = {rid: i for i, rid in enumerate(model_runner_output.req_ids)}
         outputs: list[EngineCoreOutput] = []
         any_finished = False
+        arrival_limit = self._arrival_limits.pop(id(scheduler_output), None)
         for rid, num_scheduled in scheduler_output.num_scheduled_tokens.items():
             request = self.requests.get(rid)
-            if request is None or request.status != RequestStatus.RUNNING:
-                continue  # aborted after it was scheduled
+            if request is None:
+                continue  # finished or aborted after it was scheduled
+            if arrival_limit is not None and request.arrival_seq >= arrival_limit:
+                continue  # a newer request with the id of one that was in this step
+            # Async scheduling: preempted after this step was launched; its token counts.
+            preempted = request.status == RequestStatus.PREEMPTED
+            if request.status != RequestStatus.RUNNING and not preempted:
+                continue
             first_output = request.num_output_tokens == 0
             chunk = model_runner_output.prompt_logprobs.get(rid)
             if chunk and first_output and request.sampling_params.prompt_logprobs is not None:
-                self._add_prompt_logprobs(request, num_scheduled, chunk)
+                self._add_prompt_logprobs(
+                    request, _computed_before(scheduler_output, rid), num_scheduled, chunk
+                )
             i = index.get(rid)
             sampled = model_runner_output.sampled_token_ids[i] if i is not None else []
+            if sampled and self.async_scheduling:
+                for _ in sampled:
+                    self._remove_placeholder(rid)
             new_token_ids: list[int] = []
             for token_id in sampled:
                 request.append_output_token_ids([token_id])
@@ -341,19 +415,24 @@ class Scheduler:
             )
             if request.is_finished():
                 any_finished = True
+                if preempted:
+                    self.waiting.remove(request)
                 self._free_request(request)
         if any_finished:
             self.running = [r for r in self.running if not r.is_finished()]
         return outputs
 
     def _add_prompt_logprobs(
-        self, request: Request, num_scheduled: int, chunk: list[TokenLogprobs]
+        self,
+        request: Request,
+        computed_before: int,
+        num_scheduled: int,
+        chunk: list[TokenLogprobs],
     ) -> None:
         """Gather one step's prompt logprobs. The chunk ends at target position
         ``min(c + n, num_prompt - 1)``; positions already gathered (a runner recomputing
         them after a preemption) are skipped, so runners may or may not de-duplicate."""
         gathered = self._prompt_logprobs.setdefault(request.request_id, [])
-        computed_before = request.num_computed_tokens - num_scheduled
         last = min(computed_before + num_scheduled, request.num_prompt_tokens - 1)
         first = last - len(chunk) + 1  # prompt position of chunk[0]; position 0 has none
         skip = max(len(gathered) + 1 - first, 0)
@@ -381,6 +460,7 @@ class Scheduler:
 
     def _free_request(self, request: Request) -> None:
         self.kv_cache_manager.free(request)
+        self._num_output_placeholders.pop(request.request_id, None)
         del self.requests[request.request_id]
         self._prompt_logprobs.pop(request.request_id, None)
         self.finished_req_ids.add(request.request_id)
@@ -438,3 +518,14 @@ class Scheduler:
             num_preemptions=self.num_preemptions,
             num_scheduled_tokens=self._last_num_scheduled_tokens,
         )
+
+
+def _computed_before(scheduler_output: SchedulerOutput, request_id: str) -> int:
+    """The request's num_computed_tokens before the step of ``scheduler_output``."""
+    for data in scheduler_output.scheduled_cached_reqs:
+        if data.req_id == request_id:
+            return data.num_computed_tokens
+    for new in scheduler_output.scheduled_new_reqs:
+        if new.req_id == request_id:
+            return new.num_computed_tokens
+    raise KeyError(request_id)

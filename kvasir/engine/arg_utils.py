@@ -37,6 +37,7 @@ class EngineArgs:
     device: str = "auto"
     attention_backend: str = "auto"
     enforce_eager: bool = False
+    async_scheduling: bool | None = None
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -71,6 +72,10 @@ class EngineArgs:
                        choices=["auto", "torch", "triton"])
         g.add_argument("--enforce-eager", action="store_true",
                        help="disable CUDA graphs")
+        g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
+                       default=None,
+                       help="schedule step N+1 while the device runs step N "
+                       "(default: on for CUDA, off on the CPU)")
         return parser
 
     @classmethod
@@ -113,4 +118,5 @@ class EngineArgs:
             device_config=DeviceConfig(device=self.device),
             attention_backend=self.attention_backend,
             enforce_eager=self.enforce_eager,
+            async_scheduling=self.async_scheduling,
         )
