@@ -390,8 +390,10 @@ class ModelRunner:
                 lp = LogprobsTensors(*(_to_host(t) for t in lp))
             event = torch.cuda.Event()
             event.record()
+        elif num_sampled:
+            sampled_host = sampled  # on the CPU already
         else:
-            sampled_host = sampled.cpu()
+            sampled_host = torch.empty(0, dtype=torch.int64)
         handle = AsyncModelRunnerOutput(
             req_ids=step.req_ids,
             sample_indices=sample_idx,
