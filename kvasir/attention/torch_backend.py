@@ -30,21 +30,17 @@ def _attend(
     mask: torch.Tensor,  # [batch, q_len, kv_len] bool, True = may attend
     scale: float,
 ) -> torch.Tensor:  # [batch, q_len, num_heads, head_dim] float32
-    batch, q_len, num_heads, head_dim = query.shape
-    num_kv_heads = key.shape[2]
-    group = num_heads // num_kv_heads
-    # GQA without repeating K/V: query heads of one KV head form a group axis.
-    q = query.float().view(batch, q_len, num_kv_heads, group, head_dim)
-    k = key.float()
     # Masked-out slots may hold stale or never-written memory (NaN/inf); zero them so
     # a 0 probability times garbage cannot poison the sum.
     slot_valid = mask.any(dim=1)[:, :, None, None]  # [batch, kv_len, 1, 1]
-    v = torch.where(slot_valid, value.float(), 0.0)
-    scores = torch.einsum("bqkgd,blkd->bkgql", q, k) * scale  # [b, kvh, g, q_len, kv_len]
-    scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    out = torch.einsum("bkgql,blkd->bqkgd", probs, v)  # [b, q_len, kvh, g, head_dim]
-    return out.reshape(batch, q_len, num_heads, head_dim)
+    k = torch.where(slot_valid, key.float(), 0.0).transpose(1, 2)  # [b, kvh, kv_len, d]
+    v = torch.where(slot_valid, value.float(), 0.0).transpose(1, 2)  # [b, kvh, kv_len, d]
+    q = query.float().transpose(1, 2)  # [b, num_heads, q_len, d]
+    # SDPA's fused CPU/GPU kernels; GQA handled inside without repeating K/V.
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask[:, None], scale=scale, enable_gqa=True
+    )  # [b, num_heads, q_len, d]
+    return out.transpose(1, 2)
 
 
 def _decode_attention(
