@@ -143,3 +143,31 @@ def test_bench_percentiles_match_numpy() -> None:
     assert summary["tpot_ms"]["mean"] == pytest.approx(100.0)
     assert summary["goodput"] == pytest.approx(0.5)  # one of them met TTFT < 1 s, in 2 s
     assert summary["output_throughput"] == pytest.approx(5.0)
+
+
+def test_serve_flags_use_vllm_names() -> None:
+    from kvasir.entrypoints.openai.api_server import add_cli_args
+
+    parser = add_cli_args(argparse.ArgumentParser())
+    text = parser.format_help()
+    for flag in (
+        "--host",
+        "--port",
+        "--api-key",
+        "--served-model-name",
+        "--max-model-len",
+        "--max-num-seqs",
+        "--max-num-batched-tokens",
+        "--gpu-memory-utilization",
+        "--enable-prefix-caching",
+        "--no-enable-prefix-caching",
+        "--max-queued-requests",
+        "--shutdown-timeout",
+        "--max-request-body-bytes",
+        "--log-requests-json",
+        "--kv-cache-gb",
+        "--load-format",
+    ):
+        assert flag in text, flag
+    args = parser.parse_args(["my.gguf", "--port", "0", "--no-enable-prefix-caching"])
+    assert args.model_tag == "my.gguf" and args.port == 0 and not args.enable_prefix_caching
