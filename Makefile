@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch installs quickly here; on a GPU host use e.g. TORCH_SPEC="torch".
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup run test lint bench-cpu clean
+.PHONY: setup run generate test lint bench-cpu clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 run: setup
+	$(BIN)/kvasir serve --port $${PORT:-8000}
+
+generate: setup
 	$(BIN)/kvasir generate
 
 test: setup
