@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
-# One device call: install the carried wheels, run GPU tests and the benchmarks.
-# Usage (device tool): bash benchmarks/gpu_run.sh [quick|full]
+# One device call: install the carried wheels, then GPU tests and/or benchmarks.
+# Usage (through the device tool, with carry [".whl"]):
+#   bash benchmarks/gpu_run.sh quick   # GPU tests + engine benches without HF (~4 min)
+#   bash benchmarks/gpu_run.sh tests   # GPU tests incl. the kernels at full size
+#   bash benchmarks/gpu_run.sh bench   # latency + throughput with --compare hf, GPU busy
+#   bash benchmarks/gpu_run.sh serve   # kvasir serve (Llama-3-8B shape) + bench serve at 3 rates
+# The wheels: see /work/.library/device/README.md (msgspec, gguf, pyzmq, fastapi, ...).
 set -uo pipefail
 MODE=${1:-quick}
 OUT=${OUT:-/tmp/out}
@@ -10,16 +15,39 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
 K=(python3 -m kvasir.entrypoints.cli)
-if [ "$MODE" = quick ]; then
+M8=(--load-format dummy --model llama-3-8b)
+case "$MODE" in
+quick)
   timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -25 | tee "$OUT/tests.log"
-  timeout 150 "${K[@]}" bench latency --load-format dummy --model llama-3-8b --max-model-len 8192 \
-    --max-num-batched-tokens 8192 --prefill-len 8192 --num-iters 2 --output-json "$OUT/latency.json" 2>&1 | tail -25
-  timeout 150 "${K[@]}" bench throughput --load-format dummy --model llama-3-8b --max-model-len 4096 \
-    --max-num-batched-tokens 8192 --num-prompts 256 --output-json "$OUT/throughput.json" 2>&1 | tail -15
+  timeout 150 "${K[@]}" bench latency "${M8[@]}" --max-model-len 8192 --max-num-batched-tokens 8192 \
+    --prefill-len 8192 --num-iters 2 --output-json "$OUT/latency.json" 2>&1 | tail -25
+  timeout 150 "${K[@]}" bench throughput "${M8[@]}" --max-model-len 4096 --max-num-batched-tokens 8192 \
+    --num-prompts 256 --output-json "$OUT/throughput.json" 2>&1 | tail -12
   timeout 80 python3 benchmarks/gpu_busy.py 2>&1 | tail -3 | tee "$OUT/busy.json"
-else
-  timeout 240 "${K[@]}" bench latency --load-format dummy --model llama-3-8b --max-model-len 8192 \
-    --max-num-batched-tokens 8192 --prefill-len 8192 --num-iters 3 --compare hf --output-json "$OUT/latency.json" 2>&1 | tail -30
-  timeout 330 "${K[@]}" bench throughput --load-format dummy --model llama-3-8b --max-model-len 4096 \
-    --max-num-batched-tokens 8192 --num-prompts "${NUM_PROMPTS:-256}" --compare hf --output-json "$OUT/throughput.json" 2>&1 | tail -15
-fi
+  ;;
+tests)
+  timeout 420 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/kernels tests/test_models.py \
+    2>&1 | tail -30 | tee "$OUT/tests.log"
+  ;;
+bench)
+  timeout 200 "${K[@]}" bench latency "${M8[@]}" --max-model-len 8192 --max-num-batched-tokens 8192 \
+    --prefill-len 8192 --num-iters 3 --compare hf --output-json "$OUT/latency.json" 2>&1 | tail -26
+  timeout 90 "${K[@]}" bench throughput "${M8[@]}" --max-model-len 4096 --max-num-batched-tokens 8192 \
+    --num-prompts 256 --output-json "$OUT/throughput256.json" 2>&1 | tail -10
+  timeout 200 "${K[@]}" bench throughput "${M8[@]}" --max-model-len 4096 --max-num-batched-tokens 8192 \
+    --num-prompts "${HF_PROMPTS:-64}" --compare hf --output-json "$OUT/throughput_hf.json" 2>&1 | tail -10
+  timeout 80 python3 benchmarks/gpu_busy.py 2>&1 | tail -1 | tee "$OUT/busy.json"
+  ;;
+serve)
+  "${K[@]}" serve "${M8[@]}" --max-model-len 4096 --port 8011 --disable-uvicorn-access-log \
+    > "$OUT/server.log" 2>&1 &
+  SP=$!
+  for _ in $(seq 1 120); do curl -sf localhost:8011/health >/dev/null && break; sleep 1; done
+  for rate in 4 16 inf; do
+    timeout 120 "${K[@]}" bench serve --base-url http://localhost:8011 --random-token-ids \
+      --num-prompts 200 --request-rate "$rate" --input-len 512 --output-len 256 --ignore-eos \
+      --goodput ttft:1000 tpot:50 --result-file "$OUT/serve_$rate.json" 2>&1 | tail -4
+  done
+  kill -TERM $SP; wait $SP; echo "server exit $?"
+  ;;
+esac
