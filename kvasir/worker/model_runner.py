@@ -19,12 +19,11 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import replace
-from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from kvasir.attention.backend import AttentionMetadata, get_backend_cls
+from kvasir.attention.backend import get_backend_cls
 from kvasir.config import EngineConfig, ModelArchConfig
 from kvasir.core.outputs import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
 from kvasir.layers.sampler import (
@@ -33,9 +32,11 @@ from kvasir.layers.sampler import (
     SamplingMetadata,
     compute_token_logprobs,
 )
+from kvasir.worker import kv_cache_sizing
 from kvasir.worker.async_output import AsyncModelRunnerOutput, logprobs_to_lists
 from kvasir.worker.cuda_graph import CUDAGraphRunner
 from kvasir.worker.input_batch import InputBatch, to_device
+from kvasir.worker.input_buffers import InputBuffers, StepInputs
 from kvasir.worker.request_state import CachedRequestState
 
 logger = logging.getLogger(__name__)
@@ -92,139 +93,35 @@ class ModelRunner:
         self.requests: dict[str, CachedRequestState] = {}
         self.cuda_graph: CUDAGraphRunner | None = None
 
-        # Persistent device buffers, updated in place every step (CUDA graphs capture
-        # against them), each filled from a pinned host twin (numpy views) by an
-        # asynchronous copy.
+        # The model's input buffers (CUDA graphs capture against them); aliases below.
         d = self.device
         pin = d.type == "cuda"
-        num_tokens, num_reqs = self.max_num_tokens, self.max_num_reqs
-        self.input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=d)
-        self.positions = torch.zeros(num_tokens, dtype=torch.int64, device=d)
-        self.slot_mapping = torch.zeros(num_tokens, dtype=torch.int64, device=d)
-        self.query_start_loc = torch.zeros(num_reqs + 1, dtype=torch.int32, device=d)
-        self.seq_lens = torch.zeros(num_reqs, dtype=torch.int32, device=d)
-        self.block_table = torch.zeros(
-            (num_reqs, self.max_num_blocks_per_req), dtype=torch.int32, device=d
+        num_reqs = self.max_num_reqs
+        self.buffers = InputBuffers(
+            self.max_num_tokens, num_reqs, self.max_num_blocks_per_req, self.block_size, d
         )
-
-        def host(n: int | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-            return torch.zeros(n, dtype=dtype, pin_memory=pin)
-
-        self.input_ids_cpu = host(num_tokens, torch.int64)
-        self.positions_cpu = host(num_tokens, torch.int64)
-        self.slot_mapping_cpu = host(num_tokens, torch.int64)
-        self.query_start_loc_cpu = host(num_reqs + 1, torch.int32)
-        self.seq_lens_cpu = host(num_reqs, torch.int32)
-        # Block-table rows gathered in batch order when not every row runs.
-        self.block_table_staging_cpu = host((num_reqs, self.max_num_blocks_per_req), torch.int32)
-        # Where last step's sampled tokens go in input_ids: [dst..., src...].
-        self.scatter_cpu = host(2 * num_reqs, torch.int64)
-        self.scatter_index = torch.zeros(2 * num_reqs, dtype=torch.int64, device=d)
+        b = self.buffers
+        self.input_ids, self.positions, self.slot_mapping = b.input_ids, b.positions, b.slot_mapping
+        self.query_start_loc, self.seq_lens = b.query_start_loc, b.seq_lens
+        self.block_table = b.block_table
         self.input_batch = InputBatch(
             num_reqs, self.max_model_len, self.max_num_blocks_per_req, arch_config.vocab_size, pin
         )
         self._empty = torch.empty(0, dtype=torch.float32, device=d)
-        # Recorded after each step's host->device copies: the pinned sources (and the
-        # batch's block table) are rewritten only once they have been read.
-        self._copy_event = torch.cuda.Event() if pin else None
         self._prev_sampled: torch.Tensor | None = None  # [S] last step's sampled ids
         self._unread: list[AsyncModelRunnerOutput] = []  # launched, not yet read back
         self._sampling_cache: tuple[tuple[int, int], SamplingMetadata] | None = None
         self._batch_ids_cache: tuple[int, list[CachedRequestState], list[str]] | None = None
-        self.sink_block_id = 0
 
     # ------------------------------------------------------------------ KV cache
     def kv_bytes_per_block(self) -> int:
-        a = self.arch_config
-        elem = torch.tensor([], dtype=self.dtype).element_size()
-        return 2 * a.num_hidden_layers * self.block_size * a.num_key_value_heads * a.head_dim * elem
+        return kv_cache_sizing.kv_bytes_per_block(self)
 
     def determine_num_blocks(self) -> int:
-        cc = self.config.cache_config
-        per_block = self.kv_bytes_per_block()
-        if cc.num_gpu_blocks_override is not None:
-            return cc.num_gpu_blocks_override
-        if cc.kv_cache_gb is not None:
-            return max(int(cc.kv_cache_gb * (1 << 30)) // per_block, 1)
-        if self.device.type != "cuda":
-            # CPU default: 1 GiB, like vLLM's CPU backend default order of magnitude.
-            return max((1 << 30) // per_block, 1)
-        # GPU: measure peak memory of a profiling forward pass at the largest batch,
-        # then give the KV cache what is left under gpu_memory_utilization.
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        self.profile_run()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-        free, total = torch.cuda.mem_get_info()
-        used_by_others = total - free - torch.cuda.memory_reserved()
-        budget = total * cc.gpu_memory_utilization - peak - max(used_by_others, 0)
-        num_blocks = int(budget // per_block)
-        if num_blocks <= 0:
-            raise ValueError(
-                f"no memory left for the KV cache: the model and a forward pass take "
-                f"{peak / 2**30:.1f} GiB of {total / 2**30:.1f} GiB; raise "
-                f"gpu_memory_utilization or lower max_num_batched_tokens"
-            )
-        return num_blocks
+        return kv_cache_sizing.determine_num_blocks(self)
 
-    @torch.inference_mode()
     def profile_run(self) -> None:
-        """A forward pass over max_num_batched_tokens tokens (several requests) plus the
-        sampler at max_num_seqs rows, with a throwaway 1-block-per-request cache."""
-        n = self.max_num_tokens
-        num_reqs = min(self.max_num_reqs, n)
-        a = self.arch_config
-        shape = self.attn_backend_cls.get_kv_cache_shape(
-            num_reqs * (-(-n // num_reqs) // self.block_size + 1) + 1,
-            self.block_size,
-            a.num_key_value_heads,
-            a.head_dim,
-        )
-        caches = [
-            torch.zeros(shape, dtype=self.dtype, device=self.device)
-            for _ in range(a.num_hidden_layers)
-        ]
-        lens = [n // num_reqs] * num_reqs
-        lens[-1] += n - sum(lens)
-        blocks, start = [], 1
-        for length in lens:
-            nb = -(-length // self.block_size)
-            blocks.append(list(range(start, start + nb)))
-            start += nb
-        meta = self._build_metadata_simple(lens, blocks)
-        ids = torch.randint(0, a.vocab_size, (n,), device=self.device)
-        pos = torch.cat([torch.arange(length, device=self.device) for length in lens])
-        hidden = self.model(ids, pos, caches, meta)
-        logits = self.model.compute_logits(hidden[:num_reqs])
-        del logits, hidden, caches
-
-    def _build_metadata_simple(self, lens: list[int], blocks: list[list[int]]) -> AttentionMetadata:
-        d = self.device
-        qsl = torch.tensor([0] + list(np.cumsum(lens)), dtype=torch.int32)
-        sl = torch.tensor(lens, dtype=torch.int32)
-        width = max(len(b) for b in blocks)
-        bt = torch.tensor([b + [0] * (width - len(b)) for b in blocks], dtype=torch.int32)
-        slots = torch.cat(
-            [
-                torch.tensor(b, dtype=torch.int64).repeat_interleave(self.block_size)[:length]
-                * self.block_size
-                + torch.arange(length) % self.block_size
-                for b, length in zip(blocks, lens, strict=True)
-            ]
-        )
-        return AttentionMetadata(
-            num_reqs=len(lens),
-            num_actual_tokens=int(sum(lens)),
-            max_query_len=max(lens),
-            max_seq_len=max(lens),
-            query_start_loc=qsl.to(d),
-            seq_lens=sl.to(d),
-            block_table=bt.to(d),
-            slot_mapping=slots.to(d),
-            query_start_loc_cpu=qsl,
-            seq_lens_cpu=sl,
-        )
+        kv_cache_sizing.profile_run(self)
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         """Allocate num_blocks for the scheduler plus one sink block (id num_blocks) that
@@ -239,7 +136,7 @@ class ModelRunner:
             for _ in range(a.num_hidden_layers)
         ]
         self.num_blocks = num_blocks
-        self.sink_block_id = num_blocks
+        self.buffers.sink_block_id = num_blocks
         # The torch backend reads host-side metadata, so graphs need the Triton backend.
         if (
             self.device.type == "cuda"
@@ -331,8 +228,7 @@ class ModelRunner:
         sampled ids are this step's decode inputs; anything older is read back first."""
         if len(self._unread) > 1:
             self._read_back(self._unread[-2])
-        if self._copy_event is not None:
-            self._copy_event.synchronize()  # last step's copies read the pinned buffers
+        self.buffers.wait_for_copies()  # before the pinned sources are rewritten
         self._update_states(so)
         if not so.num_scheduled_tokens:
             return None
@@ -407,10 +303,9 @@ class ModelRunner:
         self._unread.append(handle)
         return handle
 
-    def _prepare_inputs(self, so: SchedulerOutput) -> _StepInputs:
-        """Fill the pinned host buffers for this step with numpy over the batch rows,
-        copy them to the device (non-blocking), and drop last step's sampled tokens
-        into place on the device. The batch runs in row order."""
+    def _prepare_inputs(self, so: SchedulerOutput) -> StepInputs:
+        """The step's rows in row order (the batch order), then the flat batch and its
+        copies to the device (``InputBuffers.prepare``)."""
         ib = self.input_batch
         nst = so.num_scheduled_tokens
         n = len(nst)
@@ -426,100 +321,14 @@ class ModelRunner:
             order = np.argsort(rows)
             rows, num_sched = rows[order], num_sched[order]
         states, req_ids = self._batch_ids(rows, dense)
-
-        num_computed = ib.num_computed_tokens[rows]
-        seq_lens = num_computed + num_sched
-        max_query_len = int(num_sched.max())
-        cu = np.zeros(n + 1, dtype=np.int64)
-        if max_query_len == 1:
-            cu[1:] = np.arange(1, n + 1)
-            total, tok_rows, positions = n, rows, num_computed
-        else:
-            np.cumsum(num_sched, out=cu[1:])
-            total = int(cu[-1])
-            tok_rows = np.repeat(rows, num_sched)
-            positions = np.arange(total) + np.repeat(num_computed - cu[:-1], num_sched)
-
         cg = self.cuda_graph
-        graph_size = None
-        if (
-            cg is not None
-            and max_query_len == 1
-            and n <= cg.max_batch_size
-            and not (ib.num_prompt_logprobs and any(s.needs_prompt_logprobs for s in states))
+        graph_sizes = None
+        if cg is not None and not (
+            ib.num_prompt_logprobs and any(s.needs_prompt_logprobs for s in states)
         ):
-            graph_size = cg.padded_size(n)
-        # Graph steps are decode-only: one token per request, padded rows included.
-        padded = graph_size or n
-        padded_tokens = graph_size or total
-
-        bs = self.block_size
-        ids_np = self.input_ids_cpu.numpy()
-        pos_np = self.positions_cpu.numpy()
-        slots_np = self.slot_mapping_cpu.numpy()
-        qsl_np = self.query_start_loc_cpu.numpy()
-        sl_np = self.seq_lens_cpu.numpy()
-        # Known tokens; a token still on the device is put in place below.
-        ids_np[:total] = ib.token_ids[tok_rows, positions]
-        pos_np[:total] = positions
-        block_ids = ib.block_table[tok_rows, positions // bs]
-        slots_np[:total] = block_ids * bs + positions % bs
-        qsl_np[: n + 1] = cu
-        sl_np[:n] = seq_lens
-        if dense:
-            bt_src = ib.block_table_cpu
-            bt_np = ib.block_table  # rows >= n are free
-        else:
-            bt_src = self.block_table_staging_cpu
-            bt_np = bt_src.numpy()
-            bt_np[:n] = ib.block_table[rows]
-        if padded > n:
-            # CUDA-graph padding rows: one token at position 0 of the sink block.
-            ids_np[n:padded] = 0
-            pos_np[n:padded] = 0
-            slots_np[n:padded] = self.sink_block_id * bs
-            qsl_np[n + 1 : padded + 1] = np.arange(n + 1, padded + 1)
-            sl_np[n:padded] = 1
-            bt_np[n:padded, 0] = self.sink_block_id
-
-        nb = self.device.type == "cuda"
-        t = padded_tokens
-        self.input_ids[:t].copy_(self.input_ids_cpu[:t], non_blocking=nb)
-        self.positions[:t].copy_(self.positions_cpu[:t], non_blocking=nb)
-        self.slot_mapping[:t].copy_(self.slot_mapping_cpu[:t], non_blocking=nb)
-        self.query_start_loc[: padded + 1].copy_(
-            self.query_start_loc_cpu[: padded + 1], non_blocking=nb
-        )
-        self.seq_lens[:padded].copy_(self.seq_lens_cpu[:padded], non_blocking=nb)
-        self.block_table[:padded].copy_(bt_src[:padded], non_blocking=nb)
-        self._scatter_pending(rows, cu, num_computed, max_query_len)
-        if self._copy_event is not None:
-            self._copy_event.record()
-
-        meta = AttentionMetadata(
-            num_reqs=n,
-            num_actual_tokens=total,
-            max_query_len=max_query_len,
-            max_seq_len=int(seq_lens.max()),
-            query_start_loc=self.query_start_loc[: n + 1],
-            seq_lens=self.seq_lens[:n],
-            block_table=self.block_table[:n],
-            slot_mapping=self.slot_mapping[:total],
-            query_start_loc_cpu=self.query_start_loc_cpu[: n + 1],
-            seq_lens_cpu=self.seq_lens_cpu[:n],
-        )
-        return _StepInputs(
-            rows=rows,
-            states=states,
-            req_ids=req_ids,
-            dense=dense,
-            num_tokens=total,
-            num_scheduled=num_sched,
-            num_computed=num_computed,
-            seq_lens=seq_lens,
-            query_start_loc=cu,
-            graph_size=graph_size,
-            attn_metadata=meta,
+            graph_sizes = cg.sizes
+        return self.buffers.prepare(
+            ib, rows, num_sched, states, req_ids, dense, graph_sizes, self._prev_sampled
         )
 
     def _batch_ids(
@@ -536,36 +345,8 @@ class ModelRunner:
             self._batch_ids_cache = (ib.version, states, req_ids)  # type: ignore[assignment]
         return states, req_ids  # type: ignore[return-value]
 
-    def _scatter_pending(
-        self, rows: np.ndarray, cu: np.ndarray, num_computed: np.ndarray, max_query_len: int
-    ) -> None:
-        """Rows whose next input token was sampled by the last step and never came to
-        the host: copy it on the device from that step's sampled ids into input_ids."""
-        ib = self.input_batch
-        known = ib.num_known_tokens[rows]
-        pending = np.nonzero(ib.num_tokens[rows] > known)[0]
-        if not len(pending):
-            return
-        prev = self._prev_sampled
-        assert prev is not None
-        # A row that sampled last step computed all its known tokens, so its query
-        # starts exactly at the pending token.
-        assert (known[pending] == num_computed[pending]).all()
-        src = ib.prev_sample_index[rows[pending]]
-        m = len(pending)
-        if max_query_len == 1 and m == len(rows) == len(prev) and (src == pending).all():
-            self.input_ids[:m].copy_(prev)  # steady decode: same rows, same order
-            return
-        nb = self.device.type == "cuda"
-        stage = self.scatter_cpu.numpy()
-        stage[:m] = cu[pending]
-        stage[m : 2 * m] = src
-        self.scatter_index[: 2 * m].copy_(self.scatter_cpu[: 2 * m], non_blocking=nb)
-        dst_t, src_t = self.scatter_index[:m], self.scatter_index[m : 2 * m]
-        self.input_ids.index_copy_(0, dst_t, prev.index_select(0, src_t))
-
     def _prompt_logprobs(
-        self, step: _StepInputs, hidden: torch.Tensor
+        self, step: StepInputs, hidden: torch.Tensor
     ) -> dict[str, list[TokenLogprobs]]:
         out: dict[str, list[TokenLogprobs]] = {}
         ib = self.input_batch
@@ -605,22 +386,6 @@ class ModelRunner:
         if ib.num_min_tokens:
             md = replace(md, min_tokens_stop_ids=ib.min_tokens_stop_ids(rows))
         return md
-
-
-class _StepInputs(NamedTuple):
-    """One step's batch, in batch (row) order, as the runner prepared it."""
-
-    rows: np.ndarray  # [n] batch row of each request
-    states: list[CachedRequestState]  # [n]
-    req_ids: list[str]  # [n]
-    dense: bool  # every row of the batch runs, in row order
-    num_tokens: int  # tokens in the flat batch (unpadded)
-    num_scheduled: np.ndarray  # [n]
-    num_computed: np.ndarray  # [n] before this step
-    seq_lens: np.ndarray  # [n] after this step
-    query_start_loc: np.ndarray  # [n + 1]
-    graph_size: int | None  # padded CUDA-graph batch size; None: eager
-    attn_metadata: AttentionMetadata
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,218 @@
+"""One step's flat batch, built with numpy over the persistent batch rows.
+
+``InputBuffers`` owns the device tensors the model reads every step (CUDA graphs
+capture against them) and a pinned host twin of each (numpy views). A step writes its
+flat batch (token ids, positions, slot mapping, query_start_loc, seq_lens, block-table
+rows) into the twins and copies them over without waiting; tokens that the previous
+step sampled and that never came to the host are then copied into ``input_ids`` on
+the device. CUDA-graph padding rows are written with the real ones, so a replay needs
+no extra kernels.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from kvasir.attention.backend import AttentionMetadata
+from kvasir.worker.input_batch import InputBatch
+from kvasir.worker.request_state import CachedRequestState
+
+
+class StepInputs(NamedTuple):
+    """One step's batch in batch order (row order of the ``InputBatch``)."""
+
+    rows: np.ndarray  # [n] batch row of each request
+    states: list[CachedRequestState]  # [n]
+    req_ids: list[str]  # [n]
+    dense: bool  # every row of the batch runs, in row order
+    num_tokens: int  # tokens in the flat batch (unpadded)
+    num_scheduled: np.ndarray  # [n]
+    num_computed: np.ndarray  # [n] before this step
+    seq_lens: np.ndarray  # [n] after this step
+    query_start_loc: np.ndarray  # [n + 1]
+    graph_size: int | None  # padded CUDA-graph batch size; None: eager
+    attn_metadata: AttentionMetadata
+
+
+class InputBuffers:
+    """Persistent device buffers of the model's inputs and their pinned host twins.
+
+    A twin is rewritten only after the previous step's copies out of it ran
+    (``wait_for_copies``); the same holds for the ``InputBatch`` block table, which
+    is copied straight from when every row runs.
+    """
+
+    def __init__(
+        self,
+        max_num_tokens: int,
+        max_num_reqs: int,
+        max_num_blocks_per_req: int,
+        block_size: int,
+        device: torch.device,
+    ) -> None:
+        self.device = device
+        self.block_size = block_size
+        self.sink_block_id = 0  # set once the KV cache exists (CUDA-graph padding)
+        d, pin = device, device.type == "cuda"
+        self.non_blocking = pin
+        t, r, b = max_num_tokens, max_num_reqs, max_num_blocks_per_req
+
+        def both(n: int | tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+            return (
+                torch.zeros(n, dtype=dtype, device=d),
+                torch.zeros(n, dtype=dtype, pin_memory=pin),
+            )
+
+        self.input_ids, self.input_ids_cpu = both(t, torch.int64)
+        self.positions, self.positions_cpu = both(t, torch.int64)
+        self.slot_mapping, self.slot_mapping_cpu = both(t, torch.int64)
+        self.query_start_loc, self.query_start_loc_cpu = both(r + 1, torch.int32)
+        self.seq_lens, self.seq_lens_cpu = both(r, torch.int32)
+        # Device block table; its host source is the InputBatch's (every row runs) or
+        # this staging copy of the running rows in batch order.
+        self.block_table, self.block_table_staging_cpu = both((r, b), torch.int32)
+        # Where last step's sampled tokens go in input_ids: [dst..., src...].
+        self.scatter_index, self.scatter_cpu = both(2 * r, torch.int64)
+        self._copy_event = torch.cuda.Event() if pin else None
+
+    def wait_for_copies(self) -> None:
+        """Block until the last step's host->device copies have read their sources
+        (normally long done: they run right after the step before it)."""
+        if self._copy_event is not None:
+            self._copy_event.synchronize()
+
+    def prepare(
+        self,
+        ib: InputBatch,
+        rows: np.ndarray,
+        num_sched: np.ndarray,
+        states: list[CachedRequestState],
+        req_ids: list[str],
+        dense: bool,
+        graph_sizes: list[int] | None,
+        prev_sampled: torch.Tensor | None,
+    ) -> StepInputs:
+        """Build and launch the copies of the batch ``rows`` (ascending) advancing by
+        ``num_sched`` tokens. ``graph_sizes``: captured decode sizes (None: eager)."""
+        n = len(rows)
+        num_computed = ib.num_computed_tokens[rows]
+        seq_lens = num_computed + num_sched
+        max_query_len = int(num_sched.max())
+        cu = np.zeros(n + 1, dtype=np.int64)
+        if max_query_len == 1:
+            cu[1:] = np.arange(1, n + 1)
+            total, tok_rows, positions = n, rows, num_computed
+        else:
+            np.cumsum(num_sched, out=cu[1:])
+            total = int(cu[-1])
+            tok_rows = np.repeat(rows, num_sched)
+            positions = np.arange(total) + np.repeat(num_computed - cu[:-1], num_sched)
+        graph_size = None
+        if graph_sizes and max_query_len == 1 and n <= graph_sizes[-1]:
+            graph_size = next(s for s in graph_sizes if s >= n)
+        # Graph steps are decode-only: one token per request, padding rows included.
+        padded = graph_size or n
+        padded_tokens = graph_size or total
+
+        bs = self.block_size
+        ids_np = self.input_ids_cpu.numpy()
+        pos_np = self.positions_cpu.numpy()
+        slots_np = self.slot_mapping_cpu.numpy()
+        qsl_np = self.query_start_loc_cpu.numpy()
+        sl_np = self.seq_lens_cpu.numpy()
+        # Known tokens; a token still on the device is put in place below.
+        ids_np[:total] = ib.token_ids[tok_rows, positions]
+        pos_np[:total] = positions
+        block_ids = ib.block_table[tok_rows, positions // bs]
+        slots_np[:total] = block_ids * bs + positions % bs
+        qsl_np[: n + 1] = cu
+        sl_np[:n] = seq_lens
+        if dense:
+            bt_src = ib.block_table_cpu
+            bt_np = ib.block_table  # rows >= n are free
+        else:
+            bt_src = self.block_table_staging_cpu
+            bt_np = bt_src.numpy()
+            bt_np[:n] = ib.block_table[rows]
+        if padded > n:
+            # CUDA-graph padding rows: one token at position 0 of the sink block.
+            ids_np[n:padded] = 0
+            pos_np[n:padded] = 0
+            slots_np[n:padded] = self.sink_block_id * bs
+            qsl_np[n + 1 : padded + 1] = np.arange(n + 1, padded + 1)
+            sl_np[n:padded] = 1
+            bt_np[n:padded, 0] = self.sink_block_id
+
+        nb = self.non_blocking
+        t = padded_tokens
+        self.input_ids[:t].copy_(self.input_ids_cpu[:t], non_blocking=nb)
+        self.positions[:t].copy_(self.positions_cpu[:t], non_blocking=nb)
+        self.slot_mapping[:t].copy_(self.slot_mapping_cpu[:t], non_blocking=nb)
+        self.query_start_loc[: padded + 1].copy_(
+            self.query_start_loc_cpu[: padded + 1], non_blocking=nb
+        )
+        self.seq_lens[:padded].copy_(self.seq_lens_cpu[:padded], non_blocking=nb)
+        self.block_table[:padded].copy_(bt_src[:padded], non_blocking=nb)
+        self._scatter_pending(ib, rows, cu, num_computed, max_query_len, prev_sampled)
+        if self._copy_event is not None:
+            self._copy_event.record()
+
+        meta = AttentionMetadata(
+            num_reqs=n,
+            num_actual_tokens=total,
+            max_query_len=max_query_len,
+            max_seq_len=int(seq_lens.max()),
+            query_start_loc=self.query_start_loc[: n + 1],
+            seq_lens=self.seq_lens[:n],
+            block_table=self.block_table[:n],
+            slot_mapping=self.slot_mapping[:total],
+            query_start_loc_cpu=self.query_start_loc_cpu[: n + 1],
+            seq_lens_cpu=self.seq_lens_cpu[:n],
+        )
+        return StepInputs(
+            rows=rows,
+            states=states,
+            req_ids=req_ids,
+            dense=dense,
+            num_tokens=total,
+            num_scheduled=num_sched,
+            num_computed=num_computed,
+            seq_lens=seq_lens,
+            query_start_loc=cu,
+            graph_size=graph_size,
+            attn_metadata=meta,
+        )
+
+    def _scatter_pending(
+        self,
+        ib: InputBatch,
+        rows: np.ndarray,
+        cu: np.ndarray,
+        num_computed: np.ndarray,
+        max_query_len: int,
+        prev_sampled: torch.Tensor | None,
+    ) -> None:
+        """Rows whose next input token was sampled by the last step and never came to
+        the host: copy it on the device from that step's sampled ids into input_ids."""
+        known = ib.num_known_tokens[rows]
+        pending = np.nonzero(ib.num_tokens[rows] > known)[0]
+        if not len(pending):
+            return
+        assert prev_sampled is not None
+        # A row that sampled last step computed all its known tokens, so its query
+        # starts exactly at the pending token.
+        assert (known[pending] == num_computed[pending]).all()
+        src = ib.prev_sample_index[rows[pending]]
+        m = len(pending)
+        if max_query_len == 1 and m == len(rows) == len(prev_sampled) and (src == pending).all():
+            self.input_ids[:m].copy_(prev_sampled)  # steady decode: same rows, same order
+            return
+        stage = self.scatter_cpu.numpy()
+        stage[:m] = cu[pending]
+        stage[m : 2 * m] = src
+        self.scatter_index[: 2 * m].copy_(self.scatter_cpu[: 2 * m], non_blocking=self.non_blocking)
+        dst, src_t = self.scatter_index[:m], self.scatter_index[m : 2 * m]
+        self.input_ids.index_copy_(0, dst, prev_sampled.index_select(0, src_t))
