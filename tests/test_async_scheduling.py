@@ -339,7 +339,7 @@ def test_async_scheduling_is_off_by_default_on_the_cpu() -> None:
 
 @pytest.mark.parametrize("model", ["tiny-llama", "tiny-qwen3"])
 def test_tiny_models_async_matches_sync(model: str) -> None:
-    prompts, params = _mixed_workload(0, 40, 1024)
+    prompts, params = _mixed_workload(0, 24, 1024)
     outs = {}
     for flag in (False, True):
         llm = _tiny(model, flag)
@@ -426,6 +426,41 @@ def test_aborts_and_reused_ids_async() -> None:
     assert len(got["r3"].outputs[0].token_ids) == 5
 
 
+def _core_outputs(async_scheduling: bool) -> dict[str, tuple[list[int], str | None]]:
+    """Drive an EngineCore directly with EOS ids that are likely to come up."""
+    from kvasir.config import EngineConfig, ModelConfig
+    from kvasir.engine.core import EngineCore
+    from kvasir.engine.messages import EngineCoreRequest
+
+    cfg = EngineConfig(
+        model_config=ModelConfig(model="tiny-llama", load_format="dummy", max_model_len=128),
+        async_scheduling=async_scheduling,
+    )
+    core = EngineCore(cfg, log=False)
+    rng = random.Random(5)
+    eos = list(range(3, 1024, 4))  # a quarter of the vocabulary
+    for i in range(12):
+        sp = SamplingParams(
+            temperature=rng.choice([0.0, 1.0]), seed=i, max_tokens=20, min_tokens=i % 3
+        )
+        prompt = [rng.randrange(3, 1024) for _ in range(rng.randint(1, 40))]
+        core.add_request(EngineCoreRequest(f"e{i}", prompt, sp, eos_token_ids=eos))
+    got: dict[str, tuple[list[int], str | None]] = {}
+    while core.has_unfinished_requests():
+        for o in core.step()[0]:
+            toks, _ = got.get(o.request_id, ([], None))
+            got[o.request_id] = (toks + o.new_token_ids, o.finish_reason)
+    assert core.scheduler.kv_cache_manager.usage == 0.0
+    return got
+
+
+def test_eos_found_a_step_late_matches_sync() -> None:
+    ref, got = _core_outputs(False), _core_outputs(True)
+    assert got == ref
+    stopped = [toks for toks, reason in ref.values() if reason == "stop"]
+    assert len(stopped) >= 3 and all(len(t) < 20 for t in stopped)
+
+
 def test_default_model_greedy_and_stop_strings_async_matches_sync() -> None:
     from kvasir import LLM
 
@@ -442,4 +477,5 @@ def test_default_model_greedy_and_stop_strings_async_matches_sync() -> None:
         # A stop string found by the output processor aborts the request in the core.
         assert llm.llm_engine.engine_core.scheduler.kv_cache_manager.usage == 0.0
     assert _summary(outs[True]) == _summary(outs[False])
+    assert outs[True][1].outputs[0].finish_reason == "stop"  # the stop string
     assert len(outs[True][2].outputs[0].token_ids) == 1
