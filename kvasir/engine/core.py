@@ -134,10 +134,8 @@ class EngineCore:
         if not self.scheduler.has_unfinished_requests():
             return self._take_aborted(), self.scheduler.make_stats()
         so = self.scheduler.schedule()
-        if so.total_num_scheduled_tokens > 0:
-            mro = self.runner.execute_model(so)
-        else:
-            mro = _EMPTY_OUTPUT
+        # Even an empty step goes to the runner: it drops finished requests' state.
+        mro = self.runner.execute_model(so)
         outputs = self._take_aborted() + self.scheduler.update_from_output(so, mro)
         return outputs, self.scheduler.make_stats()
 
@@ -156,7 +154,8 @@ class EngineCore:
             outputs += sched.update_from_output(prev_so, prev.get_output())
         if so is not None:
             if launched is None:
-                outputs += sched.update_from_output(so, _EMPTY_OUTPUT)
+                empty = ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
+                outputs += sched.update_from_output(so, empty)
             else:
                 self._in_flight = (so, launched)
         return outputs, sched.make_stats()
@@ -174,6 +173,3 @@ class EngineCore:
     def shutdown(self) -> None:
         self._in_flight = None
         self.runner.kv_caches = []
-
-
-_EMPTY_OUTPUT = ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
