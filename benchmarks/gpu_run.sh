@@ -44,10 +44,16 @@ serve)
   SP=$!
   for _ in $(seq 1 120); do curl -sf localhost:8011/health >/dev/null && break; sleep 1; done
   for rate in 4 16 inf; do
-    timeout 120 "${K[@]}" bench serve --base-url http://localhost:8011 --random-token-ids \
-      --num-prompts 200 --request-rate "$rate" --input-len 512 --output-len 256 --ignore-eos \
+    timeout 70 "${K[@]}" bench serve --base-url http://localhost:8011 --random-token-ids \
+      --num-prompts 100 --request-rate "$rate" --input-len 512 --output-len 128 --ignore-eos \
       --goodput ttft:1000 tpot:50 --result-file "$OUT/serve_$rate.json" 2>&1 | tail -4
   done
   kill -TERM $SP; wait $SP; echo "server exit $?"
+  ;;
+final)
+  timeout 130 python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -6 | tee "$OUT/tests.log"
+  timeout 210 "${K[@]}" bench throughput "${M8[@]}" --max-model-len 4096 --max-num-batched-tokens 8192 \
+    --num-prompts "${HF_PROMPTS:-64}" --compare hf --output-json "$OUT/throughput_hf.json" 2>&1 | tail -10
+  bash "$0" serve
   ;;
 esac
