@@ -56,4 +56,8 @@ final)
     --num-prompts "${HF_PROMPTS:-64}" --compare hf --output-json "$OUT/throughput_hf.json" 2>&1 | tail -10
   bash "$0" serve
   ;;
+last)
+  timeout 120 python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu.py -k llama3_8b 2>&1 | grep -E "Error|assert|diverged|agreed|passed|failed" | head -20
+  bash "$0" serve
+  ;;
 esac

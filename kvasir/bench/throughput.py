@@ -163,6 +163,8 @@ def main(args: argparse.Namespace) -> int:
             torch.cuda.empty_cache()
         hf = build_hf_model_from_args(ea, device, dtype)
         t_hf, n_hf = run_hf(hf, work, args.hf_batch_size)
+        if n_hf == 0:
+            raise RuntimeError("HF produced no tokens on this workload; no comparison made")
         result["hf_output_tok_s"] = round(n_hf / t_hf, 1)
         result["speedup_vs_hf"] = round(result["output_tok_s"] / result["hf_output_tok_s"], 2)
     print()

@@ -154,15 +154,17 @@ def build_parser() -> argparse.ArgumentParser:
 
         api_server.add_cli_args(s)
         s.set_defaults(func=api_server.run_server)
-    except ImportError:  # pragma: no cover - server not installed
-        s.set_defaults(func=lambda a: (print("server unavailable", file=sys.stderr), 2)[1])
+    except ImportError as e:  # pragma: no cover - server dependencies missing
+        msg = f"kvasir serve is unavailable: {e!r} (pip install fastapi uvicorn pyzmq)"
+        s.set_defaults(func=lambda a: (print(msg, file=sys.stderr), 2)[1])
 
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench_command", required=True)
     for name in ("latency", "throughput", "serve"):
         try:
             mod = __import__(f"kvasir.bench.{name}", fromlist=["add_cli_args", "main"])
-        except ImportError:
+        except ImportError as e:  # pragma: no cover - optional dependencies missing
+            print(f"kvasir bench {name} unavailable: {e!r}", file=sys.stderr)
             continue
         bp = bsub.add_parser(name, help=(mod.__doc__ or name).strip().splitlines()[0])
         mod.add_cli_args(bp)
