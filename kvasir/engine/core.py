@@ -99,15 +99,16 @@ class EngineCore:
             attention_backend=self.runner.attn_backend_name,
         )
         if log:
-            tokens = num_blocks * bs
+            # Block 0 is the scheduler's reserved null block: report what requests can use.
+            usable = self.scheduler.kv_cache_manager.num_usable_blocks
+            tokens = usable * bs
             msg = (
-                f"kvasir: KV cache {num_blocks} blocks x {bs} tokens = {tokens} tokens "
+                f"kvasir: KV cache {usable} blocks x {bs} tokens = {tokens} tokens "
                 f"({num_blocks * self.runner.kv_bytes_per_block() / 2**30:.2f} GiB, "
                 f"{self.runner.dtype}); max concurrency at max_model_len={max_len}: "
                 f"{tokens / max_len:.2f}x; device {self.runner.device}, attention "
                 f"{self.runner.attn_backend_name}; start-up {self.startup_time:.1f}s"
             )
-            logger.info(msg)
             print(msg, flush=True)
 
     def add_request(self, req: EngineCoreRequest) -> None:
