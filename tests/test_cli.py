@@ -39,3 +39,14 @@ def test_bad_input_is_a_clear_error() -> None:
     assert r.returncode == 2 and "does not exist" in r.stderr
     r = _kvasir("generate", "hi", "--temperature", "-1", "--kv-cache-gb", "0.1")
     assert r.returncode == 2 and "temperature" in r.stderr
+
+
+def test_chat_streams_a_reply_and_exits() -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "kvasir.entrypoints.cli", "chat", "--max-tokens", "6",
+         "--kv-cache-gb", "0.05", "--max-model-len", "512"],
+        input="Say hello.\n/exit\n", capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "kvasir chat" in r.stdout
+    assert "[6 tokens" in r.stdout or "tokens," in r.stdout
