@@ -129,7 +129,9 @@ class EngineCoreClient:
     def _proc_exited(self) -> None:
         assert self.proc is not None
         asyncio.get_running_loop().remove_reader(self.proc.sentinel)
-        self.proc.join(0)
+        # The sentinel can fire a moment before the child is reaped; a short join makes
+        # the exit code available (the process is already gone, so this returns at once).
+        self.proc.join(1)
         self.dead = True
         if not self._closing:
             logger.error("engine core process died (exit code %s)", self.proc.exitcode)
