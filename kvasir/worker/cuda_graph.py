@@ -109,11 +109,3 @@ class CUDAGraphRunner:
         buffer [size, vocab], valid until the next replay."""
         self.graphs[size].replay()
         return self.logits[size]
-
-    def run(self, num_reqs: int) -> torch.Tensor:
-        """Pad a decode batch of num_reqs rows on the device and replay; returns logits
-        [num_reqs, vocab]."""
-        size = self.padded_size(num_reqs)
-        assert size is not None
-        self._fill_padding(num_reqs, size)
-        return self.replay(size)[:num_reqs]
