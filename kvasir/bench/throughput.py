@@ -2,8 +2,8 @@
 
 Measures the device's copy bandwidth and matmul rate first and reports model-FLOPs
 utilisation against the measured rate. ``--compare hf`` runs HF transformers on the
-same requests in the same run (padded-batch ``generate`` on the CPU, continuous-batching
-``generate_batch`` on a GPU).
+same requests in the same run (padded-batch ``generate`` on the CPU, HF's continuous
+batching, the manager behind ``generate_batch``, on a GPU).
 """
 
 from __future__ import annotations
@@ -103,19 +103,79 @@ def run_hf(model, work: list[tuple[list[int], int]], batch_size: int | None) -> 
     return time.perf_counter() - t0, useful
 
 
-def _run_hf_continuous(model, work: list[tuple[list[int], int]]) -> tuple[float, int]:
-    """HF's continuous batching (``generate_batch``). It takes one max_new_tokens for the
-    batch, so every request runs to the workload's longest output; the tokens it really
-    generated are what we count, so its tok/s is not penalised for that."""
+def _run_hf_continuous(model, work: list[tuple[list[int], int]],
+                       cb_config=None) -> tuple[float, int]:
+    """HF's continuous batching: the manager behind ``generate_batch``, driven directly so
+    each request gets its own ``max_new_tokens`` (``generate_batch`` takes one for all).
+    Greedy, EOS disabled (``eos_token_id=-1``, like kvasir's ``ignore_eos``), so every
+    request must come back with exactly its requested length; the time runs from the
+    first request in to the last result out (cache allocation and HF's warm-up excluded,
+    as kvasir's start-up is). ``cb_config`` is an optional ``ContinuousBatchingConfig``
+    (None: HF sizes its paged cache from free memory).
+
+    HF logs errors in its worker thread instead of raising them, and hands back failed
+    or dropped requests with partial or no tokens; so any request that failed, is
+    missing or is short raises here instead of being counted.
+
+    Runs outside inference mode: transformers 5.17 builds its batch processor in this
+    thread (warm-up) and resets it in a worker thread that is not in inference mode, so
+    under ``run_hf``'s ``inference_mode`` the worker died on its first in-place update
+    and every request was dropped (0 tokens). 5.24 copies the caller's mode into the
+    worker; both work with it off.
+    """
     from transformers import GenerationConfig
 
-    cfg = GenerationConfig(max_new_tokens=max(o for _, o in work), do_sample=False,
-                           eos_token_id=None, pad_token_id=0)
-    t0 = time.perf_counter()
-    res = model.generate_batch(inputs=[p for p, _ in work], generation_config=cfg)
-    elapsed = time.perf_counter() - t0
-    total = sum(len(r.generated_tokens) for r in res.values())
-    return elapsed, total
+    kwargs = {}
+    try:  # sizing hints, as generate_batch passes them (transformers >= 5.1x)
+        from transformers.generation.continuous_batching.utils import WorkloadHints
+
+        kwargs["workload_hints"] = WorkloadHints(
+            max_prompt_length=max(len(p) for p, _ in work),
+            max_generated_length=max(o for _, o in work), num_requests=len(work))
+    except ImportError:
+        pass
+    gen_cfg = GenerationConfig(max_new_tokens=max(o for _, o in work), do_sample=False,
+                               eos_token_id=-1)
+    ids = [f"req_{i}" for i in range(len(work))]
+    results: dict = {}
+    dropped: list[str] = []
+    with torch.inference_mode(False), torch.no_grad(), \
+            model.continuous_batching_context_manager(
+                generation_config=gen_cfg, continuous_batching_config=cb_config,
+                block=True, timeout=60, **kwargs) as manager:
+        _sync()
+        t0 = time.perf_counter()
+        for rid, (p, o) in zip(ids, work):
+            if manager.add_request(input_ids=list(p), request_id=rid, max_new_tokens=o,
+                                   eos_token_id=-1) is None:
+                dropped.append(rid)  # the worker thread has already died
+        while len(results) + len(dropped) < len(work):
+            r = manager.get_result(timeout=1)
+            if r is None:
+                if not manager.is_running():
+                    break
+                continue
+            if r.is_finished():
+                results[r.request_id] = r
+        _sync()
+        elapsed = time.perf_counter() - t0
+        status = getattr(manager, "background_thread_status", None)
+        fatal = getattr(status, "fatal_error", None)
+    bad = []
+    for rid, (_, o) in zip(ids, work):
+        r = results.get(rid)
+        if r is None:
+            bad.append(f"{rid}: dropped" if rid in dropped else f"{rid}: no result")
+        elif r.error is not None:
+            bad.append(f"{rid}: failed after {len(r.generated_tokens)} tokens: {r.error}")
+        elif len(r.generated_tokens) != o:
+            bad.append(f"{rid}: {len(r.generated_tokens)} tokens, asked for {o}")
+    if bad:
+        worker = f"; worker thread error: {fatal!r}" if fatal is not None else ""
+        raise RuntimeError(
+            f"HF continuous batching did not complete {len(bad)} of {len(work)} requests "
+            f"as asked (first: {bad[0]}){worker}; no comparison made")
+    return elapsed, sum(len(results[rid].generated_tokens) for rid in ids)
 
 
 def main(args: argparse.Namespace) -> int:
