@@ -50,6 +50,9 @@ class AttentionBackend(ABC):
     """
 
     name: str = "abstract"
+    # True when ``forward`` accepts ``rotary=(positions, cos_sin_cache)`` and applies
+    # RoPE to query and key itself (fused with the cache write) before attending.
+    fuses_rotary: bool = False
 
     def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float) -> None:
         self.num_heads = num_heads
@@ -71,7 +74,11 @@ class AttentionBackend(ABC):
         value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
         kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
         attn_metadata: AttentionMetadata,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+        """``rotary`` (only for backends with ``fuses_rotary``): ``(positions [num_tokens]
+        int64, cos_sin_cache [max_position, rotary_dim] float32)``; query and key arrive
+        unrotated and are rotated in place."""
         raise NotImplementedError
 
 

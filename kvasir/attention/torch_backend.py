@@ -124,7 +124,9 @@ class TorchAttentionBackend(AttentionBackend):
         value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
         kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
         attn_metadata: AttentionMetadata,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+        assert rotary is None, "the torch backend does not fuse rotary (fuses_rotary=False)"
         num_actual = attn_metadata.num_actual_tokens
         write_kv_cache(key, value, kv_cache, attn_metadata.slot_mapping[:num_actual])
         return paged_attention_ref(query, kv_cache, attn_metadata, self.scale)

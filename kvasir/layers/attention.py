@@ -34,6 +34,7 @@ class Attention(nn.Module):
         value: torch.Tensor,  # [num_tokens, num_kv_heads * head_dim]
         kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
         attn_metadata: AttentionMetadata,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:  # [num_tokens, num_heads * head_dim]
         num_tokens = query.shape[0]
         out = self.backend.forward(
@@ -42,6 +43,7 @@ class Attention(nn.Module):
             value.view(num_tokens, self.num_kv_heads, self.head_dim),
             kv_cache,
             attn_metadata,
+            rotary,
         )
         return out.reshape(num_tokens, self.num_heads * self.head_dim)
 

@@ -8,6 +8,7 @@ import torch
 from kvtest_utils import ON_GPU, make_paged_batch, rel_err
 
 from kvasir.attention.backend import get_backend_cls
+from kvasir.layers.rotary_embedding import RotaryEmbedding
 
 
 def _compare(q_lens, seq_lens, shape, block_size, dtype, pad_tokens=0, tol=1e-5):
@@ -38,6 +39,46 @@ def test_backend_decode(shape):
 def test_backend_mixed_prefill_and_decode(shape):
     # A fresh prompt, a prefix-cache hit, two decode rows and a chunked-prefill chunk.
     _compare([9, 4, 1, 1, 12], [9, 30, 21, 5, 40], shape, 16, torch.float32, pad_tokens=1)
+
+
+@pytest.mark.parametrize("rotary_dim", [None, 32])
+@pytest.mark.parametrize("fused_qkv", [False, True])
+def test_backend_fused_rotary(rotary_dim, fused_qkv):
+    """rotary=(positions, cos_sin_cache): the backend rotates q and k in place fused with
+    the cache write; same cache and output as the torch rotary layer + torch backend.
+    ``fused_qkv``: q/k/v are strided column slices of one projection output, as in the
+    model."""
+    num_heads, num_kv_heads, head_dim, bs = 8, 2, 64, 16
+    q_lens, seq_lens = [9, 4, 1, 1, 12], [9, 30, 21, 5, 40]
+    b = make_paged_batch(q_lens, seq_lens, num_heads, num_kv_heads, head_dim, bs,
+                         torch.float32, write_current=False, pad_tokens=2)  # fmt: skip
+    rope = RotaryEmbedding(head_dim, max_position_embeddings=64, base=10000.0,
+                           rotary_dim=rotary_dim).to(b.query.device)  # fmt: skip
+    pos = torch.cat([torch.arange(s - q, s) for q, s in zip(q_lens, seq_lens, strict=True)])
+    positions = torch.cat([pos, torch.zeros(2, dtype=torch.long)]).to(b.query.device)
+    scale = head_dim**-0.5
+    n = b.query.shape[0]
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    if fused_qkv:
+        qkv = torch.cat([b.query.reshape(n, -1), b.key.reshape(n, -1), b.value.reshape(n, -1)],
+                        dim=1)  # fmt: skip
+        q, k, v = (t.view(n, -1, head_dim) for t in qkv.split([q_size, kv_size, kv_size], 1))
+    else:
+        q, k, v = b.query.clone(), b.key.clone(), b.value.clone()
+    backend = get_backend_cls("triton")(num_heads, head_dim, num_kv_heads, scale)
+    assert backend.fuses_rotary
+    cache, ref_cache = b.kv_cache.clone(), b.kv_cache.clone()
+    out = backend.forward(q, k, v, cache, b.metadata, (positions, rope.cos_sin_cache))
+    rq, rk = rope(positions, b.query.reshape(n, -1), b.key.reshape(n, -1))
+    ref = get_backend_cls("torch")(num_heads, head_dim, num_kv_heads, scale).forward(
+        rq.view(n, num_heads, head_dim), rk.view(n, num_kv_heads, head_dim), b.value,
+        ref_cache, b.metadata,
+    )  # fmt: skip
+    torch.testing.assert_close(cache, ref_cache, rtol=1e-6, atol=1e-6, equal_nan=True)
+    torch.testing.assert_close(q[:-2], rq.view(n, num_heads, head_dim)[:-2], rtol=1e-6,
+                               atol=1e-6)  # fmt: skip
+    assert rel_err(out[:-2], ref[:-2]) < 1e-5
+    assert not bool(out[-2:].any())
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
