@@ -114,6 +114,40 @@ def test_cuda_graphs_match_eager_bf16(tmp_path) -> None:
             assert len(lp) >= 2 and lp[0] - lp[1] < 0.1, f"diverged at {i}, not a near-tie"
 
 
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_fused_gemv_decode_matches_unfused_bf16(tmp_path, kind: str) -> None:
+    """Batch-1 decode runs the single-row GEMV with the norm / SiLU fused in; it must
+    give the unfused path's tokens (until a near-tie) and nearly its logprobs."""
+    import kvasir.layers.linear as linear_mod
+    from kvasir import LLM, SamplingParams
+
+    path = _save_tiny(tmp_path, kind)
+    rng = random.Random(3)
+    prompts = [[rng.randrange(1024) for _ in range(rng.randint(5, 300))] for _ in range(4)]
+    sp = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, logprobs=2)
+    outs = {}
+    try:
+        for fused in (True, False):
+            linear_mod.FUSED_GEMV_ENABLED = fused
+            llm = LLM(model=path, dtype="bfloat16", max_model_len=1024,
+                      gpu_memory_utilization=0.3, log=False)
+            # One prompt at a time: every decode step is a batch of one (the GEMV path).
+            outs[fused] = [llm.generate([p], sp, use_tqdm=False)[0] for p in prompts]
+            del llm
+            gc.collect()
+    finally:
+        linear_mod.FUSED_GEMV_ENABLED = True
+    for f, u in zip(outs[True], outs[False]):
+        a, b = f.outputs[0], u.outputs[0]
+        i = _first_divergence(a.token_ids, b.token_ids)
+        for j in range(i):
+            la, lb = a.logprobs[j][a.token_ids[j]].logprob, b.logprobs[j][b.token_ids[j]].logprob
+            assert abs(la - lb) < 0.05 + 0.02 * abs(lb), f"logprob {la} vs {lb} at {j}"
+        if i < len(a.token_ids):
+            lp = sorted((x.logprob for x in b.logprobs[i].values()), reverse=True)
+            assert len(lp) >= 2 and lp[0] - lp[1] < 0.1, f"diverged at {i}, not a near-tie"
+
+
 def test_llama3_8b_shape_triton_vs_torch_backend() -> None:
     """Random weights of the real shape: Triton and torch backends agree on greedy
     tokens until the first near-tie (bf16)."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kvasir.attention.backend import AttentionBackend, AttentionMetadata
@@ -19,6 +18,7 @@ from kvasir.config import ModelArchConfig
 from kvasir.layers.activation import SiluAndMul
 from kvasir.layers.attention import Attention
 from kvasir.layers.layernorm import RMSNorm
+from kvasir.layers.linear import linear, silu_and_mul_linear
 from kvasir.layers.rotary_embedding import RotaryEmbedding
 
 # HF sub-projection -> (fused parameter, shard id)
@@ -72,7 +72,7 @@ class LlamaAttention(nn.Module):
         kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
         attn_metadata: AttentionMetadata,
     ) -> torch.Tensor:  # [num_tokens, hidden_size]
-        qkv = self.qkv_proj(hidden_states)  # [num_tokens, q_size + 2 * kv_size]
+        qkv = linear(hidden_states, self.qkv_proj.weight, self.qkv_proj.bias)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.qk_norm:
             num_tokens = q.shape[0]
@@ -81,9 +81,14 @@ class LlamaAttention(nn.Module):
             k = self.k_norm(k.reshape(num_tokens, self.num_kv_heads, self.head_dim))
             q = q.view(num_tokens, self.q_size)
             k = k.view(num_tokens, self.kv_size)
-        q, k = self.rotary_emb(positions, q, k)
-        attn_output = self.attn(q, k, v, kv_cache, attn_metadata)  # [num_tokens, q_size]
-        return self.o_proj(attn_output)
+        if self.attn.backend.fuses_rotary:
+            # The backend rotates q and k in place, fused with its KV-cache write.
+            rotary = (positions, self.rotary_emb.cos_sin_cache)
+            attn_output = self.attn(q, k, v, kv_cache, attn_metadata, rotary)
+        else:
+            q, k = self.rotary_emb(positions, q, k)
+            attn_output = self.attn(q, k, v, kv_cache, attn_metadata)  # [num_tokens, q_size]
+        return linear(attn_output, self.o_proj.weight, self.o_proj.bias)
 
 
 class LlamaMLP(nn.Module):
@@ -97,7 +102,8 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # [num_tokens, hidden] -> [num_tokens, 2 * intermediate] -> [num_tokens, hidden]
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+        gate_up = linear(x, self.gate_up_proj.weight)
+        return silu_and_mul_linear(self.act_fn, self.down_proj, gate_up)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -190,7 +196,7 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         # [num_tokens, hidden_size] -> [num_tokens, vocab_size] float32
-        return F.linear(hidden_states, self.lm_head.weight).float()
+        return linear(hidden_states, self.lm_head.weight).float()
 
     def expected_weight_shapes(self) -> dict[str, tuple[int, ...]]:
         """HF checkpoint tensor name -> shape, for every tensor ``load_weights`` needs."""

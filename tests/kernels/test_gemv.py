@@ -1,0 +1,61 @@
+"""The single-row GEMV (optionally with SiLU-and-mul fused in) against the plain-torch
+reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kvtest_utils import DEVICE, ON_GPU, rel_err
+
+from kvasir.kernels.gemv import (
+    PROLOGUE_NONE,
+    PROLOGUE_SILU_MUL,
+    default_gemv_config,
+    gemv,
+    gemv_ref,
+)
+
+# (N, K): ragged N and K (not multiples of the tiles), a single output row, K < BLOCK_K.
+CPU_SHAPES = [(40, 96), (1, 576), (1000, 1100), (17, 8)]
+# Llama-3-8B's qkv, o, gate_up and down projections.
+GPU_SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)] if ON_GPU else []
+
+
+@pytest.mark.parametrize("prologue", [PROLOGUE_NONE, PROLOGUE_SILU_MUL])
+@pytest.mark.parametrize(
+    "shape,dtype,bias",
+    [(s, torch.float32, i % 2 == 0) for i, s in enumerate(CPU_SHAPES)]
+    + [(s, torch.bfloat16, False) for s in GPU_SHAPES],
+)
+def test_gemv(prologue, shape, dtype, bias):
+    n, k = shape
+    g = torch.Generator().manual_seed(0)
+    kx = 2 * k if prologue == PROLOGUE_SILU_MUL else k
+    x = (torch.randn(1, kx, generator=g) * 2).to(DEVICE, dtype)
+    w = (torch.randn(n, k, generator=g) / k**0.5).to(DEVICE, dtype)
+    b = torch.randn(n, generator=g).to(DEVICE, dtype) if bias else None
+    x0 = x.clone()
+    y = gemv(x, w, b, prologue)
+    assert y.shape == (1, n) and y.dtype == dtype
+    assert rel_err(y, gemv_ref(x, w, b, prologue)) < (1e-5 if dtype == torch.float32 else 1e-2)
+    assert torch.equal(x, x0)  # input untouched
+
+
+def test_gemv_config_override_and_bad_shapes():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 64, generator=g).to(DEVICE)
+    w = torch.randn(33, 64, generator=g).to(DEVICE)
+    y = gemv(x, w, config=(8, 16, 1))  # several K iterations, a ragged last N tile
+    assert rel_err(y, gemv_ref(x, w)) < 1e-5
+    with pytest.raises(AssertionError):
+        gemv(torch.cat([x, x]), w)  # one row only
+    with pytest.raises(AssertionError):
+        gemv(x, w, prologue=PROLOGUE_SILU_MUL)  # SILU_MUL takes [1, 2K]
+
+
+def test_default_config_keeps_one_wave():
+    # N / 8 programs just over one wave of ~4 per SM -> 16-row tiles (one wave).
+    assert default_gemv_config(6144, 4096, 132) == (16, 1024, 4)
+    assert default_gemv_config(4096, 4096, 132) == (8, 1024, 4)
+    assert default_gemv_config(28672, 4096, 132) == (8, 1024, 4)
+    assert default_gemv_config(40, 96, 132) == (8, 128, 4)
