@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu_run.sh quick   # GPU tests + engine benches without HF (~4 min)
 #   bash benchmarks/gpu_run.sh tests   # GPU tests incl. the kernels at full size
 #   bash benchmarks/gpu_run.sh bench   # latency + throughput with --compare hf, GPU busy
+#   bash benchmarks/gpu_run.sh profile # batch-1 decode: kernel time per step, fused rotary on/off
 #   bash benchmarks/gpu_run.sh serve   # kvasir serve (Llama-3-8B shape) + bench serve at 3 rates
 # The wheels: see /work/.library/device/README.md (msgspec, gguf, pyzmq, fastapi, ...).
 set -uo pipefail
@@ -55,6 +56,16 @@ final)
   timeout 210 "${K[@]}" bench throughput "${M8[@]}" --max-model-len 4096 --max-num-batched-tokens 8192 \
     --num-prompts "${HF_PROMPTS:-64}" --compare hf --output-json "$OUT/throughput_hf.json" 2>&1 | tail -10
   bash "$0" serve
+  ;;
+profile)
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_triton_backend.py tests/kernels/test_kv_cache.py tests/kernels/test_gemv.py tests/test_bench_hf_batch.py 2>&1 | grep -E "Error|FAILED|passed|failed" | head -20
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k fused_gemv 2>&1 | grep -E "Error|assert|FAILED|passed|failed" | head -20
+  timeout 240 python3 benchmarks/bench_gemv.py ${GEMV_SWEEP:-} 2>&1 | tee "$OUT/gemv.log" | tail -40
+  for a in "" "--no-fused-gemv"; do
+    timeout 150 python3 benchmarks/profile_decode.py $a 2>&1 | tail -22 | tee -a "$OUT/profile.log"
+  done
+  timeout 200 "${K[@]}" bench latency "${M8[@]}" --max-model-len 8192 --max-num-batched-tokens 8192 \
+    --num-iters 3 --output-json "$OUT/latency.json" 2>&1 | tail -22
   ;;
 last)
   timeout 120 python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu.py -k llama3_8b 2>&1 | grep -E "Error|assert|diverged|agreed|passed|failed" | head -20

@@ -365,3 +365,26 @@ def test_cuda_matches_cpu() -> None:
     torch.testing.assert_close(
         gpu.logprobs_tensors.logprobs[:, 1:].cpu(), cpu.logprobs_tensors.logprobs[:, 1:]
     )
+
+
+@pytest.mark.parametrize("vocab,chunks", [(1000, 64), (1024, 64), (49152, 64), (130, 7)])
+def test_two_stage_argmax_matches_argmax(vocab: int, chunks: int) -> None:
+    from kvasir.layers.sampler import argmax_two_stage
+
+    g = torch.Generator().manual_seed(vocab)
+    x = torch.randint(0, 5, (6, vocab), generator=g).float()  # many ties: first index wins
+    x[1, -1] = 99.0  # the maximum in the remainder chunk
+    x[2, 0] = 99.0
+    x[3, vocab // 2] = float("nan")  # NaN counts as the maximum, as in torch
+    x[4] = float("-inf")
+    assert torch.equal(argmax_two_stage(x, chunks), x.argmax(dim=-1))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_argmax_rows_on_gpu_matches_argmax() -> None:
+    from kvasir.layers.sampler import argmax_rows
+
+    g = torch.Generator().manual_seed(0)
+    for rows in (1, 7, 32, 64):
+        x = torch.randint(0, 50, (rows, 128256), generator=g).float().cuda()
+        assert torch.equal(argmax_rows(x), x.argmax(dim=-1))

@@ -93,7 +93,7 @@ def sample(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
     filters and the exponential race. Returns [B] int64."""
     greedy = None
     if not md.all_random:
-        greedy = logits.argmax(dim=-1)  # [B]
+        greedy = argmax_rows(logits)  # [B]
         if md.all_greedy:
             return greedy
     probs = compute_probs(logits, md)  # [B, V]
@@ -203,7 +203,31 @@ def exponential_race(probs: torch.Tensor, generators: dict[int, torch.Generator]
         q.exponential_()
     for row, generator in generators.items():
         q[row].exponential_(generator=generator)
-    return probs.div(q).argmax(dim=-1)
+    return argmax_rows(probs.div(q))
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:  # [B, V] -> [B] int64
+    """``x.argmax(dim=-1)``. On a GPU, a few rows over a large vocabulary go in two
+    stages (the maximum of each of 64 chunks, then the best chunk): torch reduces one row
+    in one thread block, which took 28 us for one 128k-vocabulary row on an H100."""
+    if not x.is_cuda or x.shape[0] > 32 or x.shape[1] < 16384 or x.stride(1) != 1:
+        return x.argmax(dim=-1)
+    return argmax_two_stage(x, 64)
+
+
+def argmax_two_stage(x: torch.Tensor, chunks: int) -> torch.Tensor:  # [B, V] -> [B]
+    """Same result as ``x.argmax(dim=-1)`` (the first index of the maximum, NaN counting
+    as the maximum): the first chunk holding the maximum, then its first index."""
+    num_rows, vocab = x.shape
+    width = vocab // chunks
+    vals, idx = x[:, : chunks * width].view(num_rows, chunks, width).max(dim=-1)  # [B, C]
+    idx = idx + torch.arange(0, chunks * width, width, device=x.device)
+    if chunks * width < vocab:  # the remainder as one more chunk, last in order
+        tail_val, tail_idx = x[:, chunks * width :].max(dim=-1, keepdim=True)
+        vals = torch.cat([vals, tail_val], dim=1)
+        idx = torch.cat([idx, tail_idx + chunks * width], dim=1)
+    best = vals.argmax(dim=-1, keepdim=True)  # [B, 1]: the first chunk with the maximum
+    return idx.gather(1, best).squeeze(1)
 
 
 def gather_logprobs(
