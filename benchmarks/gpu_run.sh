@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_run.sh tests   # GPU tests incl. the kernels at full size
 #   bash benchmarks/gpu_run.sh bench   # latency + throughput with --compare hf, GPU busy
 #   bash benchmarks/gpu_run.sh profile # batch-1 decode: kernel time per step, fused rotary on/off
+#   bash benchmarks/gpu_run.sh decode  # decode-attention/sampler tests, kernel bench, batch-1 profile + latency
 #   bash benchmarks/gpu_run.sh serve   # kvasir serve (Llama-3-8B shape) + bench serve at 3 rates
 # The wheels: see /work/.library/device/README.md (msgspec, gguf, pyzmq, fastapi, ...).
 set -uo pipefail
@@ -66,6 +67,20 @@ profile)
   done
   timeout 200 "${K[@]}" bench latency "${M8[@]}" --max-model-len 8192 --max-num-batched-tokens 8192 \
     --num-iters 3 --output-json "$OUT/latency.json" 2>&1 | tail -22
+  ;;
+decode)
+  timeout 200 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_decode_attention.py tests/kernels/test_triton_backend.py tests/test_sampler.py 2>&1 | grep -E "Error|FAILED|passed|failed" | head -20
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "fused_gemv or graphs_match" 2>&1 | grep -E "Error|assert|FAILED|passed|failed" | head -20
+  timeout 150 python3 benchmarks/bench_kernels.py --out "$OUT/kernels.json" 2>&1 | grep -E "^\| " | head -20
+  timeout 150 python3 benchmarks/profile_decode.py 2>&1 | tail -16 | tee -a "$OUT/profile.log"
+  timeout 200 "${K[@]}" bench latency "${M8[@]}" --max-model-len 8192 --max-num-batched-tokens 8192 \
+    --num-iters 3 --output-json "$OUT/latency.json" 2>&1 | tail -3
+  ;;
+variants)
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_decode_attention.py tests/kernels/test_triton_backend.py 2>&1 | grep -E "Error|FAILED|passed|failed" | head -10
+  for a in "--decode-reduce fused --decode-slices short" "--decode-reduce kernel --decode-slices short" "--decode-reduce fused --decode-slices long" "--decode-reduce kernel --decode-slices long"; do
+    timeout 120 python3 benchmarks/profile_decode.py $a --top 40 2>&1 | grep -E "^mode|_decode|argmax|ArgMax|MaxOps|^\{" | tee -a "$OUT/variants.log"
+  done
   ;;
 last)
   timeout 120 python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu.py -k llama3_8b 2>&1 | grep -E "Error|assert|diverged|agreed|passed|failed" | head -20

@@ -29,6 +29,9 @@ _MAX_SPLITS = 32
 # between launches (the last program of each group resets its own).
 _COUNTER_SLOTS = 1 << 16
 _counters: dict[torch.device, torch.Tensor] = {}
+# Switches read at each call (benchmarks/profile_decode.py flips them to compare).
+FUSED_REDUCE = True
+SHORT_SLICES_FOR_SMALL_BATCHES = True
 
 
 def _arrival_counters(device: torch.device) -> torch.Tensor:
@@ -62,7 +65,8 @@ def default_decode_config(
     A batch with fewer (request, KV head) groups than half the multiprocessors (batch-1
     decode: 8 groups) is latency-bound, not bandwidth-bound: 64-key slices spread even a
     short context over several programs that each do one tile."""
-    if num_groups is not None and num_sms is not None and 2 * num_groups <= num_sms:
+    small = num_groups is not None and num_sms is not None and 2 * num_groups <= num_sms
+    if small and SHORT_SLICES_FOR_SMALL_BATCHES:
         return DecodeConfig(block_n=64 if head_dim <= 128 else 32, num_stages=2,
                             min_split_len=64)  # fmt: skip
     return DecodeConfig(block_n=128 if head_dim <= 128 else 64)
@@ -167,9 +171,12 @@ def _decode_split_kernel(
             if arrived == NUM_SPLITS - 1:
                 row0 = row - split  # [GROUP_PAD]: slice 0 of each head
                 offs_s = tl.arange(0, SPLITS_PAD)
+                # Only the first cdiv(seq_len, split_len) slices hold keys; the rest are
+                # empty (weight 0) and skipped, so short contexts reduce few partials.
+                num_active = tl.minimum(tl.cdiv(seq_len, split_len), NUM_SPLITS)
                 lse_all = tl.load(
                     mid_lse_ptr + row0[:, None] + offs_s[None, :],
-                    mask=mask_g[:, None] & (offs_s[None, :] < NUM_SPLITS),
+                    mask=mask_g[:, None] & (offs_s[None, :] < num_active),
                     other=float("-inf"),
                     cache_modifier=".cg",
                 )  # [GROUP_PAD, SPLITS_PAD]
@@ -178,7 +185,7 @@ def _decode_split_kernel(
                 w_all = tl.exp2(lse_all - lse_max[:, None])  # empty slices weigh 0
                 w_sum = tl.sum(w_all, axis=1)
                 o_sum = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], dtype=tl.float32)
-                for s_i in range(NUM_SPLITS):
+                for s_i in range(num_active):
                     w_s = tl.sum(tl.where(offs_s[None, :] == s_i, w_all, 0.0), axis=1)
                     o_s = tl.load(
                         mid_o_ptr + (row0 + s_i)[:, None] * HEAD_DIM + offs_d[None, :],
@@ -250,7 +257,7 @@ def paged_decode_attention(
     num_splits: int | None = None,
     out: torch.Tensor | None = None,  # [>= num_reqs, num_heads, head_dim]
     config: DecodeConfig | None = None,
-    fused_reduce: bool = True,
+    fused_reduce: bool | None = None,
 ) -> torch.Tensor:  # [query.shape[0], num_heads, head_dim], rows >= num_reqs untouched
     """Attention of each request's single query token over its first ``seq_lens[r]``
     cached tokens. ``num_splits=None`` picks the split count from the batch shape. A
@@ -270,6 +277,7 @@ def paged_decode_attention(
     config = config or default_decode_config(head_dim, num_reqs * num_kv_heads, num_sms)
     if num_splits is None:
         num_splits = choose_num_splits(num_reqs, num_kv_heads, num_sms)
+    fused_reduce = FUSED_REDUCE if fused_reduce is None else fused_reduce
     fused_reduce = fused_reduce and num_splits > 1 and num_reqs * num_kv_heads <= _COUNTER_SLOTS
     counters = _arrival_counters(query.device) if fused_reduce else seq_lens
     assert config.min_split_len % config.block_n == 0, "min_split_len must be whole tiles"
