@@ -82,6 +82,12 @@ variants)
     timeout 120 python3 benchmarks/profile_decode.py $a --top 40 2>&1 | grep -E "^mode|_decode|argmax|ArgMax|MaxOps|^\{" | tee -a "$OUT/variants.log"
   done
   ;;
+closing)
+  timeout 100 "${K[@]}" bench latency "${M8[@]}" --max-model-len 8192 --max-num-batched-tokens 8192 \
+    --num-iters 3 --output-json "$OUT/latency.json" 2>&1 | tail -3
+  timeout 420 "${K[@]}" bench throughput "${M8[@]}" --max-model-len 4096 --max-num-batched-tokens 8192 \
+    --num-prompts 256 --compare hf --output-json "$OUT/throughput_hf.json" 2>&1 | tail -12
+  ;;
 last)
   timeout 120 python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu.py -k llama3_8b 2>&1 | grep -E "Error|assert|diverged|agreed|passed|failed" | head -20
   bash "$0" serve

@@ -3,10 +3,8 @@
 One program handles every query head of one KV head (a "group") for one slice of one
 request's context, so each KV block is read from memory once per group, not once per
 query head. Contexts are cut into up to ``num_splits`` slices (flash-decoding); each
-slice writes a partial (normalised output, log-sum-exp), and the last slice of each
-(request, KV head) to finish combines them (an atomic arrival counter per group, reset
-by that last program, so one kernel launch does split and reduction; ``fused_reduce=
-False`` runs the combination as a second kernel instead). Slices are cut per request on the device from ``seq_lens`` (never shorter than
+slice writes a partial (normalised output, log-sum-exp) and a second kernel combines
+them. Slices are cut per request on the device from ``seq_lens`` (never shorter than
 ``min_split_len`` tokens, so short contexts leave the extra slices empty and cheap).
 The split count depends only on the batch shape (``num_reqs``, ``num_kv_heads``, the
 GPU's multiprocessor count), never on context lengths: an eager warm-up and a CUDA-graph
@@ -25,21 +23,8 @@ import triton.language as tl
 
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 32
-# Arrival counters for the fused reduction: one int32 per (request, KV head), zero
-# between launches (the last program of each group resets its own).
-_COUNTER_SLOTS = 1 << 16
-_counters: dict[torch.device, torch.Tensor] = {}
-# Switches read at each call (benchmarks/profile_decode.py flips them to compare).
-FUSED_REDUCE = True
+# Read at each call; benchmarks/profile_decode.py turns it off to compare.
 SHORT_SLICES_FOR_SMALL_BATCHES = True
-
-
-def _arrival_counters(device: torch.device) -> torch.Tensor:
-    buf = _counters.get(device)
-    if buf is None:
-        # First call is an eager warm-up, never inside a CUDA-graph capture.
-        buf = _counters[device] = torch.zeros(_COUNTER_SLOTS, dtype=torch.int32, device=device)
-    return buf
 
 
 @dataclass(frozen=True)
@@ -64,7 +49,8 @@ def default_decode_config(
 
     A batch with fewer (request, KV head) groups than half the multiprocessors (batch-1
     decode: 8 groups) is latency-bound, not bandwidth-bound: 64-key slices spread even a
-    short context over several programs that each do one tile."""
+    short context over several programs that each do one tile (Llama-3-8B batch-1
+    decode on an H100: 6.4 us per layer for split + reduce kernels instead of 8.9)."""
     small = num_groups is not None and num_sms is not None and 2 * num_groups <= num_sms
     if small and SHORT_SLICES_FOR_SMALL_BATCHES:
         return DecodeConfig(block_n=64 if head_dim <= 128 else 32, num_stages=2,
@@ -82,7 +68,6 @@ def _decode_split_kernel(
     out_ptr,  # [num_reqs, num_heads, head_dim] (NUM_SPLITS == 1)
     mid_o_ptr,  # [num_reqs, num_heads, NUM_SPLITS, head_dim] float32
     mid_lse_ptr,  # [num_reqs, num_heads, NUM_SPLITS] float32 (log2 domain)
-    counter_ptr,  # [>= num_reqs * num_kv_heads] int32, zero (FUSED_REDUCE)
     qk_scale,  # softmax scale * log2(e)
     stride_q_tok,
     stride_q_head,
@@ -101,8 +86,6 @@ def _decode_split_kernel(
     NUM_SPLITS: tl.constexpr,
     MIN_SPLIT_LEN: tl.constexpr,  # a multiple of BLOCK_N
     DOT_PRECISION: tl.constexpr,
-    FUSED_REDUCE: tl.constexpr,  # the last slice to finish combines (NUM_SPLITS > 1)
-    SPLITS_PAD: tl.constexpr,
 ):
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -163,41 +146,6 @@ def _decode_split_kernel(
         tl.store(mid_o_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], o, mask=out_mask)
         lse = tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf"))
         tl.store(mid_lse_ptr + row, lse, mask=mask_g)
-        if FUSED_REDUCE:
-            # Release our partials, count our arrival; the last to arrive sees every
-            # slice's partials (acquire) and combines them for the whole group.
-            cnt_ptr = counter_ptr + req * tl.num_programs(1) + kv_head
-            arrived = tl.atomic_add(cnt_ptr, 1, sem="acq_rel")
-            if arrived == NUM_SPLITS - 1:
-                row0 = row - split  # [GROUP_PAD]: slice 0 of each head
-                offs_s = tl.arange(0, SPLITS_PAD)
-                # Only the first cdiv(seq_len, split_len) slices hold keys; the rest are
-                # empty (weight 0) and skipped, so short contexts reduce few partials.
-                num_active = tl.minimum(tl.cdiv(seq_len, split_len), NUM_SPLITS)
-                lse_all = tl.load(
-                    mid_lse_ptr + row0[:, None] + offs_s[None, :],
-                    mask=mask_g[:, None] & (offs_s[None, :] < num_active),
-                    other=float("-inf"),
-                    cache_modifier=".cg",
-                )  # [GROUP_PAD, SPLITS_PAD]
-                lse_max = tl.max(lse_all, axis=1)
-                lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
-                w_all = tl.exp2(lse_all - lse_max[:, None])  # empty slices weigh 0
-                w_sum = tl.sum(w_all, axis=1)
-                o_sum = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], dtype=tl.float32)
-                for s_i in range(num_active):
-                    w_s = tl.sum(tl.where(offs_s[None, :] == s_i, w_all, 0.0), axis=1)
-                    o_s = tl.load(
-                        mid_o_ptr + (row0 + s_i)[:, None] * HEAD_DIM + offs_d[None, :],
-                        mask=out_mask,
-                        other=0.0,
-                        cache_modifier=".cg",
-                    )
-                    o_sum += o_s * w_s[:, None]
-                o = o_sum / tl.where(w_sum > 0.0, w_sum, 1.0)[:, None]
-                o_ptrs = out_ptr + req.to(tl.int64) * stride_o_tok + heads[:, None] * stride_o_head
-                tl.store(o_ptrs + offs_d[None, :], o.to(out_ptr.dtype.element_ty), mask=out_mask)
-                tl.atomic_xchg(cnt_ptr, 0)  # ready for the next launch (or graph replay)
 
 
 @triton.jit
@@ -257,7 +205,6 @@ def paged_decode_attention(
     num_splits: int | None = None,
     out: torch.Tensor | None = None,  # [>= num_reqs, num_heads, head_dim]
     config: DecodeConfig | None = None,
-    fused_reduce: bool | None = None,
 ) -> torch.Tensor:  # [query.shape[0], num_heads, head_dim], rows >= num_reqs untouched
     """Attention of each request's single query token over its first ``seq_lens[r]``
     cached tokens. ``num_splits=None`` picks the split count from the batch shape. A
@@ -277,9 +224,6 @@ def paged_decode_attention(
     config = config or default_decode_config(head_dim, num_reqs * num_kv_heads, num_sms)
     if num_splits is None:
         num_splits = choose_num_splits(num_reqs, num_kv_heads, num_sms)
-    fused_reduce = FUSED_REDUCE if fused_reduce is None else fused_reduce
-    fused_reduce = fused_reduce and num_splits > 1 and num_reqs * num_kv_heads <= _COUNTER_SLOTS
-    counters = _arrival_counters(query.device) if fused_reduce else seq_lens
     assert config.min_split_len % config.block_n == 0, "min_split_len must be whole tiles"
     group = num_heads // num_kv_heads
     head_dim_pad = triton.next_power_of_2(head_dim)
@@ -302,7 +246,6 @@ def paged_decode_attention(
         out,
         mid_o,
         mid_lse,
-        counters,
         scale * _LOG2E,
         query.stride(0),
         query.stride(1),
@@ -322,12 +265,10 @@ def paged_decode_attention(
         MIN_SPLIT_LEN=config.min_split_len,
         # fp32 would otherwise silently run its dots in tf32 (~1e-3); tf32x3 is ~fp32.
         DOT_PRECISION="tf32x3" if query.dtype == torch.float32 else "tf32",
-        FUSED_REDUCE=fused_reduce,
-        SPLITS_PAD=triton.next_power_of_2(num_splits),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
-    if num_splits > 1 and not fused_reduce:
+    if num_splits > 1:
         _decode_reduce_kernel[(num_reqs, num_heads)](
             mid_o,
             mid_lse,

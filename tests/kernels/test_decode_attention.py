@@ -20,7 +20,7 @@ SMALL_SLICES = DecodeConfig(block_n=16, num_warps=4, num_stages=1, min_split_len
 
 
 def _run(seq_lens, num_heads, num_kv_heads, head_dim, block_size, num_splits, dtype,
-         config=SMALL_SLICES, seed=0, fused_reduce=True):  # fmt: skip
+         config=SMALL_SLICES, seed=0):  # fmt: skip
     b = make_paged_batch(
         [1] * len(seq_lens), seq_lens, num_heads, num_kv_heads, head_dim, block_size, dtype,
         seed=seed,
@@ -29,7 +29,7 @@ def _run(seq_lens, num_heads, num_kv_heads, head_dim, block_size, num_splits, dt
     out = torch.full_like(b.query, float("nan"))  # every row must be written
     paged_decode_attention(
         b.query, b.kv_cache, md.block_table, md.seq_lens, scale=head_dim**-0.5,
-        num_splits=num_splits, out=out, config=config, fused_reduce=fused_reduce,
+        num_splits=num_splits, out=out, config=config,
     )  # fmt: skip
     ref = paged_decode_attention_ref(
         b.query, b.kv_cache, md.block_table, md.seq_lens, head_dim**-0.5
@@ -39,22 +39,10 @@ def _run(seq_lens, num_heads, num_kv_heads, head_dim, block_size, num_splits, dt
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("num_splits", [1, 3, None])
-@pytest.mark.parametrize("fused_reduce", [True, False])
-def test_decode_ragged(shape, num_splits, fused_reduce):
+def test_decode_ragged(shape, num_splits):
     # A single token, one exactly filling a block, block-crossing and longer contexts.
-    # fused_reduce: the last slice to arrive combines (atomic counter) vs a second kernel.
-    out, ref = _run([1, 16, 17, 45, 70], *shape, 16, num_splits, torch.float32,
-                    fused_reduce=fused_reduce)  # fmt: skip
+    out, ref = _run([1, 16, 17, 45, 70], *shape, 16, num_splits, torch.float32)
     assert rel_err(out, ref) < 1e-5
-
-
-def test_decode_fused_reduce_resets_its_counters():
-    from kvasir.kernels.decode_attention import _arrival_counters
-
-    for seed in range(2):  # a second launch must find every counter back at zero
-        out, ref = _run([3, 33, 9], 8, 2, 64, 4, 8, torch.float32, seed=seed)
-        assert rel_err(out, ref) < 1e-5
-        assert not bool(_arrival_counters(out.device).any())
 
 
 def test_default_config_small_batches_use_short_slices():
