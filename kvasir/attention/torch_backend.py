@@ -30,11 +30,10 @@ def _attend(
     mask: torch.Tensor,  # [batch, q_len, kv_len] bool, True = may attend
     scale: float,
 ) -> torch.Tensor:  # [batch, q_len, num_heads, head_dim] float32
-    # Masked-out slots may hold stale or never-written memory (NaN/inf); zero them so
-    # a 0 probability times garbage cannot poison the sum.
-    slot_valid = mask.any(dim=1)[:, :, None, None]  # [batch, kv_len, 1, 1]
-    k = torch.where(slot_valid, key.float(), 0.0).transpose(1, 2)  # [b, kvh, kv_len, d]
-    v = torch.where(slot_valid, value.float(), 0.0).transpose(1, 2)  # [b, kvh, kv_len, d]
+    """Masked attention. Every key/value slot must hold a finite value, masked or not
+    (a zero probability times NaN is NaN): callers gather written slots only."""
+    k = key.float().transpose(1, 2)  # [b, kvh, kv_len, d]
+    v = value.float().transpose(1, 2)  # [b, kvh, kv_len, d]
     q = query.float().transpose(1, 2)  # [b, num_heads, q_len, d]
     # SDPA's fused CPU/GPU kernels; GQA handled inside without repeating K/V.
     out = torch.nn.functional.scaled_dot_product_attention(
@@ -50,15 +49,24 @@ def _decode_attention(
     scale: float,
 ) -> torch.Tensor:  # [num_reqs, num_heads, head_dim] float32
     num_reqs = metadata.num_reqs
-    block_size, num_kv_heads, head_dim = kv_cache.shape[2:]
+    _, num_blocks_total, block_size, num_kv_heads, head_dim = kv_cache.shape
     num_blocks = (metadata.max_seq_len + block_size - 1) // block_size
-    block_table = metadata.block_table[:num_reqs, :num_blocks].long()  # [num_reqs, num_blocks]
     max_len = num_blocks * block_size
-    # One gather for the whole batch: [num_reqs, num_blocks * block_size, kvh, head_dim]
-    key = kv_cache[0][block_table].view(num_reqs, max_len, num_kv_heads, head_dim)
-    value = kv_cache[1][block_table].view(num_reqs, max_len, num_kv_heads, head_dim)
+    block_table = metadata.block_table[:num_reqs, :num_blocks].long()  # [num_reqs, num_blocks]
+    seq_lens = metadata.seq_lens[:num_reqs, None]  # [num_reqs, 1]
     positions = torch.arange(max_len, device=query.device)
-    mask = positions[None, :] < metadata.seq_lens[:num_reqs, None]  # [num_reqs, max_len]
+    mask = positions[None, :] < seq_lens  # [num_reqs, max_len]
+    # Slot of every (request, position); positions past a request's length read its
+    # position 0 instead (always written), so the padded gather holds only finite values
+    # and needs no cleaning pass over K/V (the mask then gives them probability 0).
+    pos = torch.where(mask, positions[None, :], 0)  # [num_reqs, max_len]
+    slots = block_table.gather(1, pos // block_size) * block_size + pos % block_size
+    flat = kv_cache.view(2, num_blocks_total * block_size, num_kv_heads, head_dim)
+    slots = slots.view(-1)
+    # index_select per cache half: the fastest gather on the CPU (about 2x advanced
+    # indexing of both halves at once for 32 requests x 400 tokens).
+    key = flat[0].index_select(0, slots).view(num_reqs, max_len, num_kv_heads, head_dim)
+    value = flat[1].index_select(0, slots).view(num_reqs, max_len, num_kv_heads, head_dim)
     out = _attend(query[:, None], key, value, mask[:, None, :], scale)
     return out[:, 0]
 
@@ -81,8 +89,8 @@ def _varlen_attention(
         num_blocks = (seq_len + block_size - 1) // block_size
         blocks = metadata.block_table[i, :num_blocks].long()
         # [seq_len, num_kv_heads, head_dim]: this request's tokens in position order
-        key = kv_cache[0][blocks].view(-1, num_kv_heads, head_dim)[:seq_len]
-        value = kv_cache[1][blocks].view(-1, num_kv_heads, head_dim)[:seq_len]
+        key = kv_cache[0].index_select(0, blocks).view(-1, num_kv_heads, head_dim)[:seq_len]
+        value = kv_cache[1].index_select(0, blocks).view(-1, num_kv_heads, head_dim)[:seq_len]
         # Query j sits at absolute position seq_len - q_len + j and sees keys <= it.
         q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)
         k_pos = torch.arange(seq_len, device=query.device)
