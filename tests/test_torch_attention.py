@@ -107,6 +107,14 @@ def test_mixed_batch(num_heads: int, num_kv_heads: int, head_dim: int) -> None:
 
 
 @pytest.mark.parametrize("num_heads,num_kv_heads", GQA_SHAPES)
+def test_mixed_batch_with_several_decode_rows(num_heads: int, num_kv_heads: int) -> None:
+    # Decode rows (batched together) interleaved with prefill chunks (looped).
+    reqs = [(7, 1), (0, 5), (20, 1), (13, 9), (33, 1), (15, 1)]
+    out, ref, *_ = run_case(reqs, num_heads, num_kv_heads, 64, block_size=16)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads", GQA_SHAPES)
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_decode_only_batch(num_heads: int, num_kv_heads: int, head_dim: int) -> None:
     # seq_lens 1, a block end, a block start, long and ragged

@@ -43,19 +43,21 @@ def _attend(
 
 
 def _decode_attention(
-    query: torch.Tensor,  # [num_reqs, num_heads, head_dim]
+    query: torch.Tensor,  # [num_reqs, num_heads, head_dim]: each request's one query
     kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
-    metadata: AttentionMetadata,
+    block_table: torch.Tensor,  # [num_reqs, >= blocks of the longest] int32
+    seq_lens: torch.Tensor,  # [num_reqs] int32
+    max_seq_len: int,
     scale: float,
 ) -> torch.Tensor:  # [num_reqs, num_heads, head_dim] float32
-    num_reqs = metadata.num_reqs
+    """One batched gather + attention for requests with a single query token each."""
+    num_reqs = query.shape[0]
     _, num_blocks_total, block_size, num_kv_heads, head_dim = kv_cache.shape
-    num_blocks = (metadata.max_seq_len + block_size - 1) // block_size
+    num_blocks = (max_seq_len + block_size - 1) // block_size
     max_len = num_blocks * block_size
-    block_table = metadata.block_table[:num_reqs, :num_blocks].long()  # [num_reqs, num_blocks]
-    seq_lens = metadata.seq_lens[:num_reqs, None]  # [num_reqs, 1]
+    block_table = block_table[:, :num_blocks].long()  # [num_reqs, num_blocks]
     positions = torch.arange(max_len, device=query.device)
-    mask = positions[None, :] < seq_lens  # [num_reqs, max_len]
+    mask = positions[None, :] < seq_lens[:, None]  # [num_reqs, max_len]
     # Slot of every (request, position); positions past a request's length read its
     # position 0 instead (always written), so the padded gather holds only finite values
     # and needs no cleaning pass over K/V (the mask then gives them probability 0).
@@ -78,13 +80,27 @@ def _varlen_attention(
     scale: float,
     out: torch.Tensor,  # [num_tokens, num_heads, head_dim], written in place
 ) -> None:
+    """Mixed steps: the single-token rows (decodes) in one batched call, then a loop
+    over the requests with several query tokens (prefill chunks)."""
     block_size, num_kv_heads, head_dim = kv_cache.shape[2:]
     query_start_loc = metadata.query_start_loc_cpu.tolist()
     seq_lens = metadata.seq_lens_cpu.tolist()
-    for i in range(metadata.num_reqs):
+    num_reqs = metadata.num_reqs
+    singles = [i for i in range(num_reqs) if query_start_loc[i + 1] - query_start_loc[i] == 1]
+    if len(singles) > 1:
+        idx = torch.tensor(singles, device=query.device)
+        rows = torch.tensor([query_start_loc[i] for i in singles], device=query.device)
+        out[rows] = _decode_attention(
+            query.index_select(0, rows), kv_cache, metadata.block_table.index_select(0, idx),
+            metadata.seq_lens.index_select(0, idx), max(seq_lens[i] for i in singles), scale,
+        ).to(out.dtype)  # fmt: skip
+        batched = set(singles)
+    else:
+        batched = set()
+    for i in range(num_reqs):
         start, end = query_start_loc[i], query_start_loc[i + 1]
         q_len, seq_len = end - start, seq_lens[i]
-        if q_len == 0:
+        if q_len == 0 or i in batched:
             continue
         num_blocks = (seq_len + block_size - 1) // block_size
         blocks = metadata.block_table[i, :num_blocks].long()
@@ -111,10 +127,11 @@ def paged_attention_ref(
     if metadata.num_reqs == 0:
         return out
     if metadata.max_query_len == 1:
-        num_reqs = metadata.num_reqs
-        out[:num_reqs] = _decode_attention(query[:num_reqs], kv_cache, metadata, scale).to(
-            query.dtype
-        )
+        n = metadata.num_reqs
+        out[:n] = _decode_attention(
+            query[:n], kv_cache, metadata.block_table[:n], metadata.seq_lens[:n],
+            metadata.max_seq_len, scale,
+        ).to(query.dtype)  # fmt: skip
     else:
         _varlen_attention(query, kv_cache, metadata, scale, out)
     return out
@@ -122,8 +139,9 @@ def paged_attention_ref(
 
 @register_backend("torch")
 class TorchAttentionBackend(AttentionBackend):
-    """Reference backend in plain torch: correct everywhere, fast nowhere. Decode-only
-    steps run as one batched gather + attention; other steps loop over requests."""
+    """Reference backend in plain torch: correct everywhere, fast nowhere. Single-token
+    rows (decodes) run as one batched gather + attention; requests with several query
+    tokens loop one by one."""
 
     def forward(
         self,
