@@ -6,6 +6,9 @@
 #   bash benchmarks/gpu_run.sh bench   # latency + throughput with --compare hf, GPU busy
 #   bash benchmarks/gpu_run.sh profile # batch-1 decode: kernel time per step, fused rotary on/off
 #   bash benchmarks/gpu_run.sh decode  # decode-attention/sampler tests, kernel bench, batch-1 profile + latency
+#   bash benchmarks/gpu_run.sh variants # batch-1 decode-attention slice variants, same call
+#   bash benchmarks/gpu_run.sh closing # latency + throughput --compare hf (256 prompts, ~7 min)
+#   bash benchmarks/gpu_run.sh verify  # every GPU test, then latency + throughput (no HF)
 #   bash benchmarks/gpu_run.sh serve   # kvasir serve (Llama-3-8B shape) + bench serve at 3 rates
 # The wheels: see /work/.library/device/README.md (msgspec, gguf, pyzmq, fastapi, ...).
 set -uo pipefail
@@ -87,6 +90,14 @@ closing)
     --num-iters 3 --output-json "$OUT/latency.json" 2>&1 | tail -3
   timeout 420 "${K[@]}" bench throughput "${M8[@]}" --max-model-len 4096 --max-num-batched-tokens 8192 \
     --num-prompts 256 --compare hf --output-json "$OUT/throughput_hf.json" 2>&1 | tail -12
+  ;;
+verify)
+  timeout 330 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/kernels tests/test_sampler.py \
+    tests/test_torch_attention.py tests/test_bench_hf_batch.py 2>&1 | grep -E "Error|assert|FAILED|passed|failed" | head -30 | tee "$OUT/tests.log"
+  timeout 100 "${K[@]}" bench latency "${M8[@]}" --max-model-len 8192 --max-num-batched-tokens 8192 \
+    --num-iters 3 --output-json "$OUT/latency.json" 2>&1 | tail -1
+  timeout 120 "${K[@]}" bench throughput "${M8[@]}" --max-model-len 4096 --max-num-batched-tokens 8192 \
+    --num-prompts 256 --output-json "$OUT/throughput.json" 2>&1 | tail -1
   ;;
 last)
   timeout 120 python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu.py -k llama3_8b 2>&1 | grep -E "Error|assert|diverged|agreed|passed|failed" | head -20
