@@ -49,6 +49,7 @@ def _gemv_kernel(
     mask_n = offs_n < N
     offs_k0 = tl.arange(0, BLOCK_K)
     act_ty = out_ptr.dtype.element_ty
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn  # int64: N * K may pass 2^31
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + offs_k0
@@ -60,7 +61,7 @@ def _gemv_kernel(
         else:
             xk = tl.load(x_ptr + offs_k, mask=mk, other=0.0).to(tl.float32)
         w = tl.load(
-            w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :],
+            w_rows + offs_k[None, :],
             mask=mask_n[:, None] & mk[None, :],
             other=0.0,
         )
