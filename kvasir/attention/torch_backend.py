@@ -115,6 +115,38 @@ def _varlen_attention(
         out[start:end] = o[0].to(out.dtype)
 
 
+# Padding a decode batch to its longest context costs gather + attention work on every
+# padded slot; each extra group costs a few more ops (about 1k slots' worth on a CPU).
+_GROUP_OVERHEAD_SLOTS = 1024
+_MAX_GROUPS = 4
+
+
+def _length_groups(
+    seq_lens: list[int], device: torch.device
+) -> list[tuple[torch.Tensor, int]]:
+    """Decode rows split into up to four groups of similar context length (equal-count
+    chunks of the rows sorted by length), when that saves more padded slots than the
+    extra calls cost. Returns ``[(row indices, max seq_len), ...]``; one group means the
+    whole batch in order."""
+    n = len(seq_lens)
+    order = sorted(range(n), key=seq_lens.__getitem__)
+    best_g, best_cost = 1, n * max(seq_lens, default=0)
+    for g in range(2, min(_MAX_GROUPS, n // 4) + 1):
+        bounds = [round(i * n / g) for i in range(g + 1)]
+        cost = sum((bounds[i + 1] - bounds[i]) * seq_lens[order[bounds[i + 1] - 1]]
+                   for i in range(g)) + (g - 1) * _GROUP_OVERHEAD_SLOTS  # fmt: skip
+        if cost < best_cost:
+            best_g, best_cost = g, cost
+    if best_g == 1:
+        return [(torch.arange(n, device=device), max(seq_lens, default=0))]
+    bounds = [round(i * n / best_g) for i in range(best_g + 1)]
+    return [
+        (torch.tensor(order[bounds[i] : bounds[i + 1]], device=device),
+         seq_lens[order[bounds[i + 1] - 1]])
+        for i in range(best_g)
+    ]  # fmt: skip
+
+
 def paged_attention_ref(
     query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
     kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
@@ -128,10 +160,21 @@ def paged_attention_ref(
         return out
     if metadata.max_query_len == 1:
         n = metadata.num_reqs
-        out[:n] = _decode_attention(
-            query[:n], kv_cache, metadata.block_table[:n], metadata.seq_lens[:n],
-            metadata.max_seq_len, scale,
-        ).to(query.dtype)  # fmt: skip
+        groups = metadata.scratch.get("torch_decode_groups")
+        if groups is None:
+            groups = metadata.scratch["torch_decode_groups"] = _length_groups(
+                metadata.seq_lens_cpu[:n].tolist(), query.device
+            )
+        if len(groups) == 1:
+            out[:n] = _decode_attention(
+                query[:n], kv_cache, metadata.block_table[:n], metadata.seq_lens[:n],
+                metadata.max_seq_len, scale,
+            ).to(query.dtype)  # fmt: skip
+        for rows, max_len in groups if len(groups) > 1 else ():
+            out[rows] = _decode_attention(
+                query.index_select(0, rows), kv_cache, metadata.block_table.index_select(0, rows),
+                metadata.seq_lens.index_select(0, rows), max_len, scale,
+            ).to(query.dtype)  # fmt: skip
     else:
         _varlen_attention(query, kv_cache, metadata, scale, out)
     return out
