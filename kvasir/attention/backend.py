@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -35,8 +36,9 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] int64, device
     query_start_loc_cpu: torch.Tensor  # [num_reqs + 1] int32, host copy
     seq_lens_cpu: torch.Tensor  # [num_reqs] int32, host copy
-    # Per-step values a backend derives once and reuses in every layer.
-    scratch: dict = field(default_factory=dict)
+    # Per-step values a backend derives once and reuses in every layer (the metadata is
+    # built afresh each step, so nothing here outlives its step).
+    scratch: dict[object, Any] = field(default_factory=dict)
 
     @property
     def is_decode_only(self) -> bool:
