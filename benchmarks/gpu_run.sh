@@ -6,7 +6,6 @@
 #   bash benchmarks/gpu_run.sh bench   # latency + throughput with --compare hf, GPU busy
 #   bash benchmarks/gpu_run.sh profile # batch-1 decode: kernel time per step, fused rotary on/off
 #   bash benchmarks/gpu_run.sh decode  # decode-attention/sampler tests, kernel bench, batch-1 profile + latency
-#   bash benchmarks/gpu_run.sh variants # batch-1 decode-attention slice variants, same call
 #   bash benchmarks/gpu_run.sh closing # latency + throughput --compare hf (256 prompts, ~7 min)
 #   bash benchmarks/gpu_run.sh verify  # every GPU test, then latency + throughput (no HF)
 #   bash benchmarks/gpu_run.sh serve   # kvasir serve (Llama-3-8B shape) + bench serve at 3 rates
@@ -78,12 +77,6 @@ decode)
   timeout 150 python3 benchmarks/profile_decode.py 2>&1 | tail -16 | tee -a "$OUT/profile.log"
   timeout 200 "${K[@]}" bench latency "${M8[@]}" --max-model-len 8192 --max-num-batched-tokens 8192 \
     --num-iters 3 --output-json "$OUT/latency.json" 2>&1 | tail -3
-  ;;
-variants)
-  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_decode_attention.py tests/kernels/test_triton_backend.py 2>&1 | grep -E "Error|FAILED|passed|failed" | head -10
-  for a in "--decode-reduce fused --decode-slices short" "--decode-reduce kernel --decode-slices short" "--decode-reduce fused --decode-slices long" "--decode-reduce kernel --decode-slices long"; do
-    timeout 120 python3 benchmarks/profile_decode.py $a --top 40 2>&1 | grep -E "^mode|_decode|argmax|ArgMax|MaxOps|^\{" | tee -a "$OUT/variants.log"
-  done
   ;;
 closing)
   timeout 100 "${K[@]}" bench latency "${M8[@]}" --max-model-len 8192 --max-num-batched-tokens 8192 \

@@ -26,8 +26,6 @@ def main() -> None:
     p.add_argument("--eager", action="store_true")
     p.add_argument("--no-fused-rotary", action="store_true")
     p.add_argument("--no-fused-gemv", action="store_true")
-    p.add_argument("--decode-slices", choices=["short", "long"], default="short",
-                   help="short: 64-key slices for small batches (default); long: 256")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--steps", type=int, default=64)
@@ -40,9 +38,6 @@ def main() -> None:
 
     if args.no_fused_rotary:
         TritonAttentionBackend.fuses_rotary = False
-    import kvasir.kernels.decode_attention as da
-
-    da.SHORT_SLICES_FOR_SMALL_BATCHES = args.decode_slices == "short"
     if args.no_fused_gemv:
         import kvasir.layers.linear
 
@@ -83,7 +78,7 @@ def main() -> None:
     n = args.steps  # the prefill step's kernels are included; small next to 64 steps
     rows = sorted(per_name.items(), key=lambda kv: -kv[1][0])
     print(f"\nmode={'eager' if args.eager else 'graphs'} fused_rotary={not args.no_fused_rotary}"
-          f" fused_gemv={not args.no_fused_gemv} decode_slices={args.decode_slices}"
+          f" fused_gemv={not args.no_fused_gemv}"
           f" batch={args.batch_size}")  # fmt: skip
     print(f"{'kernel':<92}{'us/step':>9}{'n/step':>8}")
     for name, (us, cnt) in rows[: args.top]:
@@ -93,7 +88,6 @@ def main() -> None:
         "mode": "eager" if args.eager else "graphs",
         "fused_rotary": not args.no_fused_rotary,
         "fused_gemv": not args.no_fused_gemv,
-        "decode_slices": args.decode_slices,
         "batch_size": args.batch_size,
         "wall_ms_per_step": round(wall_ms, 3),
         "kernel_ms_per_step": round(total_us / n / 1e3, 3),

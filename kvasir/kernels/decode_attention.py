@@ -23,8 +23,6 @@ import triton.language as tl
 
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 32
-# Read at each call; benchmarks/profile_decode.py turns it off to compare.
-SHORT_SLICES_FOR_SMALL_BATCHES = True
 
 
 @dataclass(frozen=True)
@@ -52,7 +50,7 @@ def default_decode_config(
     short context over several programs that each do one tile (Llama-3-8B batch-1
     decode on an H100: 6.4 us per layer for split + reduce kernels instead of 8.9)."""
     small = num_groups is not None and num_sms is not None and 2 * num_groups <= num_sms
-    if small and SHORT_SLICES_FOR_SMALL_BATCHES:
+    if small:
         return DecodeConfig(block_n=64 if head_dim <= 128 else 32, num_stages=2,
                             min_split_len=64)  # fmt: skip
     return DecodeConfig(block_n=128 if head_dim <= 128 else 64)
