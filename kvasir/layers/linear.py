@@ -17,13 +17,14 @@ from torch import nn
 FUSED_GEMV_ENABLED = True
 
 
-def use_fused_gemv(x: torch.Tensor) -> bool:
+def use_fused_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (
         FUSED_GEMV_ENABLED
         and x.is_cuda
         and x.dim() == 2
         and x.shape[0] == 1
         and x.dtype in (torch.bfloat16, torch.float16)
+        and weight.dtype == x.dtype
     )
 
 
@@ -32,7 +33,7 @@ def linear(
     weight: torch.Tensor,  # [out_features, in_features]
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [num_tokens, out_features]
-    if use_fused_gemv(x) and weight.dtype == x.dtype:
+    if use_fused_gemv(x, weight):
         from kvasir.kernels.gemv import gemv
 
         return gemv(x, weight, bias)
@@ -41,7 +42,7 @@ def linear(
 
 def silu_and_mul_linear(act: nn.Module, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """``layer(act(x))`` for the fused gate/up output ``x`` ``[num_tokens, 2 * d]``."""
-    if use_fused_gemv(x) and layer.weight.dtype == x.dtype:
+    if use_fused_gemv(x, layer.weight):
         from kvasir.kernels.gemv import PROLOGUE_SILU_MUL, gemv
 
         return gemv(x, layer.weight, layer.bias, PROLOGUE_SILU_MUL)
