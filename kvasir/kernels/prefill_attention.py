@@ -11,6 +11,14 @@ One program owns ``BLOCK_M`` query rows of one (request, query head). Its key lo
 in two stages: keys every row of the tile may see (no mask), then the few tiles on the
 causal diagonal (masked). Programs of one KV group sit next to each other in the grid
 so their shared K/V tiles come from L2.
+
+The query tiles of all requests are numbered in one flat grid axis: request ``r``'s
+tiles start at ``query_start_loc[r] // BLOCK_M + r`` (at most one tile more than it
+needs), and each program finds its request by binary search over ``query_start_loc``.
+The grid is then sized by the flat batch alone (``num_tokens // BLOCK_M + num_reqs``
+tiles), not by ``max_query_len * num_reqs``: a chunk of 8k tokens beside 200 decode rows
+launches ~260 tiles per head instead of ~13k, and a CUDA graph captured for a token
+budget serves any mix of requests within it.
 """
 
 from __future__ import annotations
@@ -106,6 +114,7 @@ def _prefill_kernel(
     query_start_loc_ptr,  # [num_reqs + 1] int32
     seq_lens_ptr,  # [num_reqs] int32
     block_table_ptr,  # [num_reqs, max_num_blocks] int32
+    num_reqs,
     qk_scale,  # softmax scale * log2(e)
     stride_q_tok,
     stride_q_head,
@@ -126,9 +135,19 @@ def _prefill_kernel(
 ):
     head = tl.program_id(0)
     # Heaviest (last, longest-context) query tiles first, for a shorter tail.
-    m_tile = tl.num_programs(1) - 1 - tl.program_id(1)
-    req = tl.program_id(2)
+    tile = tl.num_programs(1) - 1 - tl.program_id(1)
+    # The request owning the tile: the last r with query_start_loc[r] // BLOCK_M + r
+    # <= tile (strictly increasing in r, so unique).
+    lo = 0
+    hi = num_reqs - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        owns = tl.load(query_start_loc_ptr + mid) // BLOCK_M + mid <= tile
+        lo = tl.where(owns, mid, lo)
+        hi = tl.where(owns, hi, mid - 1)
+    req = lo
     q_start = tl.load(query_start_loc_ptr + req)
+    m_tile = tile - (q_start // BLOCK_M + req)
     q_len = tl.load(query_start_loc_ptr + req + 1) - q_start
     if m_tile * BLOCK_M >= q_len:
         return
@@ -227,7 +246,8 @@ def paged_prefill_attention(
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     # fp32 would otherwise silently run its dots in tf32 (~1e-3); tf32x3 is ~fp32.
     precision = "tf32x3" if query.dtype == torch.float32 else "tf32"
-    grid = (num_heads, triton.cdiv(max_query_len, config.block_m), num_reqs)
+    # Flat tiles (module docstring): query_start_loc[num_reqs] <= num_tokens.
+    grid = (num_heads, query.shape[0] // config.block_m + num_reqs)
     _prefill_kernel[grid](
         query,
         k_cache,
@@ -236,6 +256,7 @@ def paged_prefill_attention(
         query_start_loc,
         seq_lens,
         block_table,
+        num_reqs,
         scale * _LOG2E,
         query.stride(0),
         query.stride(1),

@@ -71,3 +71,25 @@ def test_prefill_gpu_bf16(shape):
 def test_prefill_gpu_fp32_is_not_tf32():
     out, ref = _run([300, 1], [500, 20], 8, 2, 128, 16, torch.float32)
     assert rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("config", [PrefillConfig(16, 16, 4, 1), PrefillConfig(32, 16, 4, 1)])
+def test_prefill_graph_padded_batch(config):
+    """A CUDA-graph-shaped batch: requests with no query rows (q_len 0, seq_len 0)
+    between and after the real ones, and trailing rows of no request, which stay
+    untouched. Tiles are numbered flat across requests, so every request must still find
+    its own rows."""
+    q_lens, seq_lens = [3, 0, 33, 1, 0, 17, 0, 0], [40, 0, 33, 9, 0, 50, 0, 0]
+    b = make_paged_batch(q_lens, seq_lens, 4, 2, 64, 8, torch.float32, pad_tokens=11)
+    md = b.metadata
+    out = torch.full_like(b.query, float("nan"))
+    paged_prefill_attention(
+        b.query, b.kv_cache, md.query_start_loc, md.seq_lens, md.block_table,
+        scale=0.125, max_query_len=33, out=out, config=config,
+    )  # fmt: skip
+    ref = paged_prefill_attention_ref(
+        b.query, b.kv_cache, md.query_start_loc, md.seq_lens, md.block_table, 0.125
+    )
+    n = sum(q_lens)
+    assert rel_err(out[:n], ref[:n]) < 1e-5
+    assert out[n:].isnan().all()
