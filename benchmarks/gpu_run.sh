@@ -8,6 +8,7 @@
 #   bash benchmarks/gpu_run.sh decode  # decode-attention/sampler tests, kernel bench, batch-1 profile + latency
 #   bash benchmarks/gpu_run.sh closing # latency + throughput --compare hf (256 prompts, ~7 min)
 #   bash benchmarks/gpu_run.sh verify  # every GPU test, then latency + throughput (no HF)
+#   bash benchmarks/gpu_run.sh mixed   # GPU tests for mixed-step graphs, then graphs on/off benches
 #   bash benchmarks/gpu_run.sh serve   # kvasir serve (Llama-3-8B shape) + bench serve at 3 rates
 # The wheels: see /work/.library/device/README.md (msgspec, gguf, pyzmq, fastapi, ...).
 set -uo pipefail
@@ -89,6 +90,25 @@ verify)
     tests/test_torch_attention.py tests/test_bench_hf_batch.py 2>&1 | grep -E "Error|assert|FAILED|passed|failed" | head -30 | tee "$OUT/tests.log"
   timeout 100 "${K[@]}" bench latency "${M8[@]}" --max-model-len 8192 --max-num-batched-tokens 8192 \
     --num-iters 3 --output-json "$OUT/latency.json" 2>&1 | tail -1
+  timeout 120 "${K[@]}" bench throughput "${M8[@]}" --max-model-len 4096 --max-num-batched-tokens 8192 \
+    --num-prompts 256 --output-json "$OUT/throughput.json" 2>&1 | tail -1
+  ;;
+mixed)
+  timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/kernels/test_prefill_attention.py \
+    tests/kernels/test_triton_backend.py tests/kernels/test_mixed_graph_layout.py 2>&1 \
+    | grep -E "Error|assert|FAILED|passed|failed" | head -30 | tee "$OUT/tests.log"
+  timeout 90 python3 benchmarks/bench_kernels.py --out "$OUT/kernels.json" 2>&1 | tail -14
+  # Small step budget, steady arrivals: most steps are mixed ones of <= 256 tokens.
+  Q=(--load-format dummy --model qwen3-0.6b --max-model-len 2048 --max-num-batched-tokens 256
+     --max-num-seqs 64 --num-prompts 128 --output-len 100:300)
+  for m in 0 512; do
+    timeout 90 "${K[@]}" bench throughput "${Q[@]}" --cuda-graph-mixed-tokens $m \
+      --output-json "$OUT/qwen_mixed$m.json" 2>&1 | grep -E "captured|^\{" | tail -2
+  done
+  for m in 0 512; do
+    timeout 100 "${K[@]}" bench latency "${M8[@]}" --max-model-len 8192 --max-num-batched-tokens 8192 \
+      --num-iters 3 --cuda-graph-mixed-tokens $m --output-json "$OUT/latency_mixed$m.json" 2>&1 | tail -1
+  done
   timeout 120 "${K[@]}" bench throughput "${M8[@]}" --max-model-len 4096 --max-num-batched-tokens 8192 \
     --num-prompts 256 --output-json "$OUT/throughput.json" 2>&1 | tail -1
   ;;

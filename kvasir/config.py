@@ -150,11 +150,15 @@ class EngineConfig:
     device_config: DeviceConfig = field(default_factory=DeviceConfig)
     attention_backend: str = "auto"  # auto: triton on CUDA, torch on CPU
     enforce_eager: bool = False  # disable CUDA graphs
+    # Mixed (prefill + decode) steps of up to this many tokens run as CUDA graphs too
+    # (0: only decode-only steps do).
+    cuda_graph_mixed_tokens: int = 512
     disable_log_stats: bool = True
     # Schedule step N + 1 while the device runs step N (None: on for CUDA, off on CPU).
     async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
+        _check(self.cuda_graph_mixed_tokens >= 0, "cuda_graph_mixed_tokens", "must be >= 0")
         _check(
             self.attention_backend in _ATTN_BACKENDS,
             "attention_backend",

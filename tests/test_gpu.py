@@ -70,8 +70,13 @@ def test_triton_graphs_fp32_greedy_matches_hf(tmp_path, kind: str) -> None:
     llm = LLM(model=path, dtype="float32", attention_backend="triton", max_model_len=1024,
               gpu_memory_utilization=0.3, log=False)
     assert llm.llm_engine.engine_core.runner.cuda_graphs_enabled
+    # The counts only: a reference to the graph runner would keep the engine (and its
+    # KV cache) alive past `del llm`.
+    replays = llm.llm_engine.engine_core.runner.cuda_graph.num_replays
     sp = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
     alone = [llm.generate([p], sp, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
+    # Each prompt alone (<= 300 tokens) was prefilled by a mixed-step graph.
+    assert replays["mixed"] >= len(prompts) and replays["decode"] > 0
     other_sp = SamplingParams(temperature=1.0, max_tokens=40, ignore_eos=True, seed=1)
     batched = llm.generate(prompts + others, [sp] * len(prompts) + [other_sp] * len(others),
                            use_tqdm=False)
@@ -100,10 +105,17 @@ def test_cuda_graphs_match_eager_bf16(tmp_path) -> None:
     sp = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=1)
     outs = {}
     for eager in (False, True):
+        # A 64-token step budget: prompts are prefilled in chunks beside decode rows, so
+        # most steps are mixed ones small enough for the mixed-step graphs.
         llm = LLM(model=path, dtype="bfloat16", enforce_eager=eager, max_model_len=1024,
-                  gpu_memory_utilization=0.3, log=False)
-        assert llm.llm_engine.engine_core.runner.cuda_graphs_enabled == (not eager)
+                  max_num_batched_tokens=64, gpu_memory_utilization=0.3, log=False)
+        runner = llm.llm_engine.engine_core.runner
+        assert runner.cuda_graphs_enabled == (not eager)
+        replays = runner.cuda_graph.num_replays if runner.cuda_graph else None
+        del runner  # `del llm` must free the engine
         outs[eager] = llm.generate(prompts, sp, use_tqdm=False)
+        if replays is not None:
+            assert replays["mixed"] > 10 and replays["decode"] > 10
         del llm
         gc.collect()
     for g, e in zip(outs[False], outs[True]):
@@ -148,7 +160,9 @@ def test_fused_gemv_decode_matches_unfused_bf16(tmp_path, kind: str) -> None:
             assert abs(la - lb) < 0.05 + 0.02 * abs(lb), f"logprob {la} vs {lb} at {j}"
         if i < len(a.token_ids):
             lp = sorted((x.logprob for x in b.logprobs[i].values()), reverse=True)
-            assert len(lp) >= 2 and lp[0] - lp[1] < 0.1, f"diverged at {i}, not a near-tie"
+            # Two bf16 steps at magnitude 8-16 (1/16 each) is a near-tie: measured on an
+            # H100, qwen3 parted from the unfused path at a top-2 gap of 0.125.
+            assert len(lp) >= 2 and lp[0] - lp[1] < 0.25, f"diverged at {i}, not a near-tie"
 
 
 def test_llama3_8b_shape_triton_vs_torch_backend() -> None:

@@ -37,6 +37,7 @@ class EngineArgs:
     device: str = "auto"
     attention_backend: str = "auto"
     enforce_eager: bool = False
+    cuda_graph_mixed_tokens: int = 512
     async_scheduling: bool | None = None
 
     @staticmethod
@@ -72,6 +73,9 @@ class EngineArgs:
                        choices=["auto", "torch", "triton"])
         g.add_argument("--enforce-eager", action="store_true",
                        help="disable CUDA graphs")
+        g.add_argument("--cuda-graph-mixed-tokens", type=int, default=512,
+                       help="mixed (prefill + decode) steps of up to this many tokens run "
+                       "as CUDA graphs too; 0: only decode-only steps do")
         g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
                        default=None,
                        help="schedule step N+1 while the device runs step N "
@@ -118,5 +122,6 @@ class EngineArgs:
             device_config=DeviceConfig(device=self.device),
             attention_backend=self.attention_backend,
             enforce_eager=self.enforce_eager,
+            cuda_graph_mixed_tokens=self.cuda_graph_mixed_tokens,
             async_scheduling=self.async_scheduling,
         )

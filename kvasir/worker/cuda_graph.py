@@ -1,11 +1,19 @@
-"""CUDA graphs for decode-only steps, captured at start-up for bucketed batch sizes.
+"""CUDA graphs captured at start-up: decode steps by batch size, mixed steps by tokens.
 
 A decode step launches hundreds of small kernels; replaying one captured graph removes
 their launch cost. Graphs capture against the runner's persistent buffers, so a replay
-only needs those buffers filled in place. Batches are padded up to the next captured
-size; padded rows write their K/V into a sink block that the scheduler never hands out.
-The runner writes the padding rows into its host buffers with the real ones (one copy
-per buffer, no extra kernels); ``run`` pads on the device instead.
+only needs those buffers filled in place. The runner writes padding into its host
+buffers with the real rows (one copy per buffer, no extra kernels); padded tokens write
+their K/V into a sink block that the scheduler never hands out.
+
+- Decode-only steps: batch sizes 1, 2, 4, 8, 16, ... 256, padded up to the next one;
+  the graph ends with the logits of every row.
+- Mixed steps (prefill chunks beside decode rows) of up to ``cuda_graph_mixed_tokens``
+  tokens: token counts 16, 32, 64, ... padded up to the next one, and a fixed number of
+  requests (``mixed_graph_num_reqs``): the real ones, one that owns the padding tokens,
+  then empty ones. The prefill kernel numbers its query tiles flat across requests, so
+  one graph serves every mix of requests within its token count. The graph ends with the
+  hidden states; the runner gathers the rows it samples and computes their logits.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from kvasir.attention.backend import AttentionMetadata
+from kvasir.worker.input_buffers import GraphSizes, mixed_graph_num_reqs
 
 if TYPE_CHECKING:
     from kvasir.worker.model_runner import ModelRunner
@@ -30,13 +39,30 @@ def capture_sizes(max_num_reqs: int) -> list[int]:
     return sorted(out)
 
 
+def mixed_capture_sizes(max_tokens: int, max_num_batched_tokens: int) -> list[int]:
+    """Token counts of the mixed-step graphs: 16, 32, 64, 128, 256, 384, 512, ... (every
+    128 past 256) up to ``max_tokens``, capped at the step's token budget."""
+    cap = min(max_tokens, max_num_batched_tokens)
+    sizes = [16, 32, 64, 128] + list(range(256, cap + 1, 128))
+    out = [s for s in sizes if s <= cap]
+    if cap >= 2 and cap not in out:
+        out.append(cap)
+    return sorted(out)
+
+
 class CUDAGraphRunner:
     def __init__(self, runner: ModelRunner, sink_block_id: int) -> None:
         self.runner = runner
         self.sink_block_id = sink_block_id
         self.sizes = capture_sizes(min(runner.max_num_reqs, runner.max_num_tokens))
+        self.mixed_sizes = mixed_capture_sizes(
+            runner.config.cuda_graph_mixed_tokens, runner.max_num_tokens
+        )
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}  # [B, vocab] output buffers
+        self.mixed_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.hidden: dict[int, torch.Tensor] = {}  # [T, hidden_size] output buffers
+        self.num_replays = {"decode": 0, "mixed": 0}  # steps run as graphs (tests, stats)
         self.pool = None
         self.capture_time = 0.0
         self.arange = torch.arange(self.max_batch_size + 1, dtype=torch.int32, device=runner.device)
@@ -44,6 +70,10 @@ class CUDAGraphRunner:
     @property
     def max_batch_size(self) -> int:
         return self.sizes[-1] if self.sizes else 0
+
+    @property
+    def graph_sizes(self) -> GraphSizes:
+        return GraphSizes(self.sizes, self.mixed_sizes)
 
     def padded_size(self, num_reqs: int) -> int | None:
         for s in self.sizes:
@@ -68,6 +98,20 @@ class CUDAGraphRunner:
             seq_lens_cpu=torch.ones(size, dtype=torch.int32),
         )
 
+    def _fill_mixed_padding(self, num_tokens: int) -> None:
+        """The whole graph is padding: request 0 owns every token (all at position 0,
+        in the sink block), the rest are empty (the layout ``InputBuffers`` writes)."""
+        r = self.runner
+        num_reqs = mixed_graph_num_reqs(num_tokens, r.max_num_reqs)
+        r.input_ids[:num_tokens].zero_()
+        r.positions[:num_tokens].zero_()
+        r.slot_mapping[:num_tokens].fill_(self.sink_block_id * r.block_size)
+        r.query_start_loc[1 : num_reqs + 1].fill_(num_tokens)
+        r.query_start_loc[0] = 0
+        r.seq_lens[:num_reqs].zero_()
+        r.seq_lens[0] = num_tokens
+        r.block_table[0, : -(-num_tokens // r.block_size)].fill_(self.sink_block_id)
+
     def _fill_padding(self, start: int, size: int) -> None:
         """Rows start..size-1 are padding: one token at position 0 in the sink block."""
         r = self.runner
@@ -84,12 +128,23 @@ class CUDAGraphRunner:
     def capture(self) -> None:
         r = self.runner
         t0 = time.perf_counter()
-        self._fill_padding(0, self.max_batch_size)
         self.pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for size in reversed(self.sizes):  # largest first: the pool fits the rest
+            # Largest first (the pool then fits the rest): mixed graphs, then decode.
+            for tokens in reversed(self.mixed_sizes):
+                self._fill_mixed_padding(tokens)
+                meta = r.buffers.mixed_graph_metadata(tokens, r.max_model_len)
+                ids, pos = r.input_ids[:tokens], r.positions[:tokens]
+                for _ in range(2):  # warm-up: Triton compilation off-graph
+                    r.model(ids, pos, r.kv_caches, meta)
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=self.pool, stream=stream):
+                    self.hidden[tokens] = r.model(ids, pos, r.kv_caches, meta)
+                self.mixed_graphs[tokens] = g
+            self._fill_padding(0, self.max_batch_size)
+            for size in reversed(self.sizes):
                 meta = self._metadata(size)
                 for _ in range(2):  # warm-up: Triton autotune / compilation off-graph
                     h = r.model(r.input_ids[:size], r.positions[:size], r.kv_caches, meta)
@@ -108,4 +163,13 @@ class CUDAGraphRunner:
         see ``_fill_padding``) are already in the runner's buffers; returns the logits
         buffer [size, vocab], valid until the next replay."""
         self.graphs[size].replay()
+        self.num_replays["decode"] += 1
         return self.logits[size]
+
+    def replay_mixed(self, num_tokens: int) -> torch.Tensor:
+        """Replay the mixed-step graph of a captured token count whose inputs (padding
+        included) are in the runner's buffers; returns the hidden-states buffer
+        [num_tokens, hidden_size], valid until the next replay."""
+        self.mixed_graphs[num_tokens].replay()
+        self.num_replays["mixed"] += 1
+        return self.hidden[num_tokens]

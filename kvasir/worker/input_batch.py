@@ -34,7 +34,7 @@ class InputBatch:
     1) more were sampled by the last step and are still only on the device, at index
     ``prev_sample_index[r]`` of that step's sampled-token tensor;
     ``block_table[r, :num_blocks[r]]`` are its KV block ids (a pinned array, the source
-    of the device block table). ``version`` changes whenever a row is added, removed or
+    of the device block table; rows from ``num_reqs`` on are free). ``version`` changes whenever a row is added, removed or
     moved, so per-row tensors built from these arrays can be cached against it.
     """
 
@@ -59,8 +59,10 @@ class InputBatch:
         self.num_prompt_tokens = np.zeros(r, dtype=np.int64)
         self.num_computed_tokens = np.zeros(r, dtype=np.int64)
         self.prev_sample_index = np.full(r, -1, dtype=np.int64)
+        # One spare row past the last request's: CUDA-graph padding requests are written
+        # there when the table is copied to the device as it stands (InputBuffers).
         self.block_table_cpu = torch.zeros(
-            (r, max_num_blocks_per_req), dtype=torch.int32, pin_memory=pin_memory
+            (r + 1, max_num_blocks_per_req), dtype=torch.int32, pin_memory=pin_memory
         )
         self.block_table = self.block_table_cpu.numpy()  # [R, max_blocks] view
         self.num_blocks = np.zeros(r, dtype=np.int64)

@@ -33,8 +33,28 @@ class StepInputs(NamedTuple):
     num_computed: np.ndarray  # [n] before this step
     seq_lens: np.ndarray  # [n] after this step
     query_start_loc: np.ndarray  # [n + 1]
-    graph_size: int | None  # padded CUDA-graph batch size; None: eager
+    graph_size: int | None  # decode CUDA graph: padded batch size
+    mixed_graph_tokens: int | None  # mixed-step CUDA graph: padded token count
     attn_metadata: AttentionMetadata
+
+
+class GraphSizes(NamedTuple):
+    """The captured CUDA graphs: decode batch sizes and mixed-step token counts."""
+
+    decode: list[int]  # ascending
+    mixed: list[int]  # ascending
+
+
+def _bucket(sizes: list[int], n: int) -> int | None:
+    """The smallest captured size >= n (None: larger than all of them)."""
+    return next((s for s in sizes if s >= n), None)
+
+
+def mixed_graph_num_reqs(num_tokens: int, max_num_reqs: int) -> int:
+    """Requests in the mixed-step graph of ``num_tokens`` tokens: a mixed step has a
+    request of >= 2 tokens, so at most ``num_tokens - 1`` requests (and never more than
+    ``max_num_reqs``), plus one that owns the padding tokens."""
+    return min(num_tokens - 1, max_num_reqs) + 1
 
 
 class InputBuffers:
@@ -58,7 +78,10 @@ class InputBuffers:
         self.sink_block_id = 0  # set once the KV cache exists (CUDA-graph padding)
         d, pin = device, device.type == "cuda"
         self.non_blocking = pin
-        t, r, b = max_num_tokens, max_num_reqs, max_num_blocks_per_req
+        self.max_num_reqs = max_num_reqs
+        # One request more than the scheduler runs: a mixed-step CUDA graph's padding
+        # request (mixed_graph_num_reqs).
+        t, r, b = max_num_tokens, max_num_reqs + 1, max_num_blocks_per_req
 
         def both(n: int | tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
             return (
@@ -78,6 +101,26 @@ class InputBuffers:
         self.scatter_index, self.scatter_cpu = both(2 * r, torch.int64)
         self._copy_event = torch.cuda.Event() if pin else None
 
+    def mixed_graph_metadata(self, num_tokens: int, max_seq_len: int) -> AttentionMetadata:
+        """The metadata a mixed-step CUDA graph of ``num_tokens`` tokens captures: the
+        buffers at their padded sizes (``prepare`` fills them so), with upper bounds for
+        the host ints, since the prefill kernel's tile shape and grid follow from the
+        token and request counts alone. The host twins are as last written (only the
+        torch backend reads them, and it runs no graphs)."""
+        num_reqs = mixed_graph_num_reqs(num_tokens, self.max_num_reqs)
+        return AttentionMetadata(
+            num_reqs=num_reqs,
+            num_actual_tokens=num_tokens,
+            max_query_len=num_tokens,
+            max_seq_len=max_seq_len,
+            query_start_loc=self.query_start_loc[: num_reqs + 1],
+            seq_lens=self.seq_lens[:num_reqs],
+            block_table=self.block_table[:num_reqs],
+            slot_mapping=self.slot_mapping[:num_tokens],
+            query_start_loc_cpu=self.query_start_loc_cpu[: num_reqs + 1],
+            seq_lens_cpu=self.seq_lens_cpu[:num_reqs],
+        )
+
     def wait_for_copies(self) -> None:
         """Block until the last step's host->device copies have read their sources
         (normally long done: they run right after the step before it)."""
@@ -92,11 +135,11 @@ class InputBuffers:
         states: list[CachedRequestState],
         req_ids: list[str],
         dense: bool,
-        graph_sizes: list[int] | None,
+        graph_sizes: GraphSizes | None,
         prev_sampled: torch.Tensor | None,
     ) -> StepInputs:
         """Build and launch the copies of the batch ``rows`` (ascending) advancing by
-        ``num_sched`` tokens. ``graph_sizes``: captured decode sizes (None: eager)."""
+        ``num_sched`` tokens. ``graph_sizes``: the captured CUDA graphs (None: eager)."""
         n = len(rows)
         num_computed = ib.num_computed_tokens[rows]
         seq_lens = num_computed + num_sched
@@ -110,12 +153,20 @@ class InputBuffers:
             total = int(cu[-1])
             tok_rows = np.repeat(rows, num_sched)
             positions = np.arange(total) + np.repeat(num_computed - cu[:-1], num_sched)
-        graph_size = None
-        if graph_sizes and max_query_len == 1 and n <= graph_sizes[-1]:
-            graph_size = next(s for s in graph_sizes if s >= n)
-        # Graph steps are decode-only: one token per request, padding rows included.
-        padded = graph_size or n
-        padded_tokens = graph_size or total
+        graph_size = mixed_tokens = None
+        if graph_sizes is not None:
+            if max_query_len == 1:
+                graph_size = _bucket(graph_sizes.decode, n)
+            else:
+                mixed_tokens = _bucket(graph_sizes.mixed, total)
+        # Decode graphs: one token per request, padding rows included. Mixed graphs:
+        # ``mixed_tokens`` tokens and ``mixed_graph_num_reqs`` requests (see below).
+        if mixed_tokens is not None:
+            padded = mixed_graph_num_reqs(mixed_tokens, self.max_num_reqs)
+            padded_tokens = mixed_tokens
+        else:
+            padded = graph_size or n
+            padded_tokens = graph_size or total
 
         bs = self.block_size
         ids_np = self.input_ids_cpu.numpy()
@@ -137,7 +188,21 @@ class InputBuffers:
             bt_src = self.block_table_staging_cpu
             bt_np = bt_src.numpy()
             bt_np[:n] = ib.block_table[rows]
-        if padded > n:
+        bt_rows = padded
+        if mixed_tokens is not None:
+            # Mixed-graph padding: request n owns the padding tokens (all at position 0,
+            # written to the sink block; its keys are read from the sink block); the
+            # requests after it have no tokens and are skipped by the kernels.
+            pad = padded_tokens - total
+            ids_np[total:padded_tokens] = 0
+            pos_np[total:padded_tokens] = 0
+            slots_np[total:padded_tokens] = self.sink_block_id * bs
+            qsl_np[n + 1 : padded + 1] = padded_tokens
+            sl_np[n] = pad
+            sl_np[n + 1 : padded] = 0
+            bt_np[n, : -(-pad // bs)] = self.sink_block_id
+            bt_rows = n + 1  # the empty requests' rows are never read
+        elif padded > n:
             # CUDA-graph padding rows: one token at position 0 of the sink block.
             ids_np[n:padded] = 0
             pos_np[n:padded] = 0
@@ -155,7 +220,7 @@ class InputBuffers:
             self.query_start_loc_cpu[: padded + 1], non_blocking=nb
         )
         self.seq_lens[:padded].copy_(self.seq_lens_cpu[:padded], non_blocking=nb)
-        self.block_table[:padded].copy_(bt_src[:padded], non_blocking=nb)
+        self.block_table[:bt_rows].copy_(bt_src[:bt_rows], non_blocking=nb)
         self._scatter_pending(ib, rows, cu, num_computed, max_query_len, prev_sampled)
         if self._copy_event is not None:
             self._copy_event.record()
@@ -183,6 +248,7 @@ class InputBuffers:
             seq_lens=seq_lens,
             query_start_loc=cu,
             graph_size=graph_size,
+            mixed_graph_tokens=mixed_tokens,
             attn_metadata=meta,
         )
 

@@ -145,10 +145,12 @@ class ModelRunner:
         ):
             self.cuda_graph = CUDAGraphRunner(self, sink_block_id=num_blocks)
             self.cuda_graph.capture()
+            cg = self.cuda_graph
+            mixed = f"{cg.mixed_sizes[0]}..{cg.mixed_sizes[-1]}" if cg.mixed_sizes else "none"
             print(
                 f"kvasir: captured CUDA graphs for decode batch sizes "
-                f"{self.cuda_graph.sizes[0]}..{self.cuda_graph.max_batch_size} in "
-                f"{self.cuda_graph.capture_time:.1f}s",
+                f"{cg.sizes[0]}..{cg.max_batch_size} and mixed steps of {mixed} tokens "
+                f"in {cg.capture_time:.1f}s",
                 flush=True,
             )
 
@@ -242,6 +244,9 @@ class ModelRunner:
         if step.graph_size:
             assert self.cuda_graph is not None
             all_logits = self.cuda_graph.replay(step.graph_size)[:n]  # [n, vocab]
+        elif step.mixed_graph_tokens:
+            assert self.cuda_graph is not None
+            hidden = self.cuda_graph.replay_mixed(step.mixed_graph_tokens)[: step.num_tokens]
         else:
             hidden = self.model(
                 self.input_ids[: step.num_tokens],
@@ -326,7 +331,7 @@ class ModelRunner:
         if cg is not None and not (
             ib.num_prompt_logprobs and any(s.needs_prompt_logprobs for s in states)
         ):
-            graph_sizes = cg.sizes
+            graph_sizes = cg.graph_sizes
         return self.buffers.prepare(
             ib, rows, num_sched, states, req_ids, dense, graph_sizes, self._prev_sampled
         )
