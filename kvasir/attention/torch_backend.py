@@ -50,7 +50,8 @@ class _DecodeGroup:
 
     rows: torch.Tensor  # [g] int64: each request's query row in the flat batch
     mask: torch.Tensor  # [g, max_len] bool: position < seq_len
-    slots: torch.Tensor  # [g * max_len] int64: cache slot of every (request, position)
+    blocks: torch.Tensor  # [g * max_len / block_size] int64: cache block of every span
+    stale: torch.Tensor  # [n] int64: gathered positions past their request's length
 
 
 # Padding a decode batch to its longest context costs gather + attention work on every
@@ -81,7 +82,7 @@ def _length_groups(seq_lens: list[int]) -> list[list[int]]:
 
 
 def _decode_groups(metadata: AttentionMetadata, block_size: int) -> list[_DecodeGroup]:
-    """The step's single-token requests in length groups, with their gather slots and
+    """The step's single-token requests in length groups, with their gather blocks and
     masks: derived once per step (``metadata.scratch``) and shared by every layer."""
     key = ("torch_decode_groups", block_size)
     groups = metadata.scratch.get(key)
@@ -98,15 +99,20 @@ def _decode_groups(metadata: AttentionMetadata, block_size: int) -> list[_Decode
         num_blocks = (max(seq_lens[i] for i in reqs) + block_size - 1) // block_size
         max_len = num_blocks * block_size
         table = metadata.block_table.index_select(0, req_ids)[:, :num_blocks].long()
-        positions = torch.arange(max_len, device=device)
-        mask = positions[None, :] < metadata.seq_lens.index_select(0, req_ids)[:, None]
-        # Positions past a request's length read its position 0 instead (always
-        # written), so the padded gather holds only finite values and needs no cleaning
-        # pass over K/V (the mask then gives them probability 0).
-        pos = torch.where(mask, positions[None, :], 0)  # [g, max_len]
-        slots = table.gather(1, pos // block_size) * block_size + pos % block_size
+        lens = metadata.seq_lens.index_select(0, req_ids)[:, None]  # [g, 1]
+        # Table entries past a request's own blocks may be stale: read its first block
+        # again (written in full once the request has a block's worth of tokens).
+        own = torch.arange(num_blocks, device=device)[None, :] * block_size < lens
+        table = torch.where(own, table, table[:, :1])
+        positions = torch.arange(max_len, device=device)[None, :]
+        mask = positions < lens  # [g, max_len]
+        own_end = (lens + block_size - 1) // block_size * block_size
+        # Positions that may hold unwritten data: the tail of a request's last block,
+        # and every padded one while its first block is still partial.
+        stale = ~mask & ((positions < own_end) | (lens < block_size))
+        stale = torch.nonzero(stale.view(-1)).squeeze(1)
         rows = torch.tensor([qsl[i] for i in reqs], device=device)
-        groups.append(_DecodeGroup(rows, mask, slots.view(-1)))
+        groups.append(_DecodeGroup(rows, mask, table.view(-1), stale))
     metadata.scratch[key] = groups
     return groups
 
@@ -118,15 +124,22 @@ def _decode_attention(
     scale: float,
     out: torch.Tensor,  # [num_tokens, num_heads, head_dim], written in place
 ) -> None:
-    """Every single-token request (decodes): one gather + attention per length group."""
-    _, num_blocks_total, block_size, num_kv_heads, head_dim = kv_cache.shape
-    flat = kv_cache.view(2, num_blocks_total * block_size, num_kv_heads, head_dim)
+    """Every single-token request (decodes): one gather + attention per length group.
+
+    K/V are gathered whole blocks at a time (index_select per cache half: on a 2-core
+    CPU about 9x faster than gathering the same bytes slot by slot). Slots past a
+    request's length that may never have been written are then zeroed: they may hold
+    anything, NaN included, and a zero probability times NaN would still be NaN."""
+    block_size, num_kv_heads, head_dim = kv_cache.shape[2:]
     for g in _decode_groups(metadata, block_size):
         num_reqs, max_len = g.mask.shape
-        # index_select per cache half: the fastest gather on the CPU (about 2x advanced
-        # indexing of both halves at once for 32 requests x 400 tokens).
-        key = flat[0].index_select(0, g.slots).view(num_reqs, max_len, num_kv_heads, head_dim)
-        value = flat[1].index_select(0, g.slots).view(num_reqs, max_len, num_kv_heads, head_dim)
+        key = kv_cache[0].index_select(0, g.blocks)  # [g * blocks, block_size, kvh, d]
+        value = kv_cache[1].index_select(0, g.blocks)
+        if g.stale.numel():
+            key.view(-1, num_kv_heads, head_dim).index_fill_(0, g.stale, 0.0)
+            value.view(-1, num_kv_heads, head_dim).index_fill_(0, g.stale, 0.0)
+        key = key.view(num_reqs, max_len, num_kv_heads, head_dim)
+        value = value.view(num_reqs, max_len, num_kv_heads, head_dim)
         q = query.index_select(0, g.rows)[:, None]  # [g, 1, num_heads, head_dim]
         o = _attend(q, key, value, g.mask[:, None, :], scale)  # [g, 1, num_heads, head_dim]
         out[g.rows] = o[:, 0].to(out.dtype)
