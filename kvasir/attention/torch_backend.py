@@ -140,9 +140,17 @@ def _decode_attention(
             value.view(-1, num_kv_heads, head_dim).index_fill_(0, g.stale, 0.0)
         key = key.view(num_reqs, max_len, num_kv_heads, head_dim)
         value = value.view(num_reqs, max_len, num_kv_heads, head_dim)
-        q = query.index_select(0, g.rows)[:, None]  # [g, 1, num_heads, head_dim]
-        o = _attend(q, key, value, g.mask[:, None, :], scale)  # [g, 1, num_heads, head_dim]
-        out[g.rows] = o[:, 0].to(out.dtype)
+        # One query token per request: the query heads sharing a KV head become that
+        # head's query rows (plain SDPA; 10-30 % faster on a 2-core CPU than SDPA's
+        # enable_gqa at 8-32 requests of 128-400 tokens).
+        num_heads = query.shape[1]
+        q = query.index_select(0, g.rows).float()  # [g, num_heads, head_dim]
+        q = q.view(num_reqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q, key.float().transpose(1, 2), value.float().transpose(1, 2),
+            attn_mask=g.mask[:, None, None, :], scale=scale,
+        )  # fmt: skip
+        out[g.rows] = o.reshape(num_reqs, num_heads, head_dim).to(out.dtype)
 
 
 def _prefill_attention(

@@ -117,11 +117,22 @@ class RotaryEmbedding(nn.Module):
         query: torch.Tensor,  # [num_tokens, num_heads * head_dim] (or [..., head_dim])
         key: torch.Tensor,  # [num_tokens, num_kv_heads * head_dim] (or [..., head_dim])
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self._cos_sin(positions)
+        return self._rotate(query, cos, sin), self._rotate(key, cos, sin)
+
+    def rotate(
+        self,
+        positions: torch.Tensor,  # [num_tokens] int64
+        x: torch.Tensor,  # [num_tokens, n * head_dim]: any heads, e.g. q and k side by side
+    ) -> torch.Tensor:  # x rotated, a new tensor
+        """``forward`` for query and key heads held in one tensor: one pass, not two."""
+        cos, sin = self._cos_sin(positions)
+        return self._rotate(x, cos, sin)
+
+    def _cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = self.cos_sin_cache.index_select(0, positions).chunk(2, dim=-1)
         # [num_tokens, 1, rotary_dim // 2]: broadcast over heads
-        cos = cos.unsqueeze(1)
-        sin = sin.unsqueeze(1)
-        return self._rotate(query, cos, sin), self._rotate(key, cos, sin)
+        return cos.unsqueeze(1), sin.unsqueeze(1)
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         shape = x.shape

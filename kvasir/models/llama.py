@@ -86,7 +86,12 @@ class LlamaAttention(nn.Module):
             rotary = (positions, self.rotary_emb.cos_sin_cache)
             attn_output = self.attn(q, k, v, kv_cache, attn_metadata, rotary)
         else:
-            q, k = self.rotary_emb(positions, q, k)
+            if self.qk_norm:
+                q, k = self.rotary_emb(positions, q, k)
+            else:
+                # q and k sit side by side in qkv: rotate them in one pass.
+                qk = self.rotary_emb.rotate(positions, qkv[:, : self.q_size + self.kv_size])
+                q, k = qk.split([self.q_size, self.kv_size], dim=-1)
             attn_output = self.attn(q, k, v, kv_cache, attn_metadata)  # [num_tokens, q_size]
         return linear(attn_output, self.o_proj.weight, self.o_proj.bias)
 
