@@ -51,3 +51,23 @@ def test_cpu_packed_switch_off_uses_f_linear(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(linear_mod, "CPU_PACKED_ENABLED", False)
     w, x = torch.randn(8, 8), torch.randn(2, 8)
     assert torch.equal(linear(x, w), F.linear(x, w))
+
+
+def test_cpu_gate_up_silu_mul_matches_unfused() -> None:
+    from kvasir.layers.linear import cpu_gate_up_silu_mul
+
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(2 * 40, 24, generator=g)  # [gate; up]
+    x = torch.randn(100, 24, generator=g)
+    ref = F.linear(x.double(), w.double())
+    ref = F.silu(ref[:, :40]) * ref[:, 40:]
+    y = cpu_gate_up_silu_mul(x, w)
+    assert y is not None and y.shape == (100, 40) and y.dtype == torch.float32
+    assert _rel(y.double(), ref) < 1e-6
+    with torch.no_grad():
+        w[:40].neg_()  # the packed halves follow in-place updates too
+    ref = F.linear(x.double(), w.double())
+    assert _rel(cpu_gate_up_silu_mul(x, w).double(), F.silu(ref[:, :40]) * ref[:, 40:]) < 1e-6
+    # Few rows, other dtypes: not taken (the caller runs linear + SiLU-and-mul).
+    assert cpu_gate_up_silu_mul(x[:8], w) is None
+    assert cpu_gate_up_silu_mul(x.bfloat16(), w.bfloat16()) is None

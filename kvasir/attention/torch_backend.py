@@ -150,7 +150,8 @@ def _decode_attention(
             q, key.float().transpose(1, 2), value.float().transpose(1, 2),
             attn_mask=g.mask[:, None, None, :], scale=scale,
         )  # fmt: skip
-        out[g.rows] = o.reshape(num_reqs, num_heads, head_dim).to(out.dtype)
+        # index_copy_, not out[rows] = ...: advanced-index assignment cost 3 % of a CPU run.
+        out.index_copy_(0, g.rows, o.reshape(num_reqs, num_heads, head_dim).to(out.dtype))
 
 
 def _prefill_attention(

@@ -37,21 +37,53 @@ def use_fused_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
-def _cpu_packed_weight(weight: torch.Tensor) -> torch.Tensor | None:
-    """``weight`` reordered into oneDNN's blocked layout, made on first use and kept on
-    the tensor; made again if the weight was changed in place since (its version
-    counter moved). None where oneDNN cannot take it."""
+def _cpu_packed_weight(weight: torch.Tensor, rows: slice | None = None) -> torch.Tensor | None:
+    """``weight`` (or its ``rows``) reordered into oneDNN's blocked layout, made on first
+    use and kept on the tensor; made again if the weight was changed in place since (its
+    version counter moved). None where oneDNN cannot take it."""
     global CPU_PACKED_ENABLED
-    entry = weight.__dict__.get("_kvasir_packed")
+    key = "_kvasir_packed" if rows is None else f"_kvasir_packed_{rows.start}_{rows.stop}"
+    entry = weight.__dict__.get(key)
     if entry is not None and entry[0] == weight._version:
         return entry[1]
+    w = weight.detach() if rows is None else weight.detach()[rows].contiguous()
     try:
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
     except (AttributeError, RuntimeError):  # a torch built without oneDNN
         CPU_PACKED_ENABLED = False
         return None
-    weight.__dict__["_kvasir_packed"] = (weight._version, packed)
+    weight.__dict__[key] = (weight._version, packed)
     return packed
+
+
+# From this many rows on, the CPU gate/up projection runs as two matmuls with SiLU and
+# the product fused in (below that, one matmul and a separate SiLU-and-mul is faster).
+_CPU_FUSED_SILU_MIN_ROWS = 64
+
+
+def cpu_gate_up_silu_mul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """``silu(x @ gate^T) * (x @ up^T)`` for ``weight = [gate; up]`` ``[2d, k]`` as two
+    oneDNN matmuls, SiLU fused into the first and the product into the second (no
+    ``[rows, 2d]`` intermediate and no elementwise passes: half the time of matmul +
+    SiLU-and-mul at 2048 rows on a 2-core CPU). Only on the CPU in float32 with at
+    least ``_CPU_FUSED_SILU_MIN_ROWS`` rows; None elsewhere (the caller runs
+    ``linear`` and the activation)."""
+    if not (
+        CPU_PACKED_ENABLED
+        and x.is_cpu
+        and x.dim() == 2
+        and x.shape[0] >= _CPU_FUSED_SILU_MIN_ROWS
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+    ):
+        return None
+    d = weight.shape[0] // 2
+    gate = _cpu_packed_weight(weight, slice(0, d))
+    up = _cpu_packed_weight(weight, slice(d, 2 * d))
+    if gate is None or up is None:
+        return None
+    g = torch.ops.mkldnn._linear_pointwise(x, gate, None, "swish", [], "")
+    return torch.ops.mkldnn._linear_pointwise.binary(x, g, up, None, "mul")
 
 
 def linear(
