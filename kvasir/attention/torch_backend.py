@@ -29,8 +29,9 @@ def _attend(
     query: torch.Tensor,  # [batch, q_len, num_heads, head_dim]
     key: torch.Tensor,  # [batch, kv_len, num_kv_heads, head_dim]
     value: torch.Tensor,  # [batch, kv_len, num_kv_heads, head_dim]
-    mask: torch.Tensor,  # [batch, q_len, kv_len] bool, True = may attend
+    mask: torch.Tensor | None,  # [batch, q_len, kv_len] bool, True = may attend
     scale: float,
+    is_causal: bool = False,  # instead of a mask: q_len == kv_len, causal
 ) -> torch.Tensor:  # [batch, q_len, num_heads, head_dim] float32
     """Masked attention. Every key/value slot must hold a finite value, masked or not
     (a zero probability times NaN is NaN): callers gather written slots only."""
@@ -39,8 +40,9 @@ def _attend(
     q = query.float().transpose(1, 2)  # [b, num_heads, q_len, d]
     # SDPA's fused CPU/GPU kernels; GQA handled inside without repeating K/V.
     out = torch.nn.functional.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask[:, None], scale=scale, enable_gqa=True
-    )  # [b, num_heads, q_len, d]
+        q, k, v, attn_mask=None if mask is None else mask[:, None], scale=scale,
+        is_causal=is_causal, enable_gqa=True,
+    )  # fmt: skip
     return out.transpose(1, 2)
 
 
@@ -160,8 +162,11 @@ def _prefill_attention(
     metadata: AttentionMetadata,
     scale: float,
     out: torch.Tensor,  # [num_tokens, num_heads, head_dim], written in place
+    fresh: tuple[torch.Tensor, torch.Tensor] | None = None,  # [num_tokens, kvh, d] each
 ) -> None:
-    """Requests with several query tokens (prefill chunks), one at a time."""
+    """Requests with several query tokens (prefill chunks), one at a time. ``fresh``:
+    this step's K/V (as written to the cache); a request with no earlier tokens attends
+    to them directly, causally, with no gather from the cache."""
     block_size, num_kv_heads, head_dim = kv_cache.shape[2:]
     query_start_loc = metadata.query_start_loc_cpu.tolist()
     seq_lens = metadata.seq_lens_cpu.tolist()
@@ -170,6 +175,11 @@ def _prefill_attention(
         q_len, seq_len = end - start, seq_lens[i]
         if q_len <= 1:
             continue  # none, or a decode row (_decode_attention)
+        if fresh is not None and seq_len == q_len:
+            k, v = fresh[0][None, start:end], fresh[1][None, start:end]
+            o = _attend(query[None, start:end], k, v, None, scale, is_causal=True)
+            out[start:end] = o[0].to(out.dtype)
+            continue
         num_blocks = (seq_len + block_size - 1) // block_size
         blocks = metadata.block_table[i, :num_blocks].long()
         # [seq_len, num_kv_heads, head_dim]: this request's tokens in position order
@@ -188,15 +198,17 @@ def paged_attention_ref(
     kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
     metadata: AttentionMetadata,
     scale: float,
+    fresh: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim], query's dtype
     """Causal attention of each query token over its request's cached K/V (this step's
-    K/V must already be in ``kv_cache``). Rows past ``num_actual_tokens`` are zero."""
+    K/V must already be in ``kv_cache``). Rows past ``num_actual_tokens`` are zero.
+    ``fresh``: this step's key and value, as written (see ``_prefill_attention``)."""
     out = torch.zeros_like(query)
     if metadata.num_reqs == 0:
         return out
     _decode_attention(query, kv_cache, metadata, scale, out)
     if metadata.max_query_len > 1:
-        _prefill_attention(query, kv_cache, metadata, scale, out)
+        _prefill_attention(query, kv_cache, metadata, scale, out, fresh)
     return out
 
 
@@ -218,4 +230,5 @@ class TorchAttentionBackend(AttentionBackend):
         assert rotary is None, "the torch backend does not fuse rotary (fuses_rotary=False)"
         num_actual = attn_metadata.num_actual_tokens
         write_kv_cache(key, value, kv_cache, attn_metadata.slot_mapping[:num_actual])
-        return paged_attention_ref(query, kv_cache, attn_metadata, self.scale)
+        fresh = (key, value) if key.dtype == kv_cache.dtype else None
+        return paged_attention_ref(query, kv_cache, attn_metadata, self.scale, fresh)
