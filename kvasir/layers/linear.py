@@ -104,6 +104,24 @@ def linear(
     return F.linear(x, weight, bias)
 
 
+def warm_up_cpu_linear(weights: list[torch.Tensor], max_rows: int) -> None:
+    """Run the CPU float32 path once per distinct weight shape at every row count
+    1..``max_rows`` (decode batch sizes). oneDNN builds a kernel for each new shape on
+    its first call (2-6 ms on the 2-core VM, five shapes per model), which otherwise
+    lands inside the first steps that reach each batch size; this is the CPU's
+    counterpart of capturing CUDA graphs at start-up."""
+    if not CPU_PACKED_ENABLED:
+        return
+    by_shape: dict[tuple[int, ...], torch.Tensor] = {}
+    for w in weights:
+        if w.is_cpu and w.dtype == torch.float32 and w.dim() == 2:
+            by_shape.setdefault(tuple(w.shape), w)
+    with torch.inference_mode():
+        for w in by_shape.values():
+            for m in range(1, max_rows + 1):
+                linear(torch.zeros(m, w.shape[1]), w)
+
+
 def silu_and_mul_linear(act: nn.Module, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """``layer(act(x))`` for the fused gate/up output ``x`` ``[num_tokens, 2 * d]``."""
     if use_fused_gemv(x, layer.weight):

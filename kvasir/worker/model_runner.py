@@ -26,6 +26,7 @@ import torch
 from kvasir.attention.backend import get_backend_cls
 from kvasir.config import EngineConfig, ModelArchConfig
 from kvasir.core.outputs import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
+from kvasir.layers.linear import warm_up_cpu_linear
 from kvasir.layers.sampler import (
     LogprobsTensors,
     Sampler,
@@ -112,6 +113,14 @@ class ModelRunner:
             config.model_config, arch_config, self.attn_backend_cls, self.dtype, self.device
         )
         self.load_time = time.perf_counter() - t0
+        if self.device.type == "cpu":
+            # Decode batch sizes up to 64 (larger ones are rarer on a CPU and cost more
+            # start-up time than they would save).
+            weights = [m.weight for m in self.model.modules() if isinstance(m, torch.nn.Linear)]
+            lm_head = getattr(self.model, "lm_head", None)
+            if lm_head is not None:
+                weights.append(lm_head.weight)
+            warm_up_cpu_linear(weights, min(self.max_num_reqs, 64))
         self.sampler = Sampler()
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
