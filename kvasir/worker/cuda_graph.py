@@ -55,8 +55,10 @@ class CUDAGraphRunner:
         self.runner = runner
         self.sink_block_id = sink_block_id
         self.sizes = capture_sizes(min(runner.max_num_reqs, runner.max_num_tokens))
+        # Capped at max_model_len too: the padding request's tokens must fit one row of
+        # the block table.
         self.mixed_sizes = mixed_capture_sizes(
-            runner.config.cuda_graph_mixed_tokens, runner.max_num_tokens
+            runner.config.cuda_graph_mixed_tokens, min(runner.max_num_tokens, runner.max_model_len)
         )
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}  # [B, vocab] output buffers
