@@ -37,7 +37,7 @@ class RMSNorm(nn.Module):
                 x2, residual.reshape(-1, self.hidden_size), self.weight, self.variance_epsilon
             )
             return out.view_as(x), res.view_as(x)
-        if x.dtype == torch.float32 and hasattr(torch, "rms_norm"):
+        if x.dtype == torch.float32:  # torch.rms_norm: torch >= 2.4 (pyproject)
             # One fused op (bit-identical to the steps below in float32 on the CPU)
             # instead of ~6 small ones per norm: a decode step runs 60 of them.
             if residual is not None:

@@ -39,10 +39,11 @@ def capture_sizes(max_num_reqs: int) -> list[int]:
     return sorted(out)
 
 
-def mixed_capture_sizes(max_tokens: int, max_num_batched_tokens: int) -> list[int]:
+def mixed_capture_sizes(max_tokens: int, limit: int) -> list[int]:
     """Token counts of the mixed-step graphs: 16, 32, 64, 128, 256, 384, 512, ... (every
-    128 past 256) up to ``max_tokens``, capped at the step's token budget."""
-    cap = min(max_tokens, max_num_batched_tokens)
+    128 past 256) up to ``max_tokens``, capped at ``limit`` (the step's token budget and
+    max_model_len, whichever is smaller)."""
+    cap = min(max_tokens, limit)
     sizes = [16, 32, 64, 128] + list(range(256, cap + 1, 128))
     out = [s for s in sizes if s <= cap]
     if cap >= 2 and cap not in out:
