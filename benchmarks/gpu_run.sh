@@ -9,6 +9,7 @@
 #   bash benchmarks/gpu_run.sh closing # latency + throughput --compare hf (256 prompts, ~7 min)
 #   bash benchmarks/gpu_run.sh verify  # every GPU test, then latency + throughput (no HF)
 #   bash benchmarks/gpu_run.sh mixed   # GPU tests for mixed-step graphs, then graphs on/off benches
+#   bash benchmarks/gpu_run.sh pdl     # PDL chain test + kernel tests, then PDL on/off: profile, latency; GEMV sweep
 #   bash benchmarks/gpu_run.sh serve   # kvasir serve (Llama-3-8B shape) + bench serve at 3 rates
 # The wheels: see /work/.library/device/README.md (msgspec, gguf, pyzmq, fastapi, ...).
 set -uo pipefail
@@ -110,6 +111,30 @@ mixed)
       --num-iters 3 --cuda-graph-mixed-tokens $m --output-json "$OUT/latency_mixed$m.json" 2>&1 | tail -1
   done
   timeout 120 "${K[@]}" bench throughput "${M8[@]}" --max-model-len 4096 --max-num-batched-tokens 8192 \
+    --num-prompts 256 --output-json "$OUT/throughput.json" 2>&1 | tail -1
+  ;;
+pdl)
+  timeout 200 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_pdl.py tests/kernels/test_gemv.py \
+    tests/kernels/test_decode_attention.py tests/kernels/test_kv_cache.py tests/kernels/test_norm_activation.py \
+    2>&1 | grep -E "Error|assert|FAILED|passed|failed" | head -20 | tee "$OUT/tests.log"
+  for a in "" "--no-pdl"; do
+    timeout 100 python3 benchmarks/profile_decode.py $a 2>&1 | tee -a "$OUT/profile.log" | tail -1
+  done
+  for p in 1 0 1; do
+    KVASIR_PDL=$p timeout 100 "${K[@]}" bench latency "${M8[@]}" --max-model-len 8192 \
+      --max-num-batched-tokens 8192 --num-iters 3 --output-json "$OUT/latency_pdl$p.json" 2>&1 | tail -1
+  done
+  [ -n "${GEMV_SWEEP:-}" ] && timeout 200 python3 benchmarks/bench_gemv.py --sweep 2>&1 | tee "$OUT/gemv.log" | tail -60
+  ;;
+pdl2)
+  timeout 260 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_pdl.py tests/kernels/test_gemv.py \
+    tests/test_gpu.py 2>&1 | grep -E "Error|assert|FAILED|passed|failed" | head -20 | tee "$OUT/tests.log"
+  for p in 1 0 1; do
+    KVASIR_PDL=$p timeout 90 "${K[@]}" bench latency "${M8[@]}" --max-model-len 8192 \
+      --max-num-batched-tokens 8192 --num-iters 3 --output-json "$OUT/latency_pdl$p.json" 2>&1 | tail -1
+  done
+  timeout 100 python3 benchmarks/bench_gemv.py 2>&1 | tee "$OUT/gemv.log" | grep -vE "^\{" | tail -40
+  timeout 100 "${K[@]}" bench throughput "${M8[@]}" --max-model-len 4096 --max-num-batched-tokens 8192 \
     --num-prompts 256 --output-json "$OUT/throughput.json" 2>&1 | tail -1
   ;;
 last)

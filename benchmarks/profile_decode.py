@@ -6,7 +6,10 @@ step's wall time, Llama-3-8B shape, random weights.
 Prints the wall time per decode step (CUDA graphs unless --eager), the summed kernel
 time per step, and the kernels that take the most of it (per step, averaged over the
 profiled steps). ``--no-fused-gemv`` turns off the batch-1 GEMV path
-(cuBLAS + separate norm/SiLU kernels). ``--no-fused-rotary`` runs the torch rotary layer + separate cache
+(cuBLAS + separate norm/SiLU kernels). ``--no-pdl`` launches every kernel without
+programmatic dependent launch (``kvasir.kernels.pdl``); with PDL on, a kernel's time
+includes the time its programs wait for the kernel in front, so the summed kernel time
+exceeds the wall time and only the wall time compares. ``--no-fused-rotary`` runs the torch rotary layer + separate cache
 write instead of the fused Triton kernel (the before/after of that fusion, same call).
 """
 
@@ -26,6 +29,7 @@ def main() -> None:
     p.add_argument("--eager", action="store_true")
     p.add_argument("--no-fused-rotary", action="store_true")
     p.add_argument("--no-fused-gemv", action="store_true")
+    p.add_argument("--no-pdl", action="store_true")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--steps", type=int, default=64)
@@ -38,6 +42,10 @@ def main() -> None:
 
     if args.no_fused_rotary:
         TritonAttentionBackend.fuses_rotary = False
+    if args.no_pdl:
+        import kvasir.kernels.pdl
+
+        kvasir.kernels.pdl.PDL_ENABLED = False
     if args.no_fused_gemv:
         import kvasir.layers.linear
 
@@ -78,7 +86,7 @@ def main() -> None:
     n = args.steps  # the prefill step's kernels are included; small next to 64 steps
     rows = sorted(per_name.items(), key=lambda kv: -kv[1][0])
     print(f"\nmode={'eager' if args.eager else 'graphs'} fused_rotary={not args.no_fused_rotary}"
-          f" fused_gemv={not args.no_fused_gemv}"
+          f" fused_gemv={not args.no_fused_gemv} pdl={not args.no_pdl}"
           f" batch={args.batch_size}")  # fmt: skip
     print(f"{'kernel':<92}{'us/step':>9}{'n/step':>8}")
     for name, (us, cnt) in rows[: args.top]:
@@ -88,6 +96,7 @@ def main() -> None:
         "mode": "eager" if args.eager else "graphs",
         "fused_rotary": not args.no_fused_rotary,
         "fused_gemv": not args.no_fused_gemv,
+        "pdl": not args.no_pdl,
         "batch_size": args.batch_size,
         "wall_ms_per_step": round(wall_ms, 3),
         "kernel_ms_per_step": round(total_us / n / 1e3, 3),

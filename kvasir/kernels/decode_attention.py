@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kvasir.kernels.pdl import gdc_launch_dependents, gdc_wait, launch_kwargs, use_pdl
+
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 32
 
@@ -84,7 +86,11 @@ def _decode_split_kernel(
     NUM_SPLITS: tl.constexpr,
     MIN_SPLIT_LEN: tl.constexpr,  # a multiple of BLOCK_N
     DOT_PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:  # see kvasir.kernels.pdl: nothing is read or written before the wait
+        gdc_launch_dependents()
+        gdc_wait()
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -157,7 +163,11 @@ def _decode_reduce_kernel(
     HEAD_DIM_PAD: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:  # see kvasir.kernels.pdl: nothing is read or written before the wait
+        gdc_launch_dependents()
+        gdc_wait()
     req = tl.program_id(0)
     head = tl.program_id(1)
     row = req.to(tl.int64) * tl.num_programs(1) + head
@@ -226,6 +236,7 @@ def paged_decode_attention(
     group = num_heads // num_kv_heads
     head_dim_pad = triton.next_power_of_2(head_dim)
     k_cache, v_cache = kv_cache[0], kv_cache[1]
+    pdl = use_pdl(query)
     if num_splits > 1:
         mid_o = torch.empty(
             (num_reqs, num_heads, num_splits, head_dim), dtype=torch.float32, device=query.device
@@ -263,8 +274,10 @@ def paged_decode_attention(
         MIN_SPLIT_LEN=config.min_split_len,
         # fp32 would otherwise silently run its dots in tf32 (~1e-3); tf32x3 is ~fp32.
         DOT_PRECISION="tf32x3" if query.dtype == torch.float32 else "tf32",
+        USE_PDL=pdl,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
+        **launch_kwargs(pdl),
     )
     if num_splits > 1:
         _decode_reduce_kernel[(num_reqs, num_heads)](
@@ -277,7 +290,9 @@ def paged_decode_attention(
             HEAD_DIM_PAD=head_dim_pad,
             NUM_SPLITS=num_splits,
             SPLITS_PAD=triton.next_power_of_2(num_splits),
+            USE_PDL=pdl,
             num_warps=4,
+            **launch_kwargs(pdl),
         )
     return out
 

@@ -1,21 +1,29 @@
-"""Single-row GEMV (batch-1 decode), optionally with SiLU-and-mul fused in front.
+"""Single-row GEMV (batch-1 decode), optionally with SiLU-and-mul fused in.
 
 At one token per step every linear layer is a matrix-vector product that only streams
-its weight from memory. cuBLAS reaches 70-98 % of the copy bandwidth on the Llama-3-8B
+its weight from memory. cuBLAS reaches 61-99 % of the copy bandwidth on the Llama-3-8B
 projections at M = 1 (worst on the narrow o_proj, 4096 x 4096, and with a separate
-split-K reduce kernel on two of them); this kernel reaches 81-101 % on the same shapes
+split-K reduce kernel on two of them); this kernel reaches 88-102 % on the same shapes
 (benchmarks/bench_gemv.py, KERNELS_NOTES.md):
 
-* ``PROLOGUE_NONE``: ``y = W x``;
-* ``PROLOGUE_SILU_MUL``: ``x = [gate, up]`` of length 2K, ``y = W (silu(gate) * up)``,
-  rounding ``silu(gate) * up`` once to the input dtype exactly as
-  ``kvasir.kernels.activation.silu_and_mul`` does (one kernel fewer per layer).
+* ``FUSE_NONE``: ``y = W x``;
+* ``FUSE_SILU_MUL_OUT``: ``W = [gate; up]`` of ``2N`` rows, ``y = silu(gate x) * (up x)``
+  (Llama's ``gate_up_proj`` and the activation in one kernel, ``N`` outputs). Each
+  program reads the same rows of both halves. ``gate x`` and ``up x`` are rounded to the
+  input dtype first and ``silu(g) * u`` once more, exactly as the unfused
+  ``linear`` + ``kvasir.kernels.activation.silu_and_mul`` round;
+* ``FUSE_SILU_MUL_IN``: ``x = [gate, up]`` of length 2K, ``y = W (silu(gate) * up)``,
+  with the same rounding (the activation fused in front of ``down_proj`` instead; every
+  program recomputes the whole activation, so it costs more than the epilogue above:
+  90 % vs 101 % of copy on the 8B down_proj, H200).
 
 Each program owns ``BLOCK_N`` output rows and reads them whole (no split-K, no atomics,
 deterministic), accumulating ``W * x`` elementwise in float32 and reducing once at the
 end. (Fusing the RMSNorm before qkv/gate_up the same way was measured slower than the
 separate norm kernel: every program must first reduce the whole vector before its first
-weight load, and reloads three vectors per tile.)
+weight load, and reloads three vectors per tile.) Under programmatic dependent launch
+(``kvasir.kernels.pdl``) each program loads its first weight tile before it waits for
+the kernel in front.
 """
 
 from __future__ import annotations
@@ -26,53 +34,82 @@ import torch
 import triton
 import triton.language as tl
 
-PROLOGUE_NONE = 0
-PROLOGUE_SILU_MUL = 1
+from kvasir.kernels.pdl import gdc_launch_dependents, gdc_wait, launch_kwargs, use_pdl
+
+FUSE_NONE = 0
+FUSE_SILU_MUL_IN = 1
+FUSE_SILU_MUL_OUT = 2
+
+
+@triton.jit
+def _gemv_x(x_ptr, offs_k, mk, K: tl.constexpr, FUSION: tl.constexpr, act_ty: tl.constexpr):
+    """The input vector's columns ``offs_k`` in float32 (after SiLU-and-mul if fused)."""
+    if FUSION == 1:
+        g = tl.load(x_ptr + offs_k, mask=mk, other=0.0).to(tl.float32)
+        u = tl.load(x_ptr + K + offs_k, mask=mk, other=0.0).to(tl.float32)
+        xk = (g / (1.0 + tl.exp(-g)) * u).to(act_ty).to(tl.float32)
+    else:
+        xk = tl.load(x_ptr + offs_k, mask=mk, other=0.0).to(tl.float32)
+    return xk
 
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr,  # [K] (or [2K] for SILU_MUL)
-    w_ptr,  # [N, K], rows contiguous
-    bias_ptr,  # [N] (HAS_BIAS)
+    x_ptr,  # [K] (or [2K] for FUSE_SILU_MUL_IN)
+    w_ptr,  # [N, K] (or [2N, K] for FUSE_SILU_MUL_OUT), rows contiguous
+    bias_ptr,  # [N] (or [2N]) (HAS_BIAS)
     out_ptr,  # [N]
     N,
     stride_wn,
     K: tl.constexpr,
-    PROLOGUE: tl.constexpr,
+    FUSION: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:
+        gdc_launch_dependents()
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     offs_k0 = tl.arange(0, BLOCK_K)
+    mk0 = offs_k0 < K
     act_ty = out_ptr.dtype.element_ty
     # The tile's first row in 64 bits (N * K may pass 2^31 elements); offsets inside the
     # tile stay 32-bit: a 64-bit offset per element cost 18 % of batch-1 decode on an H100
     # (138.8 vs 168.2 tok/s, Llama-3-8B shape).
-    w_tile = w_ptr + (pid * BLOCK_N).to(tl.int64) * stride_wn
-    w_rows = w_tile + tl.arange(0, BLOCK_N)[:, None] * stride_wn
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    rows = tl.arange(0, BLOCK_N)[:, None] * stride_wn
+    w_rows = w_ptr + (pid * BLOCK_N).to(tl.int64) * stride_wn + rows
+    # The first weight tile is loaded before waiting for the kernel in front (PDL: the
+    # weights are never written, so this read may overlap that kernel's tail).
+    w0 = tl.load(w_rows + offs_k0[None, :], mask=mask_n[:, None] & mk0[None, :], other=0.0)
+    if FUSION == 2:
+        u_rows = w_ptr + (N + pid * BLOCK_N).to(tl.int64) * stride_wn + rows
+        u0 = tl.load(u_rows + offs_k0[None, :], mask=mask_n[:, None] & mk0[None, :], other=0.0)
+    if USE_PDL:
+        gdc_wait()
+    xk = _gemv_x(x_ptr, offs_k0, mk0, K, FUSION, act_ty)[None, :]
+    acc = w0.to(tl.float32) * xk
+    if FUSION == 2:
+        acc_u = u0.to(tl.float32) * xk
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         offs_k = k0 + offs_k0
-        mk = offs_k < K
-        if PROLOGUE == 1:
-            g = tl.load(x_ptr + offs_k, mask=mk, other=0.0).to(tl.float32)
-            u = tl.load(x_ptr + K + offs_k, mask=mk, other=0.0).to(tl.float32)
-            xk = (g / (1.0 + tl.exp(-g)) * u).to(act_ty).to(tl.float32)
-        else:
-            xk = tl.load(x_ptr + offs_k, mask=mk, other=0.0).to(tl.float32)
-        w = tl.load(
-            w_rows + offs_k[None, :],
-            mask=mask_n[:, None] & mk[None, :],
-            other=0.0,
-        )
-        acc += w.to(tl.float32) * xk[None, :]
+        mk = mask_n[:, None] & (offs_k < K)[None, :]
+        xk = _gemv_x(x_ptr, offs_k, offs_k < K, K, FUSION, act_ty)[None, :]
+        acc += tl.load(w_rows + offs_k[None, :], mask=mk, other=0.0).to(tl.float32) * xk
+        if FUSION == 2:
+            acc_u += tl.load(u_rows + offs_k[None, :], mask=mk, other=0.0).to(tl.float32) * xk
     y = tl.sum(acc, axis=1)
     if HAS_BIAS:
         y += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    if FUSION == 2:
+        u = tl.sum(acc_u, axis=1)
+        if HAS_BIAS:
+            u += tl.load(bias_ptr + N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        g = y.to(act_ty).to(tl.float32)
+        u = u.to(act_ty).to(tl.float32)
+        y = g / (1.0 + tl.exp(-g)) * u
     tl.store(out_ptr + offs_n, y.to(act_ty), mask=mask_n)
 
 
@@ -81,32 +118,41 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def default_gemv_config(n: int, k: int, num_sms: int = 132) -> tuple[int, int, int]:
+def default_gemv_config(
+    n: int, k: int, num_sms: int = 132, pdl: bool = False
+) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps). 8 rows x 1024 columns per tile and 4 warps was the
-    best or within 1 % of it on every 8B projection (H100 sweep, KERNELS_NOTES.md), except
-    where N / 8 programs make one and a bit waves (about 4 programs fit an SM at once):
-    there 16-row tiles make it a single wave (qkv: 84 % of copy vs 78 %)."""
+    best or within 1 % of it on every 8B projection (H100 and H200 sweeps,
+    KERNELS_NOTES.md). Without PDL, where N / 8 programs make one and a bit waves (about 4
+    programs fit an SM at once), 16-row tiles make it a single wave instead (H100, qkv:
+    84 % of copy vs 78 %). Under PDL the next kernel's programs fill the last wave's idle
+    SMs, and 8-row tiles win there too (H200, qkv: 87.6 % vs 76.0 %)."""
     block_k = min(1024, triton.next_power_of_2(k))
     resident = 4 * num_sms
-    block_n = 16 if resident < triton.cdiv(n, 8) <= 2 * resident else 8
+    block_n = 16 if not pdl and resident < triton.cdiv(n, 8) <= 2 * resident else 8
     return block_n, block_k, 4
 
 
 def gemv(
-    x: torch.Tensor,  # [1, K] ([1, 2K] for PROLOGUE_SILU_MUL)
-    weight: torch.Tensor,  # [N, K]
-    bias: torch.Tensor | None = None,  # [N]
-    prologue: int = PROLOGUE_NONE,
+    x: torch.Tensor,  # [1, K] ([1, 2K] for FUSE_SILU_MUL_IN)
+    weight: torch.Tensor,  # [N, K] ([2N, K] for FUSE_SILU_MUL_OUT)
+    bias: torch.Tensor | None = None,  # one per weight row
+    fusion: int = FUSE_NONE,
     config: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:  # [1, N], x's dtype
-    """``weight @ f(x) (+ bias)``; see the module docstring."""
-    n, k = weight.shape
+    """``weight @ x (+ bias)`` with the ``fusion`` of the module docstring."""
+    rows, k = weight.shape
     assert x.dim() == 2 and x.shape[0] == 1 and x.stride(-1) == 1 and weight.stride(1) == 1
-    assert x.shape[1] == (2 * k if prologue == PROLOGUE_SILU_MUL else k), "x/weight mismatch"
+    assert x.shape[1] == (2 * k if fusion == FUSE_SILU_MUL_IN else k), "x/weight mismatch"
+    assert fusion != FUSE_SILU_MUL_OUT or rows % 2 == 0, "[gate; up] needs an even row count"
+    n = rows // 2 if fusion == FUSE_SILU_MUL_OUT else rows
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    pdl = use_pdl(x)
     if config is None:
         sms = _num_sms(x.device.index or 0) if x.is_cuda else 132
-        config = default_gemv_config(n, k, sms)
+        config = default_gemv_config(rows, k, sms, pdl)
+        if fusion == FUSE_SILU_MUL_OUT:  # the tile spans both halves: same bytes per program
+            config = (max(1, config[0] // 2), *config[1:])
     block_n, block_k, num_warps = config
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x,
@@ -116,11 +162,13 @@ def gemv(
         n,
         weight.stride(0),
         K=k,
-        PROLOGUE=prologue,
+        FUSION=fusion,
         HAS_BIAS=bias is not None,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
+        USE_PDL=pdl,
         num_warps=num_warps,
+        **launch_kwargs(pdl),
     )
     return out
 
@@ -129,20 +177,26 @@ def gemv_ref(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
-    prologue: int = PROLOGUE_NONE,
+    fusion: int = FUSE_NONE,
 ) -> torch.Tensor:
-    """Plain-torch reference: the unfused activation, then ``F.linear`` in float32."""
+    """Plain-torch reference: the unfused activation and ``F.linear`` in float32, each
+    rounded to the input dtype as the unfused layers are."""
     v = x
-    if prologue == PROLOGUE_SILU_MUL:
+    if fusion == FUSE_SILU_MUL_IN:
         k = x.shape[1] // 2
         v = (torch.nn.functional.silu(x[:, :k].float()) * x[:, k:].float()).to(x.dtype)
     b = None if bias is None else bias.float()
-    return torch.nn.functional.linear(v.float(), weight.float(), b).to(x.dtype)
+    y = torch.nn.functional.linear(v.float(), weight.float(), b).to(x.dtype)
+    if fusion == FUSE_SILU_MUL_OUT:
+        n = y.shape[1] // 2
+        y = (torch.nn.functional.silu(y[:, :n].float()) * y[:, n:].float()).to(x.dtype)
+    return y
 
 
 __all__ = [
-    "PROLOGUE_NONE",
-    "PROLOGUE_SILU_MUL",
+    "FUSE_NONE",
+    "FUSE_SILU_MUL_IN",
+    "FUSE_SILU_MUL_OUT",
     "default_gemv_config",
     "gemv",
     "gemv_ref",

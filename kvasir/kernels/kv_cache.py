@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kvasir.kernels.pdl import gdc_launch_dependents, gdc_wait, launch_kwargs, use_pdl
+
 
 @triton.jit
 def _reshape_and_cache_kernel(
@@ -149,7 +151,11 @@ def _rope_and_cache_kernel(
     HALF: tl.constexpr,  # rotary_dim // 2
     HALF_PAD: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:  # see kvasir.kernels.pdl: nothing is read or written before the wait
+        gdc_launch_dependents()
+        gdc_wait()
     tok = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + tok)
     offs_r = tl.arange(0, HALF_PAD)
@@ -228,6 +234,7 @@ def rotary_embedding_and_cache(
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     half = rotary_dim // 2
     heads_pad = triton.next_power_of_2(num_heads)
+    pdl = use_pdl(query)
     _rope_and_cache_kernel[(num_tokens,)](
         positions,
         query,
@@ -256,7 +263,9 @@ def rotary_embedding_and_cache(
         HALF=half,
         HALF_PAD=triton.next_power_of_2(half),
         PAGE_SIZE=page_size,
+        USE_PDL=pdl,
         num_warps=4 if heads_pad * head_dim <= 4096 else 8,
+        **launch_kwargs(pdl),
     )
 
 

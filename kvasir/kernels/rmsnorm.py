@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kvasir.kernels.pdl import gdc_launch_dependents, gdc_wait, launch_kwargs, use_pdl
+
 
 @triton.jit
 def _rms_norm_kernel(
@@ -29,7 +31,11 @@ def _rms_norm_kernel(
     HIDDEN: tl.constexpr,
     BLOCK: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:  # see kvasir.kernels.pdl: nothing is read or written before the wait
+        gdc_launch_dependents()
+        gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < HIDDEN
@@ -60,6 +66,7 @@ def _launch(
         return
     assert x.dim() == 2 and x.stride(1) == 1 and out.stride(1) == 1, "rows must be contiguous"
     block = triton.next_power_of_2(hidden)
+    pdl = use_pdl(x)
     num_warps = min(16, max(1, block // 512))  # ~16 B per thread per load
     _rms_norm_kernel[(num_tokens,)](
         x,
@@ -75,7 +82,9 @@ def _launch(
         HIDDEN=hidden,
         BLOCK=block,
         HAS_RESIDUAL=residual is not None,
+        USE_PDL=pdl,
         num_warps=num_warps,
+        **launch_kwargs(pdl),
     )
 
 

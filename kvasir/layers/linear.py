@@ -3,8 +3,8 @@
 GPU: at one token per step (batch-1 decode, a static shape inside its CUDA graph) in
 bf16/fp16, each projection runs as the single-row Triton GEMV of ``kvasir.kernels.gemv``
 (closer to the copy bandwidth than cuBLAS at M = 1, no split-K reduce kernel), and the
-SiLU-and-mul before ``down_proj`` is fused into that GEMV; both paths round the
-activation fed to the matrix the same way.
+SiLU-and-mul after ``gate_up_proj`` is fused into that GEMV's epilogue; both paths
+round the activation the same way.
 
 CPU, float32: oneDNN's matmul on weights reordered once into its blocked layout (the
 op inductor uses for frozen CPU graphs). On this project's 2-core AVX-512 VM it runs
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 # Module switches for the fast paths (benchmarks flip them to measure their gain).
 FUSED_GEMV_ENABLED = True
@@ -122,10 +121,13 @@ def warm_up_cpu_linear(weights: list[torch.Tensor], max_rows: int) -> None:
                 linear(torch.zeros(m, w.shape[1]), w)
 
 
-def silu_and_mul_linear(act: nn.Module, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """``layer(act(x))`` for the fused gate/up output ``x`` ``[num_tokens, 2 * d]``."""
-    if use_fused_gemv(x, layer.weight):
-        from kvasir.kernels.gemv import PROLOGUE_SILU_MUL, gemv
+def gate_up_silu_mul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """``silu(x @ gate^T) * (x @ up^T)`` for ``weight = [gate; up]`` in one fused call
+    where a device has one: oneDNN on the CPU (``cpu_gate_up_silu_mul``), the GEMV with
+    the activation in its epilogue at one token on the GPU. None elsewhere: the caller
+    runs ``linear`` and the activation."""
+    if use_fused_gemv(x, weight):
+        from kvasir.kernels.gemv import FUSE_SILU_MUL_OUT, gemv
 
-        return gemv(x, layer.weight, layer.bias, PROLOGUE_SILU_MUL)
-    return linear(act(x), layer.weight, layer.bias)
+        return gemv(x, weight, fusion=FUSE_SILU_MUL_OUT)
+    return cpu_gate_up_silu_mul(x, weight)

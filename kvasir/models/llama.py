@@ -18,7 +18,7 @@ from kvasir.config import ModelArchConfig
 from kvasir.layers.activation import SiluAndMul
 from kvasir.layers.attention import Attention
 from kvasir.layers.layernorm import RMSNorm
-from kvasir.layers.linear import cpu_gate_up_silu_mul, linear, silu_and_mul_linear
+from kvasir.layers.linear import gate_up_silu_mul, linear
 from kvasir.layers.rotary_embedding import RotaryEmbedding
 
 # HF sub-projection -> (fused parameter, shard id)
@@ -107,11 +107,10 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # [num_tokens, hidden] -> [num_tokens, 2 * intermediate] -> [num_tokens, hidden]
-        act = cpu_gate_up_silu_mul(x, self.gate_up_proj.weight)
-        if act is not None:
-            return linear(act, self.down_proj.weight, self.down_proj.bias)
-        gate_up = linear(x, self.gate_up_proj.weight)
-        return silu_and_mul_linear(self.act_fn, self.down_proj, gate_up)
+        act = gate_up_silu_mul(x, self.gate_up_proj.weight)
+        if act is None:
+            act = self.act_fn(linear(x, self.gate_up_proj.weight))
+        return linear(act, self.down_proj.weight, self.down_proj.bias)
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -8,8 +8,9 @@ import torch
 from kvtest_utils import DEVICE, ON_GPU, rel_err
 
 from kvasir.kernels.gemv import (
-    PROLOGUE_NONE,
-    PROLOGUE_SILU_MUL,
+    FUSE_NONE,
+    FUSE_SILU_MUL_IN,
+    FUSE_SILU_MUL_OUT,
     default_gemv_config,
     gemv,
     gemv_ref,
@@ -21,23 +22,25 @@ CPU_SHAPES = [(40, 96), (1, 576), (1000, 1100), (17, 8)]
 GPU_SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)] if ON_GPU else []
 
 
-@pytest.mark.parametrize("prologue", [PROLOGUE_NONE, PROLOGUE_SILU_MUL])
+@pytest.mark.parametrize("fusion", [FUSE_NONE, FUSE_SILU_MUL_IN, FUSE_SILU_MUL_OUT])
 @pytest.mark.parametrize(
     "shape,dtype,bias",
     [(s, torch.float32, i % 2 == 0) for i, s in enumerate(CPU_SHAPES)]
     + [(s, torch.bfloat16, False) for s in GPU_SHAPES],
 )
-def test_gemv(prologue, shape, dtype, bias):
+def test_gemv(fusion, shape, dtype, bias):
     n, k = shape
+    if fusion == FUSE_SILU_MUL_OUT:
+        n *= 2  # [gate; up]
     g = torch.Generator().manual_seed(0)
-    kx = 2 * k if prologue == PROLOGUE_SILU_MUL else k
+    kx = 2 * k if fusion == FUSE_SILU_MUL_IN else k
     x = (torch.randn(1, kx, generator=g) * 2).to(DEVICE, dtype)
     w = (torch.randn(n, k, generator=g) / k**0.5).to(DEVICE, dtype)
     b = torch.randn(n, generator=g).to(DEVICE, dtype) if bias else None
     x0 = x.clone()
-    y = gemv(x, w, b, prologue)
-    assert y.shape == (1, n) and y.dtype == dtype
-    assert rel_err(y, gemv_ref(x, w, b, prologue)) < (1e-5 if dtype == torch.float32 else 1e-2)
+    y = gemv(x, w, b, fusion)
+    assert y.shape == (1, n // 2 if fusion == FUSE_SILU_MUL_OUT else n) and y.dtype == dtype
+    assert rel_err(y, gemv_ref(x, w, b, fusion)) < (1e-5 if dtype == torch.float32 else 1e-2)
     assert torch.equal(x, x0)  # input untouched
 
 
@@ -50,7 +53,9 @@ def test_gemv_config_override_and_bad_shapes():
     with pytest.raises(AssertionError):
         gemv(torch.cat([x, x]), w)  # one row only
     with pytest.raises(AssertionError):
-        gemv(x, w, prologue=PROLOGUE_SILU_MUL)  # SILU_MUL takes [1, 2K]
+        gemv(x, w, fusion=FUSE_SILU_MUL_IN)  # SILU_MUL_IN takes [1, 2K]
+    with pytest.raises(AssertionError):
+        gemv(x, w, fusion=FUSE_SILU_MUL_OUT)  # [gate; up] has an even row count
 
 
 def test_default_config_keeps_one_wave():
@@ -59,6 +64,8 @@ def test_default_config_keeps_one_wave():
     assert default_gemv_config(4096, 4096, 132) == (8, 1024, 4)
     assert default_gemv_config(28672, 4096, 132) == (8, 1024, 4)
     assert default_gemv_config(40, 96, 132) == (8, 128, 4)
+    # Under PDL the next kernel fills the last wave: 8-row tiles everywhere.
+    assert default_gemv_config(6144, 4096, 132, pdl=True) == (8, 1024, 4)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="a weight of more than 2^31 elements (4.3 GB)")
@@ -73,5 +80,12 @@ def test_gemv_weight_past_int32_offsets():
     y = gemv(x, w)
     ref = (w[-64:].float() @ x[0].float())[None]
     assert rel_err(y[:, -64:], ref) < 1e-2
+    # [gate; up]: the up half's last rows lie past 2^31 too.
+    h = n // 2
+    w[h - 64 : h] = torch.randn(64, k, device=DEVICE, dtype=torch.bfloat16) / k**0.5
+    y = gemv(x, w, fusion=FUSE_SILU_MUL_OUT)
+    g_ref = (w[h - 64 : h].float() @ x[0].float()).to(x.dtype).float()
+    u_ref = (w[-64:].float() @ x[0].float()).to(x.dtype).float()
+    assert rel_err(y[:, -64:], (torch.nn.functional.silu(g_ref) * u_ref)[None]) < 1e-2
     del w
     torch.cuda.empty_cache()
