@@ -19,7 +19,6 @@ import torch.nn.functional as F
 
 from kvasir.bench.hw import measure_ceilings
 from kvasir.kernels.gemv import (
-    FUSE_SILU_MUL_IN,
     FUSE_SILU_MUL_OUT,
     default_gemv_config,
     gemv,
@@ -62,7 +61,6 @@ def bench_shape(name: str, n: int, k: int, copy_gbs: float, sweep: bool) -> dict
     copies = max(2, -(-150_000_000 // nbytes))  # > 3x the 50 MB L2
     ws = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
     x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
-    xs = torch.randn(1, 2 * k, device=dev, dtype=torch.bfloat16)
 
     def frac(t: float) -> float:
         return nbytes / t / 1e9 / copy_gbs
@@ -82,9 +80,6 @@ def bench_shape(name: str, n: int, k: int, copy_gbs: float, sweep: bool) -> dict
             row[f"gemv{c}"] = (t, frac(t))
         except Exception as e:  # noqa: BLE001 - a config may not compile
             print(f"  {name} {c}: {type(e).__name__}")
-    if name == "down":  # the activation fused in front (recomputed by every program)
-        t = time_per_call(lambda i: gemv(xs, ws[i], None, FUSE_SILU_MUL_IN, config=cfg), copies)
-        row["gemv+silu_mul_in"] = (t, frac(t))
     if name == "gate_up":  # the activation in the epilogue (the engine's path)
         t = time_per_call(lambda i: gemv(x, ws[i], None, FUSE_SILU_MUL_OUT), copies)
         row["gemv+silu_mul_out"] = (t, frac(t))
@@ -92,7 +87,7 @@ def bench_shape(name: str, n: int, k: int, copy_gbs: float, sweep: bool) -> dict
     print(f"\n{name} N={n} K={k} ({nbytes / 1e6:.0f} MB)")
     for label, (t, f) in ranked[:8] + [("cublas", row["cublas"])]:
         print(f"  {label:<28}{t * 1e6:>9.1f} us {f * 100:>6.1f} % of copy")
-    keep = ("cublas", f"gemv{cfg}", "gemv+silu_mul_in", "gemv+silu_mul_out")
+    keep = ("cublas", f"gemv{cfg}", "gemv+silu_mul_out")
     out = {k_: round(v[1], 4) for k_, v in row.items() if k_ in keep}
     ws.clear()
     torch.cuda.empty_cache()

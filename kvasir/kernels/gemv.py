@@ -1,9 +1,9 @@
 """Single-row GEMV (batch-1 decode), optionally with SiLU-and-mul fused in.
 
 At one token per step every linear layer is a matrix-vector product that only streams
-its weight from memory. cuBLAS reaches 61-99 % of the copy bandwidth on the Llama-3-8B
+its weight from memory. cuBLAS reaches 62-102 % of the copy bandwidth on the Llama-3-8B
 projections at M = 1 (worst on the narrow o_proj, 4096 x 4096, and with a separate
-split-K reduce kernel on two of them); this kernel reaches 88-102 % on the same shapes
+split-K reduce kernel on two of them); this kernel reaches 90-106 % on the same shapes
 (benchmarks/bench_gemv.py, KERNELS_NOTES.md):
 
 * ``FUSE_NONE``: ``y = W x``;
@@ -11,11 +11,10 @@ split-K reduce kernel on two of them); this kernel reaches 88-102 % on the same 
   (Llama's ``gate_up_proj`` and the activation in one kernel, ``N`` outputs). Each
   program reads the same rows of both halves. ``gate x`` and ``up x`` are rounded to the
   input dtype first and ``silu(g) * u`` once more, exactly as the unfused
-  ``linear`` + ``kvasir.kernels.activation.silu_and_mul`` round;
-* ``FUSE_SILU_MUL_IN``: ``x = [gate, up]`` of length 2K, ``y = W (silu(gate) * up)``,
-  with the same rounding (the activation fused in front of ``down_proj`` instead; every
-  program recomputes the whole activation, so it costs more than the epilogue above:
-  90 % vs 101 % of copy on the 8B down_proj, H200).
+  ``linear`` + ``kvasir.kernels.activation.silu_and_mul`` round.
+  (The activation fused in front of ``down_proj`` instead was measured and dropped:
+  every program recomputed the whole activation, 90 % vs 101 % of copy on the 8B
+  down_proj on an H200.)
 
 Each program owns ``BLOCK_N`` output rows and reads them whole (no split-K, no atomics,
 deterministic), accumulating ``W * x`` elementwise in float32 and reducing once at the
@@ -37,25 +36,12 @@ import triton.language as tl
 from kvasir.kernels.pdl import gdc_launch_dependents, gdc_wait, launch_kwargs, use_pdl
 
 FUSE_NONE = 0
-FUSE_SILU_MUL_IN = 1
-FUSE_SILU_MUL_OUT = 2
-
-
-@triton.jit
-def _gemv_x(x_ptr, offs_k, mk, K: tl.constexpr, FUSION: tl.constexpr, act_ty: tl.constexpr):
-    """The input vector's columns ``offs_k`` in float32 (after SiLU-and-mul if fused)."""
-    if FUSION == 1:
-        g = tl.load(x_ptr + offs_k, mask=mk, other=0.0).to(tl.float32)
-        u = tl.load(x_ptr + K + offs_k, mask=mk, other=0.0).to(tl.float32)
-        xk = (g / (1.0 + tl.exp(-g)) * u).to(act_ty).to(tl.float32)
-    else:
-        xk = tl.load(x_ptr + offs_k, mask=mk, other=0.0).to(tl.float32)
-    return xk
+FUSE_SILU_MUL_OUT = 1
 
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr,  # [K] (or [2K] for FUSE_SILU_MUL_IN)
+    x_ptr,  # [K]
     w_ptr,  # [N, K] (or [2N, K] for FUSE_SILU_MUL_OUT), rows contiguous
     bias_ptr,  # [N] (or [2N]) (HAS_BIAS)
     out_ptr,  # [N]
@@ -84,26 +70,26 @@ def _gemv_kernel(
     # The first weight tile is loaded before waiting for the kernel in front (PDL: the
     # weights are never written, so this read may overlap that kernel's tail).
     w0 = tl.load(w_rows + offs_k0[None, :], mask=mask_n[:, None] & mk0[None, :], other=0.0)
-    if FUSION == 2:
+    if FUSION == 1:
         u_rows = w_ptr + (N + pid * BLOCK_N).to(tl.int64) * stride_wn + rows
         u0 = tl.load(u_rows + offs_k0[None, :], mask=mask_n[:, None] & mk0[None, :], other=0.0)
     if USE_PDL:
         gdc_wait()
-    xk = _gemv_x(x_ptr, offs_k0, mk0, K, FUSION, act_ty)[None, :]
+    xk = tl.load(x_ptr + offs_k0, mask=mk0, other=0.0).to(tl.float32)[None, :]
     acc = w0.to(tl.float32) * xk
-    if FUSION == 2:
+    if FUSION == 1:
         acc_u = u0.to(tl.float32) * xk
     for k0 in range(BLOCK_K, K, BLOCK_K):
         offs_k = k0 + offs_k0
         mk = mask_n[:, None] & (offs_k < K)[None, :]
-        xk = _gemv_x(x_ptr, offs_k, offs_k < K, K, FUSION, act_ty)[None, :]
+        xk = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)[None, :]
         acc += tl.load(w_rows + offs_k[None, :], mask=mk, other=0.0).to(tl.float32) * xk
-        if FUSION == 2:
+        if FUSION == 1:
             acc_u += tl.load(u_rows + offs_k[None, :], mask=mk, other=0.0).to(tl.float32) * xk
     y = tl.sum(acc, axis=1)
     if HAS_BIAS:
         y += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    if FUSION == 2:
+    if FUSION == 1:
         u = tl.sum(acc_u, axis=1)
         if HAS_BIAS:
             u += tl.load(bias_ptr + N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
@@ -134,7 +120,7 @@ def default_gemv_config(
 
 
 def gemv(
-    x: torch.Tensor,  # [1, K] ([1, 2K] for FUSE_SILU_MUL_IN)
+    x: torch.Tensor,  # [1, K]
     weight: torch.Tensor,  # [N, K] ([2N, K] for FUSE_SILU_MUL_OUT)
     bias: torch.Tensor | None = None,  # one per weight row
     fusion: int = FUSE_NONE,
@@ -143,7 +129,8 @@ def gemv(
     """``weight @ x (+ bias)`` with the ``fusion`` of the module docstring."""
     rows, k = weight.shape
     assert x.dim() == 2 and x.shape[0] == 1 and x.stride(-1) == 1 and weight.stride(1) == 1
-    assert x.shape[1] == (2 * k if fusion == FUSE_SILU_MUL_IN else k), "x/weight mismatch"
+    assert fusion in (FUSE_NONE, FUSE_SILU_MUL_OUT), f"unknown fusion {fusion}"
+    assert x.shape[1] == k, "x/weight mismatch"
     assert fusion != FUSE_SILU_MUL_OUT or rows % 2 == 0, "[gate; up] needs an even row count"
     n = rows // 2 if fusion == FUSE_SILU_MUL_OUT else rows
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
@@ -179,14 +166,10 @@ def gemv_ref(
     bias: torch.Tensor | None = None,
     fusion: int = FUSE_NONE,
 ) -> torch.Tensor:
-    """Plain-torch reference: the unfused activation and ``F.linear`` in float32, each
+    """Plain-torch reference: ``F.linear`` in float32, then the unfused activation, each
     rounded to the input dtype as the unfused layers are."""
-    v = x
-    if fusion == FUSE_SILU_MUL_IN:
-        k = x.shape[1] // 2
-        v = (torch.nn.functional.silu(x[:, :k].float()) * x[:, k:].float()).to(x.dtype)
     b = None if bias is None else bias.float()
-    y = torch.nn.functional.linear(v.float(), weight.float(), b).to(x.dtype)
+    y = torch.nn.functional.linear(x.float(), weight.float(), b).to(x.dtype)
     if fusion == FUSE_SILU_MUL_OUT:
         n = y.shape[1] // 2
         y = (torch.nn.functional.silu(y[:, :n].float()) * y[:, n:].float()).to(x.dtype)
@@ -195,7 +178,6 @@ def gemv_ref(
 
 __all__ = [
     "FUSE_NONE",
-    "FUSE_SILU_MUL_IN",
     "FUSE_SILU_MUL_OUT",
     "default_gemv_config",
     "gemv",
