@@ -16,9 +16,10 @@ its predecessor still runs:
   first weight tile there, so the weight stream of the next projection starts while
   the norm or attention kernel in front of it still runs.
 
-Kernels launched without the attribute (torch's) order as usual. ``PDL_ENABLED`` is a
-module switch (benchmarks flip it to measure the gain); the interpreter and GPUs before
-compute capability 9.0 never use it.
+Kernels launched without the attribute (torch's) order as usual. ``KVASIR_PDL=0`` in the
+environment or the module switch ``PDL_ENABLED`` (benchmarks flip it to measure the
+gain) turns PDL off; the interpreter and GPUs before compute capability 9.0 never use
+it.
 """
 
 from __future__ import annotations
@@ -46,11 +47,14 @@ except ImportError:  # pragma: no cover - older triton: the constexpr branch is 
         raise RuntimeError("programmatic dependent launch needs triton >= 3.3")
 
 
-PDL_ENABLED = os.environ.get("KVASIR_PDL", "1") != "0"
+PDL_ENABLED = True
 
 
 @functools.cache
 def _supported(device_index: int) -> bool:
+    """Read once, at the first launch: ``KVASIR_PDL=0`` in the environment turns PDL off."""
+    if os.environ.get("KVASIR_PDL", "1") == "0":
+        return False
     if not _HAVE_GDC or os.environ.get("TRITON_INTERPRET") == "1":
         return False
     try:
