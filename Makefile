@@ -29,6 +29,7 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check kvasir tests benchmarks
+	$(BIN)/ruff format --check kvasir tests benchmarks
 	$(BIN)/mypy
 
 bench-cpu: setup

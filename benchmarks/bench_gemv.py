@@ -104,8 +104,16 @@ def main() -> None:
     print(f"device {ceil.device_name}: copy {copy_gbs:.0f} GB/s")
     results = {name: bench_shape(name, n, k, copy_gbs, args.sweep)
                for name, (n, k) in SHAPES.items()}  # fmt: skip
-    print(json.dumps({"bench": "gemv", "device": ceil.device_name,
-                      "copy_gbs": round(copy_gbs), "fraction_of_copy": results}))
+    print(
+        json.dumps(
+            {
+                "bench": "gemv",
+                "device": ceil.device_name,
+                "copy_gbs": round(copy_gbs),
+                "fraction_of_copy": results,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

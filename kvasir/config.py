@@ -98,10 +98,16 @@ class CacheConfig:
     num_gpu_blocks_override: int | None = None
 
     def __post_init__(self) -> None:
-        _check(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128), "block_size",
-               f"must be a power of two in [1, 128], got {self.block_size}")
-        _check(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization",
-               f"must be in (0, 1], got {self.gpu_memory_utilization}")
+        _check(
+            self.block_size in (1, 2, 4, 8, 16, 32, 64, 128),
+            "block_size",
+            f"must be a power of two in [1, 128], got {self.block_size}",
+        )
+        _check(
+            0.0 < self.gpu_memory_utilization <= 1.0,
+            "gpu_memory_utilization",
+            f"must be in (0, 1], got {self.gpu_memory_utilization}",
+        )
         if self.kv_cache_gb is not None:
             _check(self.kv_cache_gb > 0, "kv_cache_gb", "must be > 0")
         if self.num_gpu_blocks_override is not None:

@@ -18,8 +18,13 @@ pytestmark = pytest.mark.skipif(
 def _tiny_llama():
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=1000)
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1000,
+    )
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
@@ -28,8 +33,7 @@ def _small_cache():
     return ContinuousBatchingConfig(num_blocks=16, max_batch_tokens=256)
 
 
-@pytest.mark.parametrize(
-    "device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
 def test_hf_continuous_counts_every_requested_token(device):
     from kvasir.bench.throughput import _run_hf_continuous, make_workload
 

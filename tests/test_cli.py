@@ -9,7 +9,9 @@ import sys
 def _kvasir(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "kvasir.entrypoints.cli", *args],
-        capture_output=True, text=True, timeout=timeout,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -19,15 +21,33 @@ def test_help_lists_subcommands() -> None:
     for cmd in ("generate", "chat", "serve", "bench"):
         assert cmd in r.stdout
     g = _kvasir("generate", "--help")
-    for flag in ("--max-model-len", "--max-num-seqs", "--max-num-batched-tokens",
-                 "--gpu-memory-utilization", "--kv-cache-gb", "--no-enable-prefix-caching",
-                 "--load-format", "--dtype", "--scheduling-policy", "--attention-backend"):
+    for flag in (
+        "--max-model-len",
+        "--max-num-seqs",
+        "--max-num-batched-tokens",
+        "--gpu-memory-utilization",
+        "--kv-cache-gb",
+        "--no-enable-prefix-caching",
+        "--load-format",
+        "--dtype",
+        "--scheduling-policy",
+        "--attention-backend",
+    ):
         assert flag in g.stdout
 
 
 def test_generate_prints_answer_and_speed() -> None:
-    r = _kvasir("generate", "--raw", "The capital of France is", "--max-tokens", "8",
-                "--kv-cache-gb", "0.1", "--max-model-len", "512")
+    r = _kvasir(
+        "generate",
+        "--raw",
+        "The capital of France is",
+        "--max-tokens",
+        "8",
+        "--kv-cache-gb",
+        "0.1",
+        "--max-model-len",
+        "512",
+    )
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
     assert "tok/s" in r.stdout
@@ -43,9 +63,22 @@ def test_bad_input_is_a_clear_error() -> None:
 
 def test_chat_streams_a_reply_and_exits() -> None:
     r = subprocess.run(
-        [sys.executable, "-m", "kvasir.entrypoints.cli", "chat", "--max-tokens", "6",
-         "--kv-cache-gb", "0.05", "--max-model-len", "512"],
-        input="Say hello.\n/exit\n", capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "kvasir.entrypoints.cli",
+            "chat",
+            "--max-tokens",
+            "6",
+            "--kv-cache-gb",
+            "0.05",
+            "--max-model-len",
+            "512",
+        ],
+        input="Say hello.\n/exit\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert r.returncode == 0, r.stderr
     assert "kvasir chat" in r.stdout

@@ -42,10 +42,13 @@ def hf_greedy() -> dict[tuple[int, ...], list[int]]:
         for p in PROMPTS + [SHARED_PREFIX + s for s in SHARED_SUFFIXES]:
             ids = tok(p).input_ids
             gen = model.generate(
-                torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                max_new_tokens=MAX_NEW, do_sample=False, pad_token_id=2,
+                torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=MAX_NEW,
+                do_sample=False,
+                pad_token_id=2,
             )
-            out[tuple(ids)] = gen[0, len(ids):].tolist()
+            out[tuple(ids)] = gen[0, len(ids) :].tolist()
     return out
 
 
@@ -53,8 +56,11 @@ SHARED_PREFIX = (
     "You are a helpful assistant. Answer briefly and precisely, and never make things up. "
     "Here is the question you must answer for the user today: "
 )
-SHARED_SUFFIXES = ["What colour is the sky?", "How many legs does a spider have?",
-                   "What is the largest ocean?"]
+SHARED_SUFFIXES = [
+    "What colour is the sky?",
+    "How many legs does a spider have?",
+    "What is the largest ocean?",
+]
 
 
 @pytest.fixture(scope="module")
@@ -87,9 +93,15 @@ def test_greedy_alone_matches_hf(llm: LLM, hf_greedy) -> None:
 def _random_others(n: int, seed: int) -> tuple[list[list[int]], list[SamplingParams]]:
     rng = random.Random(seed)
     prompts = [[rng.randrange(100, 49000) for _ in range(rng.randint(1, 120))] for _ in range(n)]
-    params = [SamplingParams(temperature=rng.choice([0.0, 0.7, 1.0]),
-                             max_tokens=rng.randint(1, 40), ignore_eos=True, seed=rng.randint(0, 99))
-              for _ in range(n)]
+    params = [
+        SamplingParams(
+            temperature=rng.choice([0.0, 0.7, 1.0]),
+            max_tokens=rng.randint(1, 40),
+            ignore_eos=True,
+            seed=rng.randint(0, 99),
+        )
+        for _ in range(n)
+    ]
     return prompts, params
 
 
@@ -101,7 +113,7 @@ def test_greedy_batched_with_30_others_matches_hf(llm: LLM, hf_greedy) -> None:
     outs = llm.generate(prompts, params, use_tqdm=False)
     for i, p in enumerate(ids):
         _check(outs[15 + i].outputs[0].token_ids, hf_greedy[tuple(p)])
-    for o, sp in zip(outs[:15] + outs[15 + len(ids):], other_params):
+    for o, sp in zip(outs[:15] + outs[15 + len(ids) :], other_params):
         assert len(o.outputs[0].token_ids) == sp.max_tokens
         assert o.outputs[0].finish_reason == "length"
 
@@ -138,11 +150,17 @@ def test_seeded_sampling_reproducible_across_batches(llm: LLM) -> None:
     prompt = "Tell me a story about a dragon."
     alone = llm.generate([prompt], sp, use_tqdm=False)[0].outputs[0].token_ids
     others, other_params = _random_others(10, seed=3)
-    batch = llm.generate(others[:5] + [prompt] + others[5:],
-                         other_params[:5] + [sp] + other_params[5:], use_tqdm=False)
+    batch = llm.generate(
+        others[:5] + [prompt] + others[5:],
+        other_params[:5] + [sp] + other_params[5:],
+        use_tqdm=False,
+    )
     assert batch[5].outputs[0].token_ids == alone
-    other_seed = llm.generate([prompt], SamplingParams(
-        temperature=0.9, top_p=0.9, top_k=50, max_tokens=16, seed=4321), use_tqdm=False)
+    other_seed = llm.generate(
+        [prompt],
+        SamplingParams(temperature=0.9, top_p=0.9, top_k=50, max_tokens=16, seed=4321),
+        use_tqdm=False,
+    )
     assert other_seed[0].outputs[0].token_ids != alone
 
 
@@ -156,13 +174,18 @@ def test_stop_string_excluded_and_matched_across_tokens(llm: LLM) -> None:
     cut = next(i for i in range(3, len(pieces)) if len(pieces[i]) - len(pieces[i - 1]) >= 2)
     boundary = len(pieces[cut - 1])
     stop = text[boundary - 1 : boundary + 1]
-    out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=30, stop=[stop]),
-                       use_tqdm=False)[0].outputs[0]
+    out = llm.generate(
+        [prompt], SamplingParams(temperature=0.0, max_tokens=30, stop=[stop]), use_tqdm=False
+    )[0].outputs[0]
     assert out.finish_reason == "stop" and out.stop_reason == stop
     assert out.text == text[: text.index(stop)]
-    keep = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=30, stop=[stop],
-                                                 include_stop_str_in_output=True),
-                        use_tqdm=False)[0].outputs[0]
+    keep = llm.generate(
+        [prompt],
+        SamplingParams(
+            temperature=0.0, max_tokens=30, stop=[stop], include_stop_str_in_output=True
+        ),
+        use_tqdm=False,
+    )[0].outputs[0]
     assert keep.text == text[: text.index(stop) + len(stop)]
 
 
@@ -172,12 +195,14 @@ def test_min_tokens_and_ignore_eos(llm: LLM) -> None:
     n_short = len(short.outputs[0].token_ids)
     assert short.outputs[0].finish_reason == "stop" and n_short < 30
     assert short.outputs[0].token_ids[-1] == 2  # EOS ends it
-    longer = llm.chat(msgs, SamplingParams(temperature=0.0, max_tokens=60, min_tokens=n_short + 5),
-                      use_tqdm=False)[0].outputs[0]
+    longer = llm.chat(
+        msgs, SamplingParams(temperature=0.0, max_tokens=60, min_tokens=n_short + 5), use_tqdm=False
+    )[0].outputs[0]
     assert len(longer.token_ids) >= n_short + 5
     assert 2 not in longer.token_ids[: n_short + 4]
-    ign = llm.chat(msgs, SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True),
-                   use_tqdm=False)[0].outputs[0]
+    ign = llm.chat(
+        msgs, SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True), use_tqdm=False
+    )[0].outputs[0]
     assert len(ign.token_ids) == 40 and ign.finish_reason == "length"
 
 
@@ -193,15 +218,19 @@ def test_n_greater_than_one_shares_prompt_blocks() -> None:
 
     runner.execute_model = counting
     prompt = list(range(1000, 1040))  # 40 tokens: 2 full blocks + 8
-    outs = llm2.generate([prompt], SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=5,
-                                                  ignore_eos=True), use_tqdm=False)
+    outs = llm2.generate(
+        [prompt],
+        SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=5, ignore_eos=True),
+        use_tqdm=False,
+    )
     assert len(outs) == 1 and [c.index for c in outs[0].outputs] == [0, 1, 2]
     assert all(len(c.token_ids) == 5 for c in outs[0].outputs)
     assert len({tuple(c.token_ids) for c in outs[0].outputs}) > 1
     # 40 prompt tokens once, 8 recomputed per child (2 shared blocks), 4 decodes x 3.
     assert sum(executed) == 40 + 2 * 8 + 3 * 4
-    greedy = llm2.generate([prompt], SamplingParams(n=2, temperature=0.0, max_tokens=6),
-                           use_tqdm=False)[0]
+    greedy = llm2.generate(
+        [prompt], SamplingParams(n=2, temperature=0.0, max_tokens=6), use_tqdm=False
+    )[0]
     assert greedy.outputs[0].token_ids == greedy.outputs[1].token_ids
 
 
@@ -209,12 +238,15 @@ def test_logprobs_match_hf(llm: LLM) -> None:
     from transformers import AutoModelForCausalLM
 
     path = default_model_path()
-    hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path),
-                                              gguf_file=os.path.basename(path),
-                                              dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
+    ).eval()
     ids = _ids(llm, ["The capital of France is"])[0]
-    out = llm.generate([ids], SamplingParams(temperature=0.0, max_tokens=4, logprobs=3,
-                                             prompt_logprobs=2), use_tqdm=False)[0]
+    out = llm.generate(
+        [ids],
+        SamplingParams(temperature=0.0, max_tokens=4, logprobs=3, prompt_logprobs=2),
+        use_tqdm=False,
+    )[0]
     seq = ids + out.outputs[0].token_ids
     with torch.inference_mode():
         ref = torch.log_softmax(hf(torch.tensor([seq])).logits[0].float(), -1)
@@ -232,8 +264,7 @@ def test_logprobs_match_hf(llm: LLM) -> None:
 
 
 def test_outputs_carry_timings_and_finish_reasons(llm: LLM) -> None:
-    out = llm.generate(["Hello"], SamplingParams(max_tokens=3, ignore_eos=True),
-                       use_tqdm=False)[0]
+    out = llm.generate(["Hello"], SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False)[0]
     m = out.metrics
     assert m is not None and m.arrival_time <= m.first_token_time <= m.finished_time
     assert out.finished and out.outputs[0].finish_reason == "length"

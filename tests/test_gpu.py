@@ -21,9 +21,17 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def _save_tiny(tmp_path, kind: str) -> str:
     import transformers
 
-    common = dict(vocab_size=1024, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
-                  num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=2048,
-                  rms_norm_eps=1e-5, tie_word_embeddings=False)
+    common = dict(
+        vocab_size=1024,
+        hidden_size=512,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    )
     if kind == "llama":
         cfg = transformers.LlamaConfig(**common, rope_theta=10000.0)
     else:
@@ -56,8 +64,9 @@ def _assert_parted_at_near_tie(ours, ref, max_gap: float) -> int:
     return i
 
 
-def _assert_agree_until_near_tie(ours: list[int], ref: list[int], ref_logits: torch.Tensor,
-                                 tol: float) -> int:
+def _assert_agree_until_near_tie(
+    ours: list[int], ref: list[int], ref_logits: torch.Tensor, tol: float
+) -> int:
     """ref_logits: [len(ref), vocab] logits that produced each ref token."""
     i = _first_divergence(ours, ref)
     if i < min(len(ours), len(ref)):
@@ -77,8 +86,14 @@ def test_triton_graphs_fp32_greedy_matches_hf(tmp_path, kind: str) -> None:
     rng = random.Random(0)
     prompts = [[rng.randrange(1024) for _ in range(rng.randint(5, 300))] for _ in range(8)]
     others = [[rng.randrange(1024) for _ in range(rng.randint(1, 200))] for _ in range(30)]
-    llm = LLM(model=path, dtype="float32", attention_backend="triton", max_model_len=1024,
-              gpu_memory_utilization=0.3, log=False)
+    llm = LLM(
+        model=path,
+        dtype="float32",
+        attention_backend="triton",
+        max_model_len=1024,
+        gpu_memory_utilization=0.3,
+        log=False,
+    )
     assert llm.llm_engine.engine_core.runner.cuda_graphs_enabled
     # The counts only: a reference to the graph runner would keep the engine (and its
     # KV cache) alive past `del llm`.
@@ -88,8 +103,9 @@ def test_triton_graphs_fp32_greedy_matches_hf(tmp_path, kind: str) -> None:
     # Each prompt alone (<= 300 tokens) was prefilled by a mixed-step graph.
     assert replays["mixed"] >= len(prompts) and replays["decode"] > 0
     other_sp = SamplingParams(temperature=1.0, max_tokens=40, ignore_eos=True, seed=1)
-    batched = llm.generate(prompts + others, [sp] * len(prompts) + [other_sp] * len(others),
-                           use_tqdm=False)
+    batched = llm.generate(
+        prompts + others, [sp] * len(prompts) + [other_sp] * len(others), use_tqdm=False
+    )
     del llm
     gc.collect()
     torch.cuda.empty_cache()
@@ -97,10 +113,17 @@ def test_triton_graphs_fp32_greedy_matches_hf(tmp_path, kind: str) -> None:
     with torch.inference_mode():
         for p, a, b in zip(prompts, alone, batched):
             ids = torch.tensor([p], device="cuda")
-            g = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32,
-                            min_new_tokens=32, do_sample=False, output_logits=True,
-                            return_dict_in_generate=True, pad_token_id=0)
-            ref = g.sequences[0, len(p):].tolist()
+            g = hf.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=32,
+                min_new_tokens=32,
+                do_sample=False,
+                output_logits=True,
+                return_dict_in_generate=True,
+                pad_token_id=0,
+            )
+            ref = g.sequences[0, len(p) :].tolist()
             logits = torch.stack(g.logits)[:, 0]
             assert _assert_agree_until_near_tie(a, ref, logits, 1e-3) >= 1
             assert _assert_agree_until_near_tie(b.outputs[0].token_ids, ref, logits, 1e-3) >= 1
@@ -117,8 +140,15 @@ def test_cuda_graphs_match_eager_bf16(tmp_path) -> None:
     for eager in (False, True):
         # A 64-token step budget: prompts are prefilled in chunks beside decode rows, so
         # most steps are mixed ones small enough for the mixed-step graphs.
-        llm = LLM(model=path, dtype="bfloat16", enforce_eager=eager, max_model_len=1024,
-                  max_num_batched_tokens=64, gpu_memory_utilization=0.3, log=False)
+        llm = LLM(
+            model=path,
+            dtype="bfloat16",
+            enforce_eager=eager,
+            max_model_len=1024,
+            max_num_batched_tokens=64,
+            gpu_memory_utilization=0.3,
+            log=False,
+        )
         runner = llm.llm_engine.engine_core.runner
         assert runner.cuda_graphs_enabled == (not eager)
         replays = runner.cuda_graph.num_replays if runner.cuda_graph else None
@@ -150,8 +180,13 @@ def test_fused_gemv_decode_matches_unfused_bf16(tmp_path, kind: str) -> None:
     try:
         for fused in (True, False):
             linear_mod.FUSED_GEMV_ENABLED = fused
-            llm = LLM(model=path, dtype="bfloat16", max_model_len=1024,
-                      gpu_memory_utilization=0.3, log=False)
+            llm = LLM(
+                model=path,
+                dtype="bfloat16",
+                max_model_len=1024,
+                gpu_memory_utilization=0.3,
+                log=False,
+            )
             # One prompt at a time: every decode step is a batch of one (the GEMV path).
             outs[fused] = [llm.generate([p], sp, use_tqdm=False)[0] for p in prompts]
             del llm
@@ -178,8 +213,14 @@ def test_llama3_8b_shape_triton_vs_torch_backend() -> None:
     sp = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True, logprobs=2)
     outs = {}
     for backend in ("triton", "torch"):
-        llm = LLM(model="llama-3-8b", load_format="dummy", attention_backend=backend,
-                  max_model_len=4096, gpu_memory_utilization=0.5, log=False)
+        llm = LLM(
+            model="llama-3-8b",
+            load_format="dummy",
+            attention_backend=backend,
+            max_model_len=4096,
+            gpu_memory_utilization=0.5,
+            log=False,
+        )
         outs[backend] = llm.generate(prompts, sp, use_tqdm=False)
         del llm
         gc.collect()
@@ -206,8 +247,14 @@ def test_mixed_graphs_with_short_max_model_len(tmp_path) -> None:
     sp = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=2)
     outs = {}
     for eager in (False, True):
-        llm = LLM(model=path, dtype="float32", enforce_eager=eager, max_model_len=200,
-                  gpu_memory_utilization=0.3, log=False)
+        llm = LLM(
+            model=path,
+            dtype="float32",
+            enforce_eager=eager,
+            max_model_len=200,
+            gpu_memory_utilization=0.3,
+            log=False,
+        )
         cg = llm.llm_engine.engine_core.runner.cuda_graph
         if cg is not None:
             assert cg.mixed_sizes[-1] == 200

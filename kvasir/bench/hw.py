@@ -72,7 +72,9 @@ def measure_ceilings(device: torch.device, dtype: torch.dtype) -> DeviceCeilings
     else:
         import platform
 
-        name = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+        name = (
+            f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+        )
         n = 1 << 28
         src = torch.randn(n // 4)
         dst = torch.empty_like(src)

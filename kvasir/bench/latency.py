@@ -24,8 +24,12 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--num-iters", type=int, default=3)
-    p.add_argument("--prefill-len", type=int, default=0,
-                   help="also time the prefill of one prompt of this many tokens (MFU)")
+    p.add_argument(
+        "--prefill-len",
+        type=int,
+        default=0,
+        help="also time the prefill of one prompt of this many tokens (MFU)",
+    )
     p.add_argument("--compare", choices=["none", "hf"], default="none")
     p.add_argument("--output-json", type=str, default=None)
 
@@ -58,8 +62,10 @@ def main(args: argparse.Namespace) -> int:
     startup = time.perf_counter() - t_start
     ceil = measure_ceilings(runner.device, runner.dtype)
     rng = random.Random(0)
-    prompts = [[rng.randrange(1000, arch.vocab_size) for _ in range(args.input_len)]
-               for _ in range(args.batch_size)]
+    prompts = [
+        [rng.randrange(1000, arch.vocab_size) for _ in range(args.input_len)]
+        for _ in range(args.batch_size)
+    ]
 
     def gen(n: int) -> None:
         sp = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
@@ -126,13 +132,20 @@ def main(args: argparse.Namespace) -> int:
 
         @torch.inference_mode()
         def hf_gen(n: int) -> None:
-            hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                        min_new_tokens=n, do_sample=False, pad_token_id=0)
+            hf.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=0,
+            )
 
         hf_gen(4)
         t1 = statistics.median(_timed(lambda: hf_gen(1)) for _ in range(args.num_iters))
-        tn = statistics.median(_timed(lambda: hf_gen(args.output_len))
-                               for _ in range(max(1, args.num_iters - 1)))
+        tn = statistics.median(
+            _timed(lambda: hf_gen(args.output_len)) for _ in range(max(1, args.num_iters - 1))
+        )
         hf_per_tok = (tn - t1) / max(args.output_len - 1, 1)
         result["hf_ttft_ms"] = round(t1 * 1e3, 2)
         result["hf_decode_tok_s"] = round(args.batch_size / hf_per_tok, 1)

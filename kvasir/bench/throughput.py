@@ -21,14 +21,20 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
 
     EngineArgs.add_cli_args(p)
     p.add_argument("--num-prompts", type=int, default=256)
-    p.add_argument("--input-len", type=str, default="100:1024",
-                   help="prompt length, N or MIN:MAX (uniform)")
-    p.add_argument("--output-len", type=str, default="100:1024",
-                   help="output length, N or MIN:MAX (uniform)")
+    p.add_argument(
+        "--input-len", type=str, default="100:1024", help="prompt length, N or MIN:MAX (uniform)"
+    )
+    p.add_argument(
+        "--output-len", type=str, default="100:1024", help="output length, N or MIN:MAX (uniform)"
+    )
     p.add_argument("--workload-seed", type=int, default=0)
     p.add_argument("--compare", choices=["none", "hf"], default="none")
-    p.add_argument("--hf-batch-size", type=int, default=None,
-                   help="padded-generate batch size for the CPU comparison (default: all)")
+    p.add_argument(
+        "--hf-batch-size",
+        type=int,
+        default=None,
+        help="padded-generate batch size for the CPU comparison (default: all)",
+    )
     p.add_argument("--output-json", type=str, default=None)
 
 
@@ -60,8 +66,7 @@ def run_kvasir(llm, work: list[tuple[list[int], int]]) -> tuple[float, int]:
     prompts = [w[0] for w in work]
     params = [SamplingParams(temperature=0.0, max_tokens=w[1], ignore_eos=True) for w in work]
     # Warm-up: compile/caches/CUDA graphs are start-up cost, not throughput.
-    llm.generate(prompts[:2], [SamplingParams(max_tokens=4, ignore_eos=True)] * 2,
-                 use_tqdm=False)
+    llm.generate(prompts[:2], [SamplingParams(max_tokens=4, ignore_eos=True)] * 2, use_tqdm=False)
     _sync()
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=True)
@@ -92,19 +97,24 @@ def run_hf(model, work: list[tuple[list[int], int]], batch_size: int | None) -> 
         ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
         for i, (p, _) in enumerate(chunk):
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
+            ids[i, width - len(p) :] = torch.tensor(p)
+            mask[i, width - len(p) :] = 1
         max_new = max(o for _, o in chunk)
         model.generate(
-            input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new,
-            min_new_tokens=max_new, do_sample=False, pad_token_id=pad,
+            input_ids=ids.to(dev),
+            attention_mask=mask.to(dev),
+            max_new_tokens=max_new,
+            min_new_tokens=max_new,
+            do_sample=False,
+            pad_token_id=pad,
         )
         useful += sum(o for _, o in chunk)
     return time.perf_counter() - t0, useful
 
 
-def _run_hf_continuous(model, work: list[tuple[list[int], int]],
-                       cb_config=None) -> tuple[float, int]:
+def _run_hf_continuous(
+    model, work: list[tuple[list[int], int]], cb_config=None
+) -> tuple[float, int]:
     """HF's continuous batching: the manager behind ``generate_batch``, driven directly so
     each request gets its own ``max_new_tokens`` (``generate_batch`` takes one for all).
     Greedy, EOS disabled (``eos_token_id=-1``, like kvasir's ``ignore_eos``), so every
@@ -131,23 +141,37 @@ def _run_hf_continuous(model, work: list[tuple[list[int], int]],
 
         kwargs["workload_hints"] = WorkloadHints(
             max_prompt_length=max(len(p) for p, _ in work),
-            max_generated_length=max(o for _, o in work), num_requests=len(work))
+            max_generated_length=max(o for _, o in work),
+            num_requests=len(work),
+        )
     except ImportError:
         pass
-    gen_cfg = GenerationConfig(max_new_tokens=max(o for _, o in work), do_sample=False,
-                               eos_token_id=-1)
+    gen_cfg = GenerationConfig(
+        max_new_tokens=max(o for _, o in work), do_sample=False, eos_token_id=-1
+    )
     ids = [f"req_{i}" for i in range(len(work))]
     results: dict = {}
     dropped: list[str] = []
-    with torch.inference_mode(False), torch.no_grad(), \
-            model.continuous_batching_context_manager(
-                generation_config=gen_cfg, continuous_batching_config=cb_config,
-                block=True, timeout=60, **kwargs) as manager:
+    with (
+        torch.inference_mode(False),
+        torch.no_grad(),
+        model.continuous_batching_context_manager(
+            generation_config=gen_cfg,
+            continuous_batching_config=cb_config,
+            block=True,
+            timeout=60,
+            **kwargs,
+        ) as manager,
+    ):
         _sync()
         t0 = time.perf_counter()
         for rid, (p, o) in zip(ids, work):
-            if manager.add_request(input_ids=list(p), request_id=rid, max_new_tokens=o,
-                                   eos_token_id=-1) is None:
+            if (
+                manager.add_request(
+                    input_ids=list(p), request_id=rid, max_new_tokens=o, eos_token_id=-1
+                )
+                is None
+            ):
                 dropped.append(rid)  # the worker thread has already died
         while len(results) + len(dropped) < len(work):
             r = manager.get_result(timeout=1)
@@ -174,7 +198,8 @@ def _run_hf_continuous(model, work: list[tuple[list[int], int]],
         worker = f"; worker thread error: {fatal!r}" if fatal is not None else ""
         raise RuntimeError(
             f"HF continuous batching did not complete {len(bad)} of {len(work)} requests "
-            f"as asked (first: {bad[0]}){worker}; no comparison made")
+            f"as asked (first: {bad[0]}){worker}; no comparison made"
+        )
     return elapsed, sum(len(results[rid].generated_tokens) for rid in ids)
 
 
@@ -189,8 +214,9 @@ def main(args: argparse.Namespace) -> int:
     runner = llm.llm_engine.engine_core.runner
     arch = llm.llm_engine.engine_core.arch_config
     ceil = measure_ceilings(runner.device, runner.dtype)
-    work = make_workload(args.num_prompts, args.input_len, args.output_len,
-                         arch.vocab_size, args.workload_seed)
+    work = make_workload(
+        args.num_prompts, args.input_len, args.output_len, arch.vocab_size, args.workload_seed
+    )
     elapsed, num_out = run_kvasir(llm, work)
     num_in = sum(len(p) for p, _ in work)
     # FLOPs actually required: every prompt and output token through the model, and
@@ -229,8 +255,16 @@ def main(args: argparse.Namespace) -> int:
         result["speedup_vs_hf"] = round(result["output_tok_s"] / result["hf_output_tok_s"], 2)
     print()
     print(f"{'metric':<22}{'value':>14}")
-    for k in ("device", "output_tok_s", "total_tok_s", "mfu", "hf_output_tok_s",
-              "speedup_vs_hf", "copy_bandwidth_gbs", "matmul_tflops"):
+    for k in (
+        "device",
+        "output_tok_s",
+        "total_tok_s",
+        "mfu",
+        "hf_output_tok_s",
+        "speedup_vs_hf",
+        "copy_bandwidth_gbs",
+        "matmul_tflops",
+    ):
         if k in result:
             print(f"{k:<22}{result[k]!s:>14}")
     line = json.dumps(result)
@@ -251,12 +285,17 @@ def build_hf_model_from_args(ea, device: torch.device, dtype: torch.dtype):
 
     path = ea.model or default_model_path()
     if ea.load_format != "dummy" and path.endswith(".gguf"):
-        return transformers.AutoModelForCausalLM.from_pretrained(
-            os.path.dirname(path), gguf_file=os.path.basename(path), dtype=dtype
-        ).to(device).eval()
+        return (
+            transformers.AutoModelForCausalLM.from_pretrained(
+                os.path.dirname(path), gguf_file=os.path.basename(path), dtype=dtype
+            )
+            .to(device)
+            .eval()
+        )
     if ea.load_format != "dummy":
-        return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(
-            device).eval()
+        return (
+            transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+        )
     from kvasir.config import ModelConfig
     from kvasir.models.loader import resolve_model_path
 

@@ -43,43 +43,62 @@ class EngineArgs:
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         g = parser.add_argument_group("engine")
-        g.add_argument("--model", type=str, default=None,
-                       help="HF model directory, .gguf file, or (with --load-format dummy) a "
-                       "built-in config name such as llama-3-8b. Default: SmolLM2-135M-Instruct.")
+        g.add_argument(
+            "--model",
+            type=str,
+            default=None,
+            help="HF model directory, .gguf file, or (with --load-format dummy) a "
+            "built-in config name such as llama-3-8b. Default: SmolLM2-135M-Instruct.",
+        )
         g.add_argument("--tokenizer", type=str, default=None)
-        g.add_argument("--dtype", default="auto",
-                       choices=["auto", "float32", "float16", "bfloat16"],
-                       help="auto: float32 on the CPU, bfloat16 on a GPU")
-        g.add_argument("--load-format", default="auto",
-                       choices=["auto", "safetensors", "gguf", "dummy"])
+        g.add_argument(
+            "--dtype",
+            default="auto",
+            choices=["auto", "float32", "float16", "bfloat16"],
+            help="auto: float32 on the CPU, bfloat16 on a GPU",
+        )
+        g.add_argument(
+            "--load-format", default="auto", choices=["auto", "safetensors", "gguf", "dummy"]
+        )
         g.add_argument("--max-model-len", type=int, default=None)
         g.add_argument("--seed", type=int, default=0)
         g.add_argument("--served-model-name", type=str, default=None)
         g.add_argument("--block-size", type=int, default=16)
         g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-        g.add_argument("--kv-cache-gb", type=float, default=None,
-                       help="KV cache size in GiB (the CPU's only sizing knob)")
+        g.add_argument(
+            "--kv-cache-gb",
+            type=float,
+            default=None,
+            help="KV cache size in GiB (the CPU's only sizing knob)",
+        )
         g.add_argument("--num-gpu-blocks-override", type=int, default=None)
-        g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
-                       default=True)
+        g.add_argument(
+            "--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True
+        )
         g.add_argument("--max-num-batched-tokens", type=int, default=2048)
         g.add_argument("--max-num-seqs", type=int, default=256)
         g.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"])
-        g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction,
-                       default=True)
+        g.add_argument(
+            "--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True
+        )
         g.add_argument("--max-queued-requests", type=int, default=None)
         g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-        g.add_argument("--attention-backend", default="auto",
-                       choices=["auto", "torch", "triton"])
-        g.add_argument("--enforce-eager", action="store_true",
-                       help="disable CUDA graphs")
-        g.add_argument("--cuda-graph-mixed-tokens", type=int, default=512,
-                       help="mixed (prefill + decode) steps of up to this many tokens run "
-                       "as CUDA graphs too; 0: only decode-only steps do")
-        g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
-                       default=None,
-                       help="schedule step N+1 while the device runs step N "
-                       "(default: on for CUDA, off on the CPU)")
+        g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
+        g.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
+        g.add_argument(
+            "--cuda-graph-mixed-tokens",
+            type=int,
+            default=512,
+            help="mixed (prefill + decode) steps of up to this many tokens run "
+            "as CUDA graphs too; 0: only decode-only steps do",
+        )
+        g.add_argument(
+            "--async-scheduling",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="schedule step N+1 while the device runs step N "
+            "(default: on for CUDA, off on the CPU)",
+        )
         return parser
 
     @classmethod

@@ -83,9 +83,7 @@ class InputProcessor:
             )
         for t in params.stop_token_ids or []:
             if t >= self.vocab_size:
-                raise ValueError(
-                    f"stop_token_ids must be in [0, {self.vocab_size}), got {t}"
-                )
+                raise ValueError(f"stop_token_ids must be in [0, {self.vocab_size}), got {t}")
         arrival = time.time() if arrival_time is None else arrival_time
         if params.n == 1:
             child_ids = [request_id]

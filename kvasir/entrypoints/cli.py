@@ -24,8 +24,12 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--repetition-penalty", type=float, default=1.0)
     g.add_argument("--presence-penalty", type=float, default=0.0)
     g.add_argument("--frequency-penalty", type=float, default=0.0)
-    g.add_argument("--sampling-seed", type=int, default=None,
-                   help="per-request sampling seed (--seed seeds the engine)")
+    g.add_argument(
+        "--sampling-seed",
+        type=int,
+        default=None,
+        help="per-request sampling seed (--seed seeds the engine)",
+    )
     g.add_argument("--n", type=int, default=1)
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     g.add_argument("--min-tokens", type=int, default=0)
@@ -37,11 +41,20 @@ def _sampling_params(args: argparse.Namespace):  # -> SamplingParams
     from kvasir.sampling_params import SamplingParams
 
     return SamplingParams(
-        n=args.n, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-        top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-        presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-        seed=args.sampling_seed, stop=args.stop, min_tokens=args.min_tokens,
-        ignore_eos=args.ignore_eos, logprobs=args.logprobs,
+        n=args.n,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        seed=args.sampling_seed,
+        stop=args.stop,
+        min_tokens=args.min_tokens,
+        ignore_eos=args.ignore_eos,
+        logprobs=args.logprobs,
     )
 
 
@@ -58,8 +71,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     sp = _sampling_params(args)
     llm = _engine(args)
     prompts = args.prompt or DEMO_PROMPTS
-    use_chat = not args.raw and llm.get_tokenizer() is not None and getattr(
-        llm.get_tokenizer(), "chat_template", None
+    use_chat = (
+        not args.raw
+        and llm.get_tokenizer() is not None
+        and getattr(llm.get_tokenizer(), "chat_template", None)
     )
     t0 = time.perf_counter()
     if use_chat:
@@ -75,11 +90,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
             ttft = (m.first_token_time - m.arrival_time) if m and m.first_token_time else 0.0
             dur = (m.finished_time - m.arrival_time) if m and m.finished_time else elapsed
             print(c.text.strip())
-            print(f"  [{len(c.token_ids)} tokens, finish={c.finish_reason}, "
-                  f"ttft {ttft * 1000:.0f} ms, {len(c.token_ids) / max(dur, 1e-9):.1f} tok/s]")
+            print(
+                f"  [{len(c.token_ids)} tokens, finish={c.finish_reason}, "
+                f"ttft {ttft * 1000:.0f} ms, {len(c.token_ids) / max(dur, 1e-9):.1f} tok/s]"
+            )
             total_out += len(c.token_ids)
-    print(f"\n{len(prompts)} prompts, {total_out} output tokens in {elapsed:.2f} s "
-          f"= {total_out / elapsed:.1f} output tok/s (batched)")
+    print(
+        f"\n{len(prompts)} prompts, {total_out} output tokens in {elapsed:.2f} s "
+        f"= {total_out / elapsed:.1f} output tok/s (batched)"
+    )
     return 0
 
 

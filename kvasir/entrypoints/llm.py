@@ -22,7 +22,9 @@ class LLM:
         valid = set(EngineArgs.__dataclass_fields__)
         unknown = set(kwargs) - valid
         if unknown:
-            raise ValueError(f"unknown engine argument(s) {sorted(unknown)}; valid: {sorted(valid)}")
+            raise ValueError(
+                f"unknown engine argument(s) {sorted(unknown)}; valid: {sorted(valid)}"
+            )
         self.engine_args = EngineArgs(model=model, **kwargs)
         self.llm_engine = LLMEngine.from_engine_args(self.engine_args, log=log)
         self._counter = itertools.count()
