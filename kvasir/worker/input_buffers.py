@@ -108,10 +108,17 @@ class InputBuffers:
         token and request counts alone. The host twins are as last written (only the
         torch backend reads them, and it runs no graphs)."""
         num_reqs = mixed_graph_num_reqs(num_tokens, self.max_num_reqs)
+        return self._metadata(num_reqs, num_tokens, num_tokens, max_seq_len)
+
+    def _metadata(
+        self, num_reqs: int, num_tokens: int, max_query_len: int, max_seq_len: int
+    ) -> AttentionMetadata:
+        """Attention metadata over the first ``num_reqs`` requests / ``num_tokens`` tokens
+        of the persistent buffers (views, no copies)."""
         return AttentionMetadata(
             num_reqs=num_reqs,
             num_actual_tokens=num_tokens,
-            max_query_len=num_tokens,
+            max_query_len=max_query_len,
             max_seq_len=max_seq_len,
             query_start_loc=self.query_start_loc[: num_reqs + 1],
             seq_lens=self.seq_lens[:num_reqs],
@@ -225,18 +232,7 @@ class InputBuffers:
         if self._copy_event is not None:
             self._copy_event.record()
 
-        meta = AttentionMetadata(
-            num_reqs=n,
-            num_actual_tokens=total,
-            max_query_len=max_query_len,
-            max_seq_len=int(seq_lens.max()),
-            query_start_loc=self.query_start_loc[: n + 1],
-            seq_lens=self.seq_lens[:n],
-            block_table=self.block_table[:n],
-            slot_mapping=self.slot_mapping[:total],
-            query_start_loc_cpu=self.query_start_loc_cpu[: n + 1],
-            seq_lens_cpu=self.seq_lens_cpu[:n],
-        )
+        meta = self._metadata(n, total, max_query_len, int(seq_lens.max()))
         return StepInputs(
             rows=rows,
             states=states,
