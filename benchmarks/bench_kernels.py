@@ -8,7 +8,6 @@ Ceilings first: device-to-device copy bandwidth (bytes read + written) and a bf1
   prefill attention  one 8k-token causal prompt, same heads -> TFLOP/s
   rmsnorm / silu     fused add+RMSNorm, RMSNorm, SiLU-and-mul -> fraction of copy bw
   cache write        reshape_and_cache and fused RoPE + cache -> fraction of copy bw
-  sampling           128k vocab, temperature only vs top-k + top-p -> microseconds
 ``--sweep`` also times tile-shape / split-count variants. Prints a table, then a
 one-line JSON summary last.
 
@@ -37,7 +36,6 @@ from kvasir.kernels.decode_attention import (
 from kvasir.kernels.kv_cache import reshape_and_cache, rotary_embedding_and_cache
 from kvasir.kernels.prefill_attention import PrefillConfig, paged_prefill_attention
 from kvasir.kernels.rmsnorm import fused_add_rms_norm, rms_norm
-from kvasir.kernels.sampling import sample
 
 
 class Report:
@@ -234,25 +232,6 @@ def bench_elementwise(_row: Report, copy_gbps: float) -> dict[str, float]:
     return res
 
 
-def bench_sampling(_row: Report) -> dict[str, float]:
-    res: dict[str, float] = {}
-    vocab = 128256
-    for rows in (1, 64, 256):
-        logits = torch.randn(rows, vocab, device="cuda") * 3
-        temp = torch.full((rows,), 0.8, device="cuda")
-        seeds = torch.randint(0, 2**62, (rows,), device="cuda")
-        offs = torch.zeros_like(seeds)
-        top_k = torch.full((rows,), 50, device="cuda", dtype=torch.int32)
-        top_p = torch.full((rows,), 0.9, device="cuda")
-        ms = _ms(lambda: sample(logits, temp, seeds, offs))  # noqa: B023
-        res[f"sample_temp_b{rows}_us"] = ms * 1e3
-        _row(f"sample b={rows} V=128k temperature", ms, "")
-        ms = _ms(lambda: sample(logits, temp, seeds, offs, top_k=top_k, top_p=top_p))  # noqa: B023
-        res[f"sample_topk_topp_b{rows}_us"] = ms * 1e3
-        _row(f"sample b={rows} V=128k top-k 50 + top-p 0.9", ms, "")
-    return res
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="also time tile variants")
@@ -269,7 +248,6 @@ def main() -> None:
     prefill_tflops = bench_prefill(report, mm_tflops, args.sweep)
     other: dict[str, float] = {}
     _try("elementwise", lambda: other.update(bench_elementwise(report, copy_gbps)))
-    _try("sampling", lambda: other.update(bench_sampling(report)))
     print("\n| kernel | time (us) | result |\n|---|---:|---|")
     for name, ms, metric in report.rows:
         print(f"| {name.strip()} | {ms * 1e3:.1f} | {metric} |")
