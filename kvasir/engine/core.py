@@ -109,7 +109,7 @@ class EngineCore:
                 f"{tokens / max_len:.2f}x; device {self.runner.device}, attention "
                 f"{self.runner.attn_backend_name}; start-up {self.startup_time:.1f}s"
             )
-            print(msg, flush=True)
+            logger.info(msg)
 
     def add_request(self, req: EngineCoreRequest) -> None:
         """Raises ValueError for a request that can never run (too long for

@@ -1,10 +1,21 @@
-"""``kvasir`` command line: generate, chat, serve, bench."""
+"""``kvasir`` command line: generate, chat, serve, bench.
+
+The command line decides what reaches the terminal: results (generated text, benchmark
+tables and their JSON summary line) are printed to stdout by each command; messages to
+the operator (the KV-cache summary, "listening on", drain and errors) are logged by
+kvasir's modules and ``configure_logging`` sends them to stderr.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
+
+logger = logging.getLogger(__name__)
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 DEMO_PROMPTS = [
     "What is the capital of France?",
@@ -12,6 +23,15 @@ DEMO_PROMPTS = [
     "Explain in one sentence what a GPU is.",
     "Give me three tips for learning to cook.",
 ]
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """Send kvasir's log records at ``level`` and above, and everyone else's warnings,
+    to stderr. Idempotent: a second call (``kvasir serve`` reaches the launcher through
+    ``main``) changes nothing. Other libraries stay at WARNING so that, e.g., httpx does
+    not log every request of ``kvasir bench serve``."""
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format=LOG_FORMAT)
+    logging.getLogger("kvasir").setLevel(level)
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -183,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             mod = __import__(f"kvasir.bench.{name}", fromlist=["add_cli_args", "main"])
         except ImportError as e:  # pragma: no cover - optional dependencies missing
-            print(f"kvasir bench {name} unavailable: {e!r}", file=sys.stderr)
+            logger.warning("kvasir bench %s unavailable: %r", name, e)
             continue
         bp = bsub.add_parser(name, help=(mod.__doc__ or name).strip().splitlines()[0])
         mod.add_cli_args(bp)
@@ -192,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_logging()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -23,6 +23,7 @@ from contextlib import contextmanager
 import uvicorn
 
 from kvasir.engine.async_llm import AsyncLLM
+from kvasir.entrypoints.cli import configure_logging
 from kvasir.entrypoints.openai.api_server import build_app
 from kvasir.entrypoints.openai.middleware import ServerState
 from kvasir.entrypoints.openai.serving_common import ServingContext
@@ -112,11 +113,9 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def _setup_logging(args: argparse.Namespace) -> None:
-    logging.basicConfig(
-        level=logging.INFO,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    # The CLI's configuration (a no-op when ``kvasir serve`` already ran it), plus the
+    # per-request JSON lines, which go to stdout and only with --log-requests-json.
+    configure_logging()
     req_logger = logging.getLogger("kvasir.requests")
     req_logger.propagate = False
     req_logger.setLevel(logging.INFO)
@@ -150,7 +149,7 @@ async def serve(args: argparse.Namespace) -> int:
     config = engine_args.create_engine_config()
     sock = _bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
-    print(f"kvasir: listening on http://{host}:{port} (loading {served} ...)", flush=True)
+    logger.info("listening on http://%s:%s (loading %s ...)", host, port, served)
     tokenizer = load_tokenizer(config.model_config)
     engine = await AsyncLLM.create(
         config,
@@ -178,11 +177,8 @@ async def serve(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, drainer.on_signal, sig)
-    print(
-        f"kvasir: serving {served} on http://{host}:{port} "
-        f"(engine core pid {engine.core.pid if engine.core else '?'})",
-        flush=True,
-    )
+    core_pid = engine.core.pid if engine.core else "?"
+    logger.info("serving %s on http://%s:%s (engine core pid %s)", served, host, port, core_pid)
     try:
         await server.serve(sockets=[sock])
     finally:
