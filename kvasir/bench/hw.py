@@ -81,14 +81,15 @@ def measure_ceilings(device: torch.device, dtype: torch.dtype) -> DeviceCeilings
         t = _time_cpu(lambda: dst.copy_(src), 5)
         bw = 2 * n / t / 1e9
         m = 1024
-        # The run's own dtype: on CPUs with avx512_bf16/AMX, bf16 matmuls run 3-5x faster
-        # than float32, so MFU against the float32 rate would flatter a bf16 run.
+        # The run's own dtype: on CPUs with avx512_bf16/AMX, bf16 matmuls run several times
+        # faster than float32 (benchmarks/RESULTS.md, "Measurements that used to live in
+        # docstrings"), so MFU against the float32 rate would flatter a bf16 run.
         mm_dt = dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
         a = torch.randn(m, m, dtype=mm_dt)
         b = torch.randn(m, m, dtype=mm_dt)
         # The faster of a plain matmul and the engine's own CPU linear (float32: oneDNN
-        # on prepacked weights, 2-3x MKL sgemm on AMD): MFU is against the best the
-        # device was seen to do, never against a slower path than the engine's.
+        # on prepacked weights, faster than MKL's sgemm on some CPUs): MFU is against the
+        # best the device was seen to do, never against a slower path than the engine's.
         from kvasir.layers.linear import linear
 
         linear(a, b), a @ b  # warm-up (oneDNN picks its kernel on the first call)

@@ -202,10 +202,11 @@ def default_prefill_config(
     max_query_len: int, device: torch.device, dtype: torch.dtype, head_dim: int = 128
 ) -> PrefillConfig:
     """Tile shape by case. Long prompts, head_dim <= 128: 128x128 tiles, 8 warps, 3
-    stages (392 TFLOP/s on an H200 for an 8k causal prompt, vs 340 for 128x64; see
-    benchmarks/KERNELS_NOTES.md). head_dim > 128 halves the key tile to fit shared memory;
-    float32 runs three tf32 products per dot and needs smaller tiles; the CPU interpreter
-    wants small tiles (every element costs Python time)."""
+    stages, the fastest of the H200 prefill sweep (benchmarks/KERNELS_NOTES.md, run 1;
+    benchmarks/RESULTS.md, "Measurements that used to live in docstrings"). head_dim > 128
+    halves the key tile to fit shared memory; float32 runs three tf32 products per dot and
+    needs smaller tiles; the CPU interpreter wants small tiles (every element costs Python
+    time)."""
     if device.type != "cuda":
         return PrefillConfig(block_m=16, block_n=16, num_warps=4, num_stages=1)
     if dtype == torch.float32:
