@@ -10,7 +10,11 @@ from __future__ import annotations
 
 from kvasir.core.block_pool import BlockPool, KVCacheBlock
 from kvasir.core.hashing import update_block_hashes
+from kvasir.core.kv_cache_spec import FullAttentionSpec, KVCacheConfig
 from kvasir.core.request import Request
+
+# Spec kinds one block table per request can serve: every layer keeps every token.
+SUPPORTED_SPEC_KINDS = (FullAttentionSpec.kind,)
 
 
 def cdiv(a: int, b: int) -> int:
@@ -41,6 +45,27 @@ class KVCacheManager:
         self.num_cached_block: dict[str, int] = {}
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
+
+    @classmethod
+    def from_config(
+        cls,
+        kv_cache_config: KVCacheConfig,
+        enable_caching: bool = True,
+        max_model_len: int | None = None,
+    ) -> KVCacheManager:
+        """A manager over the blocks of ``kv_cache_config``. One block table per request
+        serves every layer, so every layer's spec must be of a kind that keeps every
+        token (``SUPPORTED_SPEC_KINDS``); any other kind is refused here, by layer."""
+        for i, spec in enumerate(kv_cache_config.layer_specs):
+            if spec.kind not in SUPPORTED_SPEC_KINDS:
+                raise ValueError(
+                    f"layer {i}: KV cache spec kind {spec.kind!r} is not supported by the "
+                    f"block pool (one block table per request for every layer); "
+                    f"supported kinds: {list(SUPPORTED_SPEC_KINDS)}"
+                )
+        return cls(
+            kv_cache_config.num_blocks, kv_cache_config.block_size, enable_caching, max_model_len
+        )
 
     # ------------------------------------------------------------------ queries
 
