@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from kvasir.attention.backend import AttentionMetadata
+from kvasir.attention.torch_backend import TorchAttentionMetadata
 from kvasir.config import ModelArchConfig
 
 
@@ -17,7 +18,8 @@ def build_attn_metadata(
     device: torch.device | str = "cpu",
 ) -> AttentionMetadata:
     """Metadata for one step where request ``i`` already has ``num_computed_tokens[i]``
-    tokens in its blocks ``block_tables[i]`` and adds ``num_new_tokens[i]``."""
+    tokens in its blocks ``block_tables[i]`` and adds ``num_new_tokens[i]``; with the
+    torch backend's derived fields (its builder's derivation), so every backend takes it."""
     num_reqs = len(block_tables)
     seq_lens = [c + n for c, n in zip(num_computed_tokens, num_new_tokens, strict=True)]
     for i, (table, seq_len) in enumerate(zip(block_tables, seq_lens, strict=True)):
@@ -33,7 +35,7 @@ def build_attn_metadata(
     padded = [t + [0] * (max_blocks - len(t)) for t in block_tables]
     qsl = torch.tensor(query_start_loc, dtype=torch.int32)
     sl = torch.tensor(seq_lens, dtype=torch.int32)
-    return AttentionMetadata(
+    common = AttentionMetadata(
         num_reqs=num_reqs,
         num_actual_tokens=query_start_loc[-1],
         max_query_len=max(num_new_tokens),
@@ -45,6 +47,7 @@ def build_attn_metadata(
         query_start_loc_cpu=qsl,
         seq_lens_cpu=sl,
     )
+    return TorchAttentionMetadata.from_common(common, block_size)
 
 
 def make_kv_caches(

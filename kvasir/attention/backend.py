@@ -1,6 +1,7 @@
-"""The attention-backend interface and the per-step metadata every backend reads.
+"""The attention-backend interface, the per-step metadata every backend reads, and the
+builder that makes that metadata.
 
-KV cache layout (one tensor per layer, shared by every backend):
+KV cache layout (one tensor per layer, shared by every backend; ``FullAttentionSpec``):
     kv_cache: [2, num_blocks, block_size, num_kv_heads, head_dim]   (0 = K, 1 = V)
 A token at position ``p`` of request ``r`` lives in block ``block_table[r, p // block_size]``
 at offset ``p % block_size``; ``slot_mapping`` holds ``block_id * block_size + offset``
@@ -10,15 +11,19 @@ for each token of the flat batch.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import ClassVar, Protocol
 
 import torch
+
+from kvasir.core.kv_cache_spec import FullAttentionSpec, KVCacheSpec
 
 
 @dataclass
 class AttentionMetadata:
-    """Built once per step by the model runner and passed explicitly to every layer.
+    """Built once per step by the runner's ``AttentionMetadataBuilder`` and passed
+    explicitly to every layer. A backend whose layers share per-step derived values
+    subclasses it (its builder derives them once, before the forward pass).
 
     The flat batch holds ``num_reqs`` requests; request ``i`` contributes query tokens
     ``query_start_loc[i]:query_start_loc[i+1]``, which are the last ``query_len`` of its
@@ -36,13 +41,74 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] int64, device
     query_start_loc_cpu: torch.Tensor  # [num_reqs + 1] int32, host copy
     seq_lens_cpu: torch.Tensor  # [num_reqs] int32, host copy
-    # Per-step values a backend derives once and reuses in every layer (the metadata is
-    # built afresh each step, so nothing here outlives its step).
-    scratch: dict[object, Any] = field(default_factory=dict)
 
     @property
     def is_decode_only(self) -> bool:
         return self.max_query_len == 1
+
+
+class AttentionInputBuffers(Protocol):
+    """The persistent buffers a builder slices (``kvasir.worker.input_buffers``): device
+    tensors updated in place every step, and host twins holding the same values for
+    the rows of the step."""
+
+    block_size: int
+    query_start_loc: torch.Tensor  # [max_num_reqs + 2] int32, device
+    seq_lens: torch.Tensor  # [max_num_reqs + 1] int32, device
+    block_table: torch.Tensor  # [max_num_reqs + 1, max_num_blocks_per_req] int32, device
+    slot_mapping: torch.Tensor  # [max_num_tokens] int64, device
+    query_start_loc_cpu: torch.Tensor  # [max_num_reqs + 2] int32, host twin
+    seq_lens_cpu: torch.Tensor  # [max_num_reqs + 1] int32, host twin
+
+
+class AttentionMetadataBuilder:
+    """Makes a backend's ``AttentionMetadata`` over the persistent input buffers: for a
+    step (``build``) and for a CUDA-graph capture (``build_for_capture``). The one place
+    metadata is made; the runner, its graphs and its profiling run all come here.
+
+    Contract: the metadata's tensors are views of the buffers (no copies), so a graph
+    captured on ``build_for_capture`` metadata reads whatever the buffers hold when it
+    replays. Callers fill the buffers first (host twins written, device copies queued on
+    the stream that runs the step). ``build`` may derive per-step values from the host
+    twins (once, for every layer); ``build_for_capture`` must derive nothing from the
+    buffers' contents, and its host ints are upper bounds valid for every replay.
+    """
+
+    # False: the backend reads host-side values a replay cannot refresh (no graphs).
+    supports_cuda_graphs: ClassVar[bool] = True
+
+    def __init__(self, buffers: AttentionInputBuffers) -> None:
+        self.buffers = buffers
+
+    def build(
+        self, num_reqs: int, num_tokens: int, max_query_len: int, max_seq_len: int
+    ) -> AttentionMetadata:
+        """A step over the first ``num_reqs`` requests / ``num_tokens`` tokens."""
+        return self._views(num_reqs, num_tokens, max_query_len, max_seq_len)
+
+    def build_for_capture(
+        self, num_reqs: int, num_tokens: int, max_query_len: int, max_seq_len: int
+    ) -> AttentionMetadata:
+        """The metadata a graph of ``num_reqs`` requests / ``num_tokens`` tokens captures
+        (its padding included); ``max_query_len`` and ``max_seq_len`` are bounds."""
+        return self._views(num_reqs, num_tokens, max_query_len, max_seq_len)
+
+    def _views(
+        self, num_reqs: int, num_tokens: int, max_query_len: int, max_seq_len: int
+    ) -> AttentionMetadata:
+        b = self.buffers
+        return AttentionMetadata(
+            num_reqs=num_reqs,
+            num_actual_tokens=num_tokens,
+            max_query_len=max_query_len,
+            max_seq_len=max_seq_len,
+            query_start_loc=b.query_start_loc[: num_reqs + 1],
+            seq_lens=b.seq_lens[:num_reqs],
+            block_table=b.block_table[:num_reqs],
+            slot_mapping=b.slot_mapping[:num_tokens],
+            query_start_loc_cpu=b.query_start_loc_cpu[: num_reqs + 1],
+            seq_lens_cpu=b.seq_lens_cpu[:num_reqs],
+        )
 
 
 class AttentionBackend(ABC):
@@ -65,10 +131,20 @@ class AttentionBackend(ABC):
         self.scale = scale
 
     @staticmethod
-    def get_kv_cache_shape(
-        num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int
-    ) -> tuple[int, ...]:
-        return (2, num_blocks, block_size, num_kv_heads, head_dim)
+    def get_kv_cache_shape(num_blocks: int, spec: KVCacheSpec) -> tuple[int, ...]:
+        """Shape of one layer's cache of ``num_blocks`` blocks. Only full-attention specs
+        (any dtype) have a layout here; any other kind is refused by name."""
+        if spec.kind != FullAttentionSpec.kind or not isinstance(spec, FullAttentionSpec):
+            raise ValueError(
+                f"the attention backends lay out {FullAttentionSpec.kind!r} KV caches only, "
+                f"got a {spec.kind!r} spec"
+            )
+        return (2, num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
+
+    @classmethod
+    def get_builder_cls(cls) -> type[AttentionMetadataBuilder]:
+        """The builder of the metadata this backend reads."""
+        return AttentionMetadataBuilder
 
     @abstractmethod
     def forward(

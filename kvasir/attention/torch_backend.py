@@ -4,11 +4,16 @@ softmax are computed in float32."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
-from kvasir.attention.backend import AttentionBackend, AttentionMetadata, register_backend
+from kvasir.attention.backend import (
+    AttentionBackend,
+    AttentionMetadata,
+    AttentionMetadataBuilder,
+    register_backend,
+)
 
 
 def write_kv_cache(
@@ -47,7 +52,7 @@ def _attend(
 
 
 @dataclass
-class _DecodeGroup:
+class DecodeGroup:
     """Single-token requests of similar context length, attended in one batched call."""
 
     rows: torch.Tensor  # [g] int64: each request's query row in the flat batch
@@ -57,7 +62,8 @@ class _DecodeGroup:
 
 
 # Padding a decode batch to its longest context costs gather + attention work on every
-# padded slot; each extra group costs a few more ops (about 1k slots' worth on a CPU).
+# padded slot; each extra group costs a few more ops, counted here in padded slots
+# (benchmarks/RESULTS.md, "Measurements that used to live in docstrings").
 _GROUP_OVERHEAD_SLOTS = 1024
 _MAX_GROUPS = 4
 
@@ -83,13 +89,10 @@ def _length_groups(seq_lens: list[int]) -> list[list[int]]:
     return [order[bounds[i] : bounds[i + 1]] for i in range(best_g)]
 
 
-def _decode_groups(metadata: AttentionMetadata, block_size: int) -> list[_DecodeGroup]:
+def decode_groups(metadata: AttentionMetadata, block_size: int) -> list[DecodeGroup]:
     """The step's single-token requests in length groups, with their gather blocks and
-    masks: derived once per step (``metadata.scratch``) and shared by every layer."""
-    key = ("torch_decode_groups", block_size)
-    groups = metadata.scratch.get(key)
-    if groups is not None:
-        return groups
+    masks (``block_size``: the KV cache's). Derived once per step by the builder and
+    shared by every layer."""
     device = metadata.block_table.device
     qsl = metadata.query_start_loc_cpu.tolist()
     seq_lens = metadata.seq_lens_cpu.tolist()
@@ -114,26 +117,59 @@ def _decode_groups(metadata: AttentionMetadata, block_size: int) -> list[_Decode
         stale = ~mask & ((positions < own_end) | (lens < block_size))
         stale = torch.nonzero(stale.view(-1)).squeeze(1)
         rows = torch.tensor([qsl[i] for i in reqs], device=device)
-        groups.append(_DecodeGroup(rows, mask, table.view(-1), stale))
-    metadata.scratch[key] = groups
+        groups.append(DecodeGroup(rows, mask, table.view(-1), stale))
     return groups
+
+
+@dataclass
+class TorchAttentionMetadata(AttentionMetadata):
+    """``AttentionMetadata`` plus what the torch backend derives once per step."""
+
+    block_size: int  # of the KV cache the decode groups index
+    decode_groups: list[DecodeGroup]  # single-token requests, by length
+
+    @classmethod
+    def from_common(cls, metadata: AttentionMetadata, block_size: int) -> TorchAttentionMetadata:
+        """``metadata`` with its decode groups derived (the builder's derivation)."""
+        common = {f.name: getattr(metadata, f.name) for f in fields(AttentionMetadata)}
+        groups = decode_groups(metadata, block_size)
+        return cls(**common, block_size=block_size, decode_groups=groups)
+
+
+class TorchAttentionMetadataBuilder(AttentionMetadataBuilder):
+    """Step metadata with the decode length groups derived once for every layer. No
+    CUDA graphs: the backend reads host-side metadata a replay could not refresh."""
+
+    supports_cuda_graphs = False
+
+    def build(
+        self, num_reqs: int, num_tokens: int, max_query_len: int, max_seq_len: int
+    ) -> TorchAttentionMetadata:
+        common = super().build(num_reqs, num_tokens, max_query_len, max_seq_len)
+        return TorchAttentionMetadata.from_common(common, self.buffers.block_size)
+
+    def build_for_capture(
+        self, num_reqs: int, num_tokens: int, max_query_len: int, max_seq_len: int
+    ) -> AttentionMetadata:
+        raise RuntimeError("the torch attention backend runs no CUDA graphs (host-side metadata)")
 
 
 def _decode_attention(
     query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
     kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
-    metadata: AttentionMetadata,
+    metadata: TorchAttentionMetadata,
     scale: float,
     out: torch.Tensor,  # [num_tokens, num_heads, head_dim], written in place
 ) -> None:
     """Every single-token request (decodes): one gather + attention per length group.
 
-    K/V are gathered whole blocks at a time (index_select per cache half: on a 2-core
-    CPU about 9x faster than gathering the same bytes slot by slot). Slots past a
+    K/V are gathered whole blocks at a time (index_select per cache half: far fewer
+    index operations than gathering the same bytes slot by slot). Slots past a
     request's length that may never have been written are then zeroed: they may hold
     anything, NaN included, and a zero probability times NaN would still be NaN."""
     block_size, num_kv_heads, head_dim = kv_cache.shape[2:]
-    for g in _decode_groups(metadata, block_size):
+    assert metadata.block_size == block_size, "decode groups built for another block size"
+    for g in metadata.decode_groups:
         num_reqs, max_len = g.mask.shape
         key = kv_cache[0].index_select(0, g.blocks)  # [g * blocks, block_size, kvh, d]
         value = kv_cache[1].index_select(0, g.blocks)
@@ -143,8 +179,8 @@ def _decode_attention(
         key = key.view(num_reqs, max_len, num_kv_heads, head_dim)
         value = value.view(num_reqs, max_len, num_kv_heads, head_dim)
         # One query token per request: the query heads sharing a KV head become that
-        # head's query rows (plain SDPA; 10-30 % faster on a 2-core CPU than SDPA's
-        # enable_gqa at 8-32 requests of 128-400 tokens).
+        # head's query rows (plain SDPA, measured faster on the CPU than SDPA's
+        # enable_gqa: benchmarks/RESULTS.md, "Measurements that used to live in docstrings").
         num_heads = query.shape[1]
         q = query.index_select(0, g.rows).float()  # [g, num_heads, head_dim]
         q = q.view(num_reqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
@@ -152,7 +188,7 @@ def _decode_attention(
             q, key.float().transpose(1, 2), value.float().transpose(1, 2),
             attn_mask=g.mask[:, None, None, :], scale=scale,
         )  # fmt: skip
-        # index_copy_, not out[rows] = ...: advanced-index assignment cost 3 % of a CPU run.
+        # index_copy_, not out[rows] = ...: advanced-index assignment is slower (RESULTS.md).
         out.index_copy_(0, g.rows, o.reshape(num_reqs, num_heads, head_dim).to(out.dtype))
 
 
@@ -196,7 +232,7 @@ def _prefill_attention(
 def paged_attention_ref(
     query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
     kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
-    metadata: AttentionMetadata,
+    metadata: TorchAttentionMetadata,
     scale: float,
     fresh: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim], query's dtype
@@ -216,7 +252,12 @@ def paged_attention_ref(
 class TorchAttentionBackend(AttentionBackend):
     """Reference backend in plain torch: correct everywhere, fast nowhere. Single-token
     rows (decodes) run batched, in groups of similar context length; requests with
-    several query tokens loop one by one."""
+    several query tokens loop one by one. Reads ``TorchAttentionMetadata`` (its
+    builder's decode groups)."""
+
+    @classmethod
+    def get_builder_cls(cls) -> type[AttentionMetadataBuilder]:
+        return TorchAttentionMetadataBuilder
 
     def forward(
         self,
@@ -228,6 +269,11 @@ class TorchAttentionBackend(AttentionBackend):
         rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         assert rotary is None, "the torch backend does not fuse rotary (fuses_rotary=False)"
+        if not isinstance(attn_metadata, TorchAttentionMetadata):
+            raise TypeError(
+                "the torch attention backend reads TorchAttentionMetadata (built by "
+                f"TorchAttentionMetadataBuilder), got {type(attn_metadata).__name__}"
+            )
         num_actual = attn_metadata.num_actual_tokens
         write_kv_cache(key, value, kv_cache, attn_metadata.slot_mapping[:num_actual])
         fresh = (key, value) if key.dtype == kv_cache.dtype else None

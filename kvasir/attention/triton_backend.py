@@ -5,7 +5,9 @@ anything else (prefill, chunked prefill, prefix-cache hits, mixed prefill + deco
 the varlen prefill kernel, which handles decode rows as ``q_len == 1`` requests.
 
 CUDA graphs: ``forward`` never synchronises with the host and reads only device tensors
-plus the host ints of the metadata; its allocations are sized by those ints alone. The
+plus the host ints of the metadata; its allocations are sized by those ints alone. So
+the common ``AttentionMetadataBuilder`` serves it, and a graph captures that builder's
+``build_for_capture`` metadata (views of the runner's buffers, bounds for the ints). The
 decode kernel's split count depends only on the batch shape (or ``decode_num_splits``),
 never on context lengths, so an eager warm-up at a batch size compiles exactly the
 kernels its graph capture launches, and a graph captured on short contexts stays fast

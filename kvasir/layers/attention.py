@@ -6,11 +6,13 @@ import torch
 from torch import nn
 
 from kvasir.attention.backend import AttentionBackend, AttentionMetadata
+from kvasir.core.kv_cache_spec import FullAttentionSpec, KVCacheSpec
 
 
 class Attention(nn.Module):
     """Reshapes the flat q/k/v projections to per-head tensors and calls the attention
-    backend, which writes this step's K/V into the paged cache and attends over it."""
+    backend, which writes this step's K/V into the paged cache and attends over it.
+    Declares its cache (``kv_cache_spec``): the runner sizes and allocates from it."""
 
     def __init__(
         self,
@@ -26,6 +28,16 @@ class Attention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.scale = scale
         self.backend = backend
+
+    def kv_cache_spec(self, block_size: int, dtype: torch.dtype) -> KVCacheSpec:
+        """This layer's KV cache per block: K and V of its ``num_kv_heads`` heads."""
+        return FullAttentionSpec(
+            block_size=block_size,
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            dtype=str(dtype).removeprefix("torch."),
+            element_size=dtype.itemsize,
+        )
 
     def forward(
         self,

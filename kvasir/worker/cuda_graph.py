@@ -2,9 +2,11 @@
 
 A decode step launches hundreds of small kernels; replaying one captured graph removes
 their launch cost. Graphs capture against the runner's persistent buffers, so a replay
-only needs those buffers filled in place. The runner writes padding into its host
-buffers with the real rows (one copy per buffer, no extra kernels); padded tokens write
-their K/V into a sink block that the scheduler never hands out.
+only needs those buffers filled in place. ``InputBuffers`` writes padding into its host
+twins with the real rows (one copy per buffer, no extra kernels), with the same writer
+that lays out each graph's all-padding batch for its capture; padded tokens write their
+K/V into a sink block that the scheduler never hands out. The metadata a graph captures
+comes from the attention backend's builder (``InputBuffers.graph_metadata``).
 
 - Decode-only steps: batch sizes 1, 2, 4, 8, 16, ... 256, padded up to the next one;
   the graph ends with the logits of every row.
@@ -23,8 +25,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kvasir.attention.backend import AttentionMetadata
-from kvasir.worker.input_buffers import GraphSizes, mixed_graph_num_reqs
+from kvasir.worker.input_buffers import GraphSizes
 
 if TYPE_CHECKING:
     from kvasir.worker.model_runner import ModelRunner
@@ -52,9 +53,20 @@ def mixed_capture_sizes(max_tokens: int, limit: int) -> list[int]:
 
 
 class CUDAGraphRunner:
-    def __init__(self, runner: ModelRunner, sink_block_id: int) -> None:
+    """Captures and replays the runner's CUDA graphs (the module docstring lists them).
+
+    Contract with the runner: ``capture`` runs once, after the KV cache exists and the
+    buffers' sink block is set, with an attention backend whose builder supports graphs
+    (its forward reads only device tensors and host ints the capture fixes). Each graph
+    reads the runner's persistent buffers and KV caches and writes one output buffer
+    (``logits[size]`` for decode, ``hidden[num_tokens]`` for mixed). Before a replay the
+    buffers must hold the step padded to the graph's size (``InputBuffers.prepare`` does
+    so when given ``graph_sizes``); the returned output is valid until the next replay.
+    Sizes never captured have no graph: those steps run eagerly.
+    """
+
+    def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
-        self.sink_block_id = sink_block_id
         self.sizes = capture_sizes(min(runner.max_num_reqs, runner.max_num_tokens))
         # Capped at max_model_len too: the padding request's tokens must fit one row of
         # the block table.
@@ -68,7 +80,6 @@ class CUDAGraphRunner:
         self.num_replays = {"decode": 0, "mixed": 0}  # steps run as graphs (tests, stats)
         self.pool = None
         self.capture_time = 0.0
-        self.arange = torch.arange(self.max_batch_size + 1, dtype=torch.int32, device=runner.device)
 
     @property
     def max_batch_size(self) -> int:
@@ -84,61 +95,19 @@ class CUDAGraphRunner:
                 return s
         return None
 
-    def _metadata(self, size: int) -> AttentionMetadata:
-        r = self.runner
-        return AttentionMetadata(
-            num_reqs=size,
-            num_actual_tokens=size,
-            max_query_len=1,
-            # An upper bound: kernels size their split-K grid from it, and the graph
-            # must be valid for any context up to max_model_len.
-            max_seq_len=r.max_model_len,
-            query_start_loc=r.query_start_loc[: size + 1],
-            seq_lens=r.seq_lens[:size],
-            block_table=r.block_table[:size],
-            slot_mapping=r.slot_mapping[:size],
-            query_start_loc_cpu=torch.arange(size + 1, dtype=torch.int32),
-            seq_lens_cpu=torch.ones(size, dtype=torch.int32),
-        )
-
-    def _fill_mixed_padding(self, num_tokens: int) -> None:
-        """The whole graph is padding: request 0 owns every token (all at position 0,
-        in the sink block), the rest are empty (the layout ``InputBuffers`` writes)."""
-        r = self.runner
-        num_reqs = mixed_graph_num_reqs(num_tokens, r.max_num_reqs)
-        r.input_ids[:num_tokens].zero_()
-        r.positions[:num_tokens].zero_()
-        r.slot_mapping[:num_tokens].fill_(self.sink_block_id * r.block_size)
-        r.query_start_loc[1 : num_reqs + 1].fill_(num_tokens)
-        r.query_start_loc[0] = 0
-        r.seq_lens[:num_reqs].zero_()
-        r.seq_lens[0] = num_tokens
-        r.block_table[0, : -(-num_tokens // r.block_size)].fill_(self.sink_block_id)
-
-    def _fill_padding(self, start: int, size: int) -> None:
-        """Rows start..size-1 are padding: one token at position 0 in the sink block."""
-        r = self.runner
-        if start >= size:
-            return
-        r.input_ids[start:size].zero_()
-        r.positions[start:size].zero_()
-        r.slot_mapping[start:size].fill_(self.sink_block_id * r.block_size)
-        r.seq_lens[start:size].fill_(1)
-        r.block_table[start:size, 0].fill_(self.sink_block_id)
-        r.query_start_loc[start + 1 : size + 1].copy_(self.arange[start + 1 : size + 1])
-
     @torch.inference_mode()
     def capture(self) -> None:
         r = self.runner
+        buffers = r.buffers
         t0 = time.perf_counter()
         self.pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             # Largest first (the pool then fits the rest): mixed graphs, then decode.
+            # Each graph is captured on its own all-padding batch (copied on ``stream``).
             for tokens in reversed(self.mixed_sizes):
-                self._fill_mixed_padding(tokens)
-                meta = r.buffers.mixed_graph_metadata(tokens, r.max_model_len)
+                meta = buffers.prepare_capture(tokens, mixed=True, max_seq_len=r.max_model_len)
                 ids, pos = r.input_ids[:tokens], r.positions[:tokens]
                 for _ in range(2):  # warm-up: Triton compilation off-graph
                     r.model(ids, pos, r.kv_caches, meta)
@@ -146,15 +115,15 @@ class CUDAGraphRunner:
                 with torch.cuda.graph(g, pool=self.pool, stream=stream):
                     self.hidden[tokens] = r.model(ids, pos, r.kv_caches, meta)
                 self.mixed_graphs[tokens] = g
-            self._fill_padding(0, self.max_batch_size)
             for size in reversed(self.sizes):
-                meta = self._metadata(size)
+                # max_seq_len: an upper bound, valid for any context up to max_model_len.
+                meta = buffers.prepare_capture(size, mixed=False, max_seq_len=r.max_model_len)
+                ids, pos = r.input_ids[:size], r.positions[:size]
                 for _ in range(2):  # warm-up: Triton autotune / compilation off-graph
-                    h = r.model(r.input_ids[:size], r.positions[:size], r.kv_caches, meta)
-                    r.model.compute_logits(h)
+                    r.model.compute_logits(r.model(ids, pos, r.kv_caches, meta))
                 g = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(g, pool=self.pool, stream=stream):
-                    h = r.model(r.input_ids[:size], r.positions[:size], r.kv_caches, meta)
+                    h = r.model(ids, pos, r.kv_caches, meta)
                     self.logits[size] = r.model.compute_logits(h)
                 self.graphs[size] = g
         torch.cuda.current_stream().wait_stream(stream)
@@ -163,8 +132,8 @@ class CUDAGraphRunner:
 
     def replay(self, size: int) -> torch.Tensor:
         """Replay the graph of a captured ``size`` whose inputs (padding rows included,
-        see ``_fill_padding``) are already in the runner's buffers; returns the logits
-        buffer [size, vocab], valid until the next replay."""
+        see ``InputBuffers.prepare``) are already in the runner's buffers; returns the
+        logits buffer [size, vocab], valid until the next replay."""
         self.graphs[size].replay()
         self.num_replays["decode"] += 1
         return self.logits[size]

@@ -6,7 +6,9 @@ flat batch (token ids, positions, slot mapping, query_start_loc, seq_lens, block
 rows) into the twins and copies them over without waiting; tokens that the previous
 step sampled and that never came to the host are then copied into ``input_ids`` on
 the device. CUDA-graph padding rows are written with the real ones, so a replay needs
-no extra kernels.
+no extra kernels; one writer (``_write_padding``) lays padding out for the steps that
+replay a graph and for the graph's capture alike. The step's ``AttentionMetadata`` comes
+from ``metadata_builder`` (the attention backend's) over these buffers.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from kvasir.attention.backend import AttentionMetadata
+from kvasir.attention.backend import AttentionMetadata, AttentionMetadataBuilder
 from kvasir.worker.input_batch import InputBatch
 from kvasir.worker.request_state import CachedRequestState
 
@@ -62,7 +64,10 @@ class InputBuffers:
 
     A twin is rewritten only after the previous step's copies out of it ran
     (``wait_for_copies``); the same holds for the ``InputBatch`` block table, which
-    is copied straight from when every row runs.
+    is copied straight from when every row runs. After a ``prepare*`` call the twins
+    and (once the queued copies ran) the device buffers hold the same batch, padding
+    included. ``metadata_builder`` is the common builder until the runner installs its
+    attention backend's.
     """
 
     def __init__(
@@ -100,33 +105,65 @@ class InputBuffers:
         # Where last step's sampled tokens go in input_ids: [dst..., src...].
         self.scatter_index, self.scatter_cpu = both(2 * r, torch.int64)
         self._copy_event = torch.cuda.Event() if pin else None
+        # numpy views of the twins, for the host-side batch build
+        self.input_ids_np = self.input_ids_cpu.numpy()
+        self.positions_np = self.positions_cpu.numpy()
+        self.slot_mapping_np = self.slot_mapping_cpu.numpy()
+        self.query_start_loc_np = self.query_start_loc_cpu.numpy()
+        self.seq_lens_np = self.seq_lens_cpu.numpy()
+        self.metadata_builder: AttentionMetadataBuilder = AttentionMetadataBuilder(self)
 
-    def mixed_graph_metadata(self, num_tokens: int, max_seq_len: int) -> AttentionMetadata:
-        """The metadata a mixed-step CUDA graph of ``num_tokens`` tokens captures: the
-        buffers at their padded sizes (``prepare`` fills them so), with upper bounds for
-        the host ints, since the prefill kernel's tile shape and grid follow from the
-        token and request counts alone. The host twins are as last written (only the
-        torch backend reads them, and it runs no graphs)."""
-        num_reqs = mixed_graph_num_reqs(num_tokens, self.max_num_reqs)
-        return self._metadata(num_reqs, num_tokens, num_tokens, max_seq_len)
+    def graph_metadata(self, num_tokens: int, mixed: bool, max_seq_len: int) -> AttentionMetadata:
+        """The metadata a CUDA graph captures, over the buffers at the graph's padded
+        sizes (``prepare`` pads replayed steps so): a decode graph of ``num_tokens``
+        one-token requests, or a mixed graph of ``num_tokens`` tokens in
+        ``mixed_graph_num_reqs`` requests. The host ints are upper bounds (the kernels'
+        grids follow from the token and request counts alone)."""
+        if mixed:
+            num_reqs = mixed_graph_num_reqs(num_tokens, self.max_num_reqs)
+            return self.metadata_builder.build_for_capture(
+                num_reqs, num_tokens, num_tokens, max_seq_len
+            )
+        return self.metadata_builder.build_for_capture(num_tokens, num_tokens, 1, max_seq_len)
 
-    def _metadata(
-        self, num_reqs: int, num_tokens: int, max_query_len: int, max_seq_len: int
+    def prepare_capture(self, num_tokens: int, mixed: bool, max_seq_len: int) -> AttentionMetadata:
+        """Fill the buffers with a graph's batch made of padding alone (the layout a
+        replayed step is padded to) and return the metadata the graph captures."""
+        self.wait_for_copies()
+        num_reqs = mixed_graph_num_reqs(num_tokens, self.max_num_reqs) if mixed else num_tokens
+        self.query_start_loc_np[0] = 0
+        staging = self.block_table_staging_cpu
+        bt_rows = self._write_padding(0, 0, num_reqs, num_tokens, mixed, staging.numpy())
+        self._copy_to_device(num_tokens, num_reqs, staging, bt_rows)
+        self._record_copies()
+        return self.graph_metadata(num_tokens, mixed, max_seq_len)
+
+    def prepare_prompts(
+        self, token_ids: np.ndarray, query_lens: np.ndarray, block_table: np.ndarray
     ) -> AttentionMetadata:
-        """Attention metadata over the first ``num_reqs`` requests / ``num_tokens`` tokens
-        of the persistent buffers (views, no copies)."""
-        return AttentionMetadata(
-            num_reqs=num_reqs,
-            num_actual_tokens=num_tokens,
-            max_query_len=max_query_len,
-            max_seq_len=max_seq_len,
-            query_start_loc=self.query_start_loc[: num_reqs + 1],
-            seq_lens=self.seq_lens[:num_reqs],
-            block_table=self.block_table[:num_reqs],
-            slot_mapping=self.slot_mapping[:num_tokens],
-            query_start_loc_cpu=self.query_start_loc_cpu[: num_reqs + 1],
-            seq_lens_cpu=self.seq_lens_cpu[:num_reqs],
-        )
+        """Fresh prompts, nothing cached (the profiling run): request ``i``'s
+        ``query_lens[i]`` tokens at positions 0.., its blocks in row ``i`` of
+        ``block_table`` [n, blocks]; ``token_ids`` [sum(query_lens)]. Eager: no padding.
+        """
+        self.wait_for_copies()
+        n, bs = len(query_lens), self.block_size
+        cu = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(query_lens, out=cu[1:])
+        total = int(cu[-1])
+        tok_rows = np.repeat(np.arange(n), query_lens)
+        positions = np.arange(total) - np.repeat(cu[:-1], query_lens)
+        self.input_ids_np[:total] = token_ids
+        self.positions_np[:total] = positions
+        slots = block_table[tok_rows, positions // bs] * bs + positions % bs
+        self.slot_mapping_np[:total] = slots
+        self.query_start_loc_np[: n + 1] = cu
+        self.seq_lens_np[:n] = query_lens
+        staging = self.block_table_staging_cpu
+        staging.numpy()[:n, : block_table.shape[1]] = block_table
+        self._copy_to_device(total, n, staging, n)
+        self._record_copies()
+        max_len = int(query_lens.max())
+        return self.metadata_builder.build(n, total, max_len, max_len)
 
     def wait_for_copies(self) -> None:
         """Block until the last step's host->device copies have read their sources
@@ -176,18 +213,13 @@ class InputBuffers:
             padded_tokens = graph_size or total
 
         bs = self.block_size
-        ids_np = self.input_ids_cpu.numpy()
-        pos_np = self.positions_cpu.numpy()
-        slots_np = self.slot_mapping_cpu.numpy()
-        qsl_np = self.query_start_loc_cpu.numpy()
-        sl_np = self.seq_lens_cpu.numpy()
         # Known tokens; a token still on the device is put in place below.
-        ids_np[:total] = ib.token_ids[tok_rows, positions]
-        pos_np[:total] = positions
+        self.input_ids_np[:total] = ib.token_ids[tok_rows, positions]
+        self.positions_np[:total] = positions
         block_ids = ib.block_table[tok_rows, positions // bs]
-        slots_np[:total] = block_ids * bs + positions % bs
-        qsl_np[: n + 1] = cu
-        sl_np[:n] = seq_lens
+        self.slot_mapping_np[:total] = block_ids * bs + positions % bs
+        self.query_start_loc_np[: n + 1] = cu
+        self.seq_lens_np[:n] = seq_lens
         if dense:
             bt_src = ib.block_table_cpu
             bt_np = ib.block_table  # rows >= n are free
@@ -195,44 +227,13 @@ class InputBuffers:
             bt_src = self.block_table_staging_cpu
             bt_np = bt_src.numpy()
             bt_np[:n] = ib.block_table[rows]
-        bt_rows = padded
-        if mixed_tokens is not None:
-            # Mixed-graph padding: request n owns the padding tokens (all at position 0,
-            # written to the sink block; its keys are read from the sink block); the
-            # requests after it have no tokens and are skipped by the kernels.
-            pad = padded_tokens - total
-            ids_np[total:padded_tokens] = 0
-            pos_np[total:padded_tokens] = 0
-            slots_np[total:padded_tokens] = self.sink_block_id * bs
-            qsl_np[n + 1 : padded + 1] = padded_tokens
-            sl_np[n] = pad
-            sl_np[n + 1 : padded] = 0
-            bt_np[n, : -(-pad // bs)] = self.sink_block_id
-            bt_rows = n + 1  # the empty requests' rows are never read
-        elif padded > n:
-            # CUDA-graph padding rows: one token at position 0 of the sink block.
-            ids_np[n:padded] = 0
-            pos_np[n:padded] = 0
-            slots_np[n:padded] = self.sink_block_id * bs
-            qsl_np[n + 1 : padded + 1] = np.arange(n + 1, padded + 1)
-            sl_np[n:padded] = 1
-            bt_np[n:padded, 0] = self.sink_block_id
-
-        nb = self.non_blocking
-        t = padded_tokens
-        self.input_ids[:t].copy_(self.input_ids_cpu[:t], non_blocking=nb)
-        self.positions[:t].copy_(self.positions_cpu[:t], non_blocking=nb)
-        self.slot_mapping[:t].copy_(self.slot_mapping_cpu[:t], non_blocking=nb)
-        self.query_start_loc[: padded + 1].copy_(
-            self.query_start_loc_cpu[: padded + 1], non_blocking=nb
-        )
-        self.seq_lens[:padded].copy_(self.seq_lens_cpu[:padded], non_blocking=nb)
-        self.block_table[:bt_rows].copy_(bt_src[:bt_rows], non_blocking=nb)
+        is_mixed = mixed_tokens is not None
+        bt_rows = self._write_padding(n, total, padded, padded_tokens, is_mixed, bt_np)
+        self._copy_to_device(padded_tokens, padded, bt_src, bt_rows)
         self._scatter_pending(ib, rows, cu, num_computed, max_query_len, prev_sampled)
-        if self._copy_event is not None:
-            self._copy_event.record()
+        self._record_copies()
 
-        meta = self._metadata(n, total, max_query_len, int(seq_lens.max()))
+        meta = self.metadata_builder.build(n, total, max_query_len, int(seq_lens.max()))
         return StepInputs(
             rows=rows,
             states=states,
@@ -247,6 +248,56 @@ class InputBuffers:
             mixed_graph_tokens=mixed_tokens,
             attn_metadata=meta,
         )
+
+    def _write_padding(
+        self, n: int, total: int, num_reqs: int, num_tokens: int, mixed: bool, bt_np: np.ndarray
+    ) -> int:
+        """Pad the host twins' batch of ``n`` requests / ``total`` tokens (already
+        written) to a CUDA graph's ``num_reqs`` requests / ``num_tokens`` tokens; returns
+        how many block-table rows the device needs. No-op when nothing is padded.
+
+        Decode graphs: each padding row is one token at position 0 in the sink block.
+        Mixed graphs: request ``n`` owns the padding tokens (all at position 0, written
+        to the sink block; its keys are read from the sink block); the requests after it
+        have no tokens and are skipped by the kernels, so their block-table rows are
+        never read."""
+        if num_reqs == n and num_tokens == total:
+            return n
+        bs, sink = self.block_size, self.sink_block_id
+        qsl_np, sl_np = self.query_start_loc_np, self.seq_lens_np
+        self.input_ids_np[total:num_tokens] = 0
+        self.positions_np[total:num_tokens] = 0
+        self.slot_mapping_np[total:num_tokens] = sink * bs
+        if mixed:
+            pad = num_tokens - total
+            qsl_np[n + 1 : num_reqs + 1] = num_tokens
+            sl_np[n] = pad
+            sl_np[n + 1 : num_reqs] = 0
+            bt_np[n, : -(-pad // bs)] = sink
+            return n + 1
+        qsl_np[n + 1 : num_reqs + 1] = np.arange(n + 1, num_reqs + 1)
+        sl_np[n:num_reqs] = 1
+        bt_np[n:num_reqs, 0] = sink
+        return num_reqs
+
+    def _copy_to_device(
+        self, num_tokens: int, num_reqs: int, bt_src: torch.Tensor, bt_rows: int
+    ) -> None:
+        """Queue the copies of the twins' first ``num_tokens`` tokens, ``num_reqs``
+        requests and ``bt_rows`` rows of ``bt_src`` (the block table's host source)."""
+        nb = self.non_blocking
+        t, r = num_tokens, num_reqs
+        self.input_ids[:t].copy_(self.input_ids_cpu[:t], non_blocking=nb)
+        self.positions[:t].copy_(self.positions_cpu[:t], non_blocking=nb)
+        self.slot_mapping[:t].copy_(self.slot_mapping_cpu[:t], non_blocking=nb)
+        self.query_start_loc[: r + 1].copy_(self.query_start_loc_cpu[: r + 1], non_blocking=nb)
+        self.seq_lens[:r].copy_(self.seq_lens_cpu[:r], non_blocking=nb)
+        self.block_table[:bt_rows].copy_(bt_src[:bt_rows], non_blocking=nb)
+
+    def _record_copies(self) -> None:
+        """Mark the queued copies (``wait_for_copies`` waits for them)."""
+        if self._copy_event is not None:
+            self._copy_event.record()
 
     def _scatter_pending(
         self,

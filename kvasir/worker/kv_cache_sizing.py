@@ -1,35 +1,63 @@
-"""How many KV-cache blocks fit: a fixed size on the CPU, on a GPU what a profiling
-forward pass at the largest batch leaves under ``gpu_memory_utilization``."""
+"""The KV cache from the layers' specs: what each layer declares, how many blocks fit (a
+fixed size on the CPU; on a GPU what a profiling forward pass at the largest batch
+leaves under ``gpu_memory_utilization``) and the allocation, one tensor per spec."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from kvasir.attention.backend import AttentionMetadata
+from kvasir.attention.backend import AttentionBackend
+from kvasir.core.kv_cache_spec import KVCacheSpec, bytes_per_block, num_blocks_in
+from kvasir.layers.attention import Attention
 
 if TYPE_CHECKING:
     from kvasir.worker.model_runner import ModelRunner
 
 
-def kv_bytes_per_block(runner: ModelRunner) -> int:
-    a = runner.arch_config
-    elem = torch.tensor([], dtype=runner.dtype).element_size()
-    return 2 * a.num_hidden_layers * runner.block_size * a.num_key_value_heads * a.head_dim * elem
+def kv_cache_specs(
+    model: torch.nn.Module, block_size: int, dtype: torch.dtype
+) -> list[KVCacheSpec]:
+    """One spec per ``Attention`` module of ``model``, in module order: the order of the
+    model's own (local) layers, which is the order of its ``kv_caches`` argument."""
+    return [m.kv_cache_spec(block_size, dtype) for m in model.modules() if isinstance(m, Attention)]
+
+
+def allocate_kv_caches(
+    specs: Sequence[KVCacheSpec],
+    num_blocks: int,
+    backend_cls: type[AttentionBackend],
+    device: torch.device,
+) -> list[torch.Tensor]:
+    """One zeroed cache of ``num_blocks`` blocks per spec, laid out by the backend.
+    Zeroed: stale NaNs in never-written slots would poison masked-out products."""
+    caches = []
+    for spec in specs:
+        dtype = getattr(torch, spec.dtype, None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"KV cache spec dtype {spec.dtype!r} is not a torch dtype")
+        shape = backend_cls.get_kv_cache_shape(num_blocks, spec)
+        cache = torch.zeros(shape, dtype=dtype, device=device)
+        assert cache.numel() * cache.element_size() == num_blocks * spec.page_size_bytes
+        caches.append(cache)
+    return caches
 
 
 def determine_num_blocks(runner: ModelRunner) -> int:
+    """Block ids for the KV cache (the null block 0 included, as the scheduler counts
+    them; the runner allocates one sink block more)."""
     cc = runner.config.cache_config
-    per_block = kv_bytes_per_block(runner)
     if cc.num_gpu_blocks_override is not None:
         return cc.num_gpu_blocks_override
+    specs = runner.kv_cache_specs()
     if cc.kv_cache_gb is not None:
-        return max(int(cc.kv_cache_gb * (1 << 30)) // per_block, 1)
+        return num_blocks_in(int(cc.kv_cache_gb * (1 << 30)), specs)
     if runner.device.type != "cuda":
         # CPU default: 1 GiB, like vLLM's CPU backend default order of magnitude.
-        return max((1 << 30) // per_block, 1)
+        return num_blocks_in(1 << 30, specs)
     # GPU: measure peak memory of a profiling forward pass at the largest batch,
     # then give the KV cache what is left under gpu_memory_utilization.
     torch.cuda.empty_cache()
@@ -40,7 +68,7 @@ def determine_num_blocks(runner: ModelRunner) -> int:
     free, total = torch.cuda.mem_get_info()
     used_by_others = total - free - torch.cuda.memory_reserved()
     budget = total * cc.gpu_memory_utilization - peak - max(used_by_others, 0)
-    num_blocks = int(budget // per_block)
+    num_blocks = int(budget // bytes_per_block(specs))
     if num_blocks <= 0:
         raise ValueError(
             f"no memory left for the KV cache: the model and a forward pass take "
@@ -52,57 +80,27 @@ def determine_num_blocks(runner: ModelRunner) -> int:
 
 @torch.inference_mode()
 def profile_run(runner: ModelRunner) -> None:
-    """A forward pass over max_num_batched_tokens tokens (several requests) plus the
-    logits of max_num_seqs rows, with a throwaway 1-block-per-request cache."""
-    n = runner.max_num_tokens
-    num_reqs = min(runner.max_num_reqs, n)
-    a = runner.arch_config
+    """A forward pass over the largest step (max_num_batched_tokens tokens, as fresh
+    prompts of several requests, none longer than max_model_len) plus the logits of
+    max_num_seqs rows, with a throwaway cache. Its batch goes through the runner's
+    input buffers and metadata builder, as a real step's does."""
     bs = runner.block_size
-    shape = runner.attn_backend_cls.get_kv_cache_shape(
-        num_reqs * (-(-n // num_reqs) // bs + 1) + 1, bs, a.num_key_value_heads, a.head_dim
-    )
-    caches = [
-        torch.zeros(shape, dtype=runner.dtype, device=runner.device)
-        for _ in range(a.num_hidden_layers)
-    ]
-    lens = [n // num_reqs] * num_reqs
-    lens[-1] += n - sum(lens)
-    blocks, start = [], 1
-    for length in lens:
-        nb = -(-length // bs)
-        blocks.append(list(range(start, start + nb)))
-        start += nb
-    meta = _simple_metadata(lens, blocks, bs, runner.device)
-    ids = torch.randint(0, a.vocab_size, (n,), device=runner.device)
-    pos = torch.cat([torch.arange(length, device=runner.device) for length in lens])
-    hidden = runner.model(ids, pos, caches, meta)
+    # No step holds more than max_num_seqs requests of max_model_len tokens.
+    n = min(runner.max_num_tokens, runner.max_num_reqs * runner.max_model_len)
+    num_reqs = min(runner.max_num_reqs, n)
+    lens = np.full(num_reqs, n // num_reqs, dtype=np.int64)
+    lens[: n % num_reqs] += 1  # at most ceil(n / num_reqs) <= max_model_len each
+    num_blocks = -(-lens // bs)
+    # Blocks 1.. in request order (block 0 is the null block, as in the real cache).
+    table = np.zeros((num_reqs, int(num_blocks.max())), dtype=np.int64)
+    first = 1 + np.concatenate([[0], np.cumsum(num_blocks)[:-1]])
+    for i in range(num_reqs):
+        table[i, : num_blocks[i]] = np.arange(first[i], first[i] + num_blocks[i])
+    specs = runner.kv_cache_specs()
+    num_cache_blocks = int(num_blocks.sum()) + 1
+    caches = allocate_kv_caches(specs, num_cache_blocks, runner.attn_backend_cls, runner.device)
+    ids = np.random.default_rng(0).integers(0, runner.arch_config.vocab_size, n)
+    meta = runner.buffers.prepare_prompts(ids, lens, table)
+    hidden = runner.model(runner.input_ids[:n], runner.positions[:n], caches, meta)
     logits = runner.model.compute_logits(hidden[:num_reqs])
     del logits, hidden, caches
-
-
-def _simple_metadata(
-    lens: list[int], blocks: list[list[int]], block_size: int, d: torch.device
-) -> AttentionMetadata:
-    qsl = torch.tensor([0] + list(np.cumsum(lens)), dtype=torch.int32)
-    sl = torch.tensor(lens, dtype=torch.int32)
-    width = max(len(b) for b in blocks)
-    bt = torch.tensor([b + [0] * (width - len(b)) for b in blocks], dtype=torch.int32)
-    slots = torch.cat(
-        [
-            torch.tensor(b, dtype=torch.int64).repeat_interleave(block_size)[:length] * block_size
-            + torch.arange(length) % block_size
-            for b, length in zip(blocks, lens, strict=True)
-        ]
-    )
-    return AttentionMetadata(
-        num_reqs=len(lens),
-        num_actual_tokens=int(sum(lens)),
-        max_query_len=max(lens),
-        max_seq_len=max(lens),
-        query_start_loc=qsl.to(d),
-        seq_lens=sl.to(d),
-        block_table=bt.to(d),
-        slot_mapping=slots.to(d),
-        query_start_loc_cpu=qsl,
-        seq_lens_cpu=sl,
-    )

@@ -25,6 +25,7 @@ import torch
 
 from kvasir.attention.backend import get_backend_cls
 from kvasir.config import EngineConfig, ModelArchConfig
+from kvasir.core.kv_cache_spec import KVCacheConfig, KVCacheSpec, bytes_per_block
 from kvasir.core.outputs import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
 from kvasir.layers.linear import warm_up_cpu_linear
 from kvasir.layers.sampler import (
@@ -135,6 +136,7 @@ class ModelRunner:
             self.max_num_tokens, num_reqs, self.max_num_blocks_per_req, self.block_size, d
         )
         b = self.buffers
+        b.metadata_builder = self.attn_backend_cls.get_builder_cls()(b)
         self.input_ids, self.positions, self.slot_mapping = b.input_ids, b.positions, b.slot_mapping
         self.query_start_loc, self.seq_lens = b.query_start_loc, b.seq_lens
         self.block_table = b.block_table
@@ -148,8 +150,13 @@ class ModelRunner:
         self._batch_ids_cache: tuple[int, list[CachedRequestState], list[str]] | None = None
 
     # ------------------------------------------------------------------ KV cache
+    def kv_cache_specs(self) -> list[KVCacheSpec]:
+        """One spec per attention layer this process holds, in the model's layer order
+        (``kv_caches[i]`` is the cache of ``kv_cache_specs()[i]``)."""
+        return kv_cache_sizing.kv_cache_specs(self.model, self.block_size, self.dtype)
+
     def kv_bytes_per_block(self) -> int:
-        return kv_cache_sizing.kv_bytes_per_block(self)
+        return bytes_per_block(self.kv_cache_specs())
 
     def determine_num_blocks(self) -> int:
         return kv_cache_sizing.determine_num_blocks(self)
@@ -157,36 +164,36 @@ class ModelRunner:
     def profile_run(self) -> None:
         kv_cache_sizing.profile_run(self)
 
-    def initialize_kv_cache(self, num_blocks: int) -> None:
-        """Allocate num_blocks for the scheduler plus one sink block (id num_blocks) that
-        padded CUDA-graph rows write into; then capture CUDA graphs on a GPU."""
-        a = self.arch_config
-        shape = self.attn_backend_cls.get_kv_cache_shape(
-            num_blocks + 1, self.block_size, a.num_key_value_heads, a.head_dim
+    def initialize_kv_cache(self, num_blocks: int) -> KVCacheConfig:
+        """Allocate one cache per layer spec of num_blocks blocks for the scheduler plus
+        one sink block (id num_blocks) that padded CUDA-graph rows write into; then
+        capture CUDA graphs on a GPU. Returns the cache's ``KVCacheConfig`` (what the
+        scheduler's block pool is built from: ``KVCacheManager.from_config``)."""
+        kv_cache_config = KVCacheConfig(num_blocks, tuple(self.kv_cache_specs()))
+        self.kv_caches = kv_cache_sizing.allocate_kv_caches(
+            kv_cache_config.layer_specs, num_blocks + 1, self.attn_backend_cls, self.device
         )
-        # Zeroed: stale NaNs in never-written slots would poison masked-out products.
-        self.kv_caches = [
-            torch.zeros(shape, dtype=self.dtype, device=self.device)
-            for _ in range(a.num_hidden_layers)
-        ]
         self.num_blocks = num_blocks
         self.buffers.sink_block_id = num_blocks
-        # The torch backend reads host-side metadata, so graphs need the Triton backend.
+        # A backend that reads host-side metadata (torch) cannot replay graphs.
         if (
             self.device.type == "cuda"
             and not self.config.enforce_eager
-            and self.attn_backend_name == "triton"
+            and self.buffers.metadata_builder.supports_cuda_graphs
         ):
-            self.cuda_graph = CUDAGraphRunner(self, sink_block_id=num_blocks)
+            self.cuda_graph = CUDAGraphRunner(self)
             self.cuda_graph.capture()
             cg = self.cuda_graph
             mixed = f"{cg.mixed_sizes[0]}..{cg.mixed_sizes[-1]}" if cg.mixed_sizes else "none"
-            print(
-                f"kvasir: captured CUDA graphs for decode batch sizes "
-                f"{cg.sizes[0]}..{cg.max_batch_size} and mixed steps of {mixed} tokens "
-                f"in {cg.capture_time:.1f}s",
-                flush=True,
+            logger.info(
+                "captured CUDA graphs for decode batch sizes %d..%d and mixed steps of %s "
+                "tokens in %.1fs",
+                cg.sizes[0],
+                cg.max_batch_size,
+                mixed,
+                cg.capture_time,
             )
+        return kv_cache_config
 
     @property
     def cuda_graphs_enabled(self) -> bool:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from kvasir.attention.backend import AttentionMetadata
+from kvasir.attention.torch_backend import TorchAttentionMetadata
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
@@ -45,7 +46,8 @@ def make_paged_batch(
     Cached prefixes (the first ``seq_len - q_len`` tokens) hold random K/V; unused blocks
     and slots hold NaN, so a kernel that reads outside a request's tokens fails loudly.
     With ``write_current`` the step's own K/V are in the cache too (as after the cache
-    write). ``pad_tokens`` appends rows with slot -1 (CUDA-graph padding).
+    write). ``pad_tokens`` appends rows with slot -1 (CUDA-graph padding). The metadata
+    carries the torch backend's derived fields too, so either backend takes it.
     """
     g = torch.Generator().manual_seed(seed)
     num_reqs = len(q_lens)
@@ -84,7 +86,7 @@ def make_paged_batch(
     qsl = torch.zeros(num_reqs + 1, dtype=torch.int32)
     qsl[1:] = torch.tensor(q_lens, dtype=torch.int32).cumsum(0)
     sl = torch.tensor(seq_lens, dtype=torch.int32)
-    metadata = AttentionMetadata(
+    common = AttentionMetadata(
         num_reqs=num_reqs,
         num_actual_tokens=num_tokens,
         max_query_len=max(q_lens + [0]),
@@ -96,6 +98,7 @@ def make_paged_batch(
         query_start_loc_cpu=qsl,
         seq_lens_cpu=sl,
     )
+    metadata = TorchAttentionMetadata.from_common(common, block_size)
     return PagedBatch(
         query=query.to(device, dtype),
         key=key.to(device, dtype),

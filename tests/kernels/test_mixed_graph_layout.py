@@ -11,6 +11,7 @@ import torch
 from kvtest_utils import DEVICE, rel_err
 
 from kvasir.attention.backend import get_backend_cls
+from kvasir.attention.torch_backend import TorchAttentionMetadata
 from kvasir.sampling_params import SamplingParams
 from kvasir.worker.input_batch import InputBatch
 from kvasir.worker.input_buffers import GraphSizes, InputBuffers, mixed_graph_num_reqs
@@ -49,7 +50,7 @@ def test_mixed_graph_padding_matches_unpadded(dense):
     step, buf, num_blocks = _step(dense, GraphSizes([1, 2, 4], [16, 32]))
     total = step.num_tokens
     assert step.mixed_graph_tokens == 32 and step.graph_size is None
-    meta = buf.mixed_graph_metadata(32, MAX_LEN)
+    meta = buf.graph_metadata(32, mixed=True, max_seq_len=MAX_LEN)
     n = len(step.rows)
     assert meta.num_reqs == mixed_graph_num_reqs(32, MAX_REQS) == MAX_REQS + 1
     qsl = buf.query_start_loc[: meta.num_reqs + 1].tolist()
@@ -66,7 +67,8 @@ def test_mixed_graph_padding_matches_unpadded(dense):
     ref_backend = get_backend_cls("torch")(HEADS, HD, KV_HEADS, HD**-0.5)
     c_graph, c_ref = cache.clone(), cache.clone()
     out = backend.forward(q, k, v, c_graph, meta)
-    ref = ref_backend.forward(q[:total], k[:total], v[:total], c_ref, step.attn_metadata)
+    ref_meta = TorchAttentionMetadata.from_common(step.attn_metadata, BS)
+    ref = ref_backend.forward(q[:total], k[:total], v[:total], c_ref, ref_meta)
     assert rel_err(out[:total], ref) < 1e-5
     assert out[total:].isfinite().all()  # padding rows are defined, not garbage
     torch.testing.assert_close(c_graph[:, :num_blocks], c_ref[:, :num_blocks], rtol=0, atol=0)
