@@ -1,16 +1,20 @@
 """Where a batch-1 decode step's time goes: per-kernel GPU time (torch profiler) vs the
 step's wall time, Llama-3-8B shape, random weights.
 
-    python3 benchmarks/profile_decode.py [--eager] [--no-fused-rotary] [--batch-size B]
+    python3 benchmarks/profile_decode.py [--eager] [--no-fused-rotary] [--no-fused-gemv]
+        [--no-pdl] [--batch-size B]
 
 Prints the wall time per decode step (CUDA graphs unless --eager), the summed kernel
 time per step, and the kernels that take the most of it (per step, averaged over the
-profiled steps). ``--no-fused-gemv`` turns off the batch-1 GEMV path
-(cuBLAS + separate norm/SiLU kernels). ``--no-pdl`` launches every kernel without
-programmatic dependent launch (``kvasir.kernels.pdl``); with PDL on, a kernel's time
-includes the time its programs wait for the kernel in front, so the summed kernel time
-exceeds the wall time and only the wall time compares. ``--no-fused-rotary`` runs the torch rotary layer + separate cache
-write instead of the fused Triton kernel (the before/after of that fusion, same call).
+profiled steps). The kernel variants are engines built with another ``KernelConfig``:
+``--no-fused-gemv`` builds the engine with ``fused_gemv=False`` (cuBLAS + separate norm/SiLU
+kernels instead of the batch-1 GEMV path); ``--no-pdl`` with ``pdl=False``, every kernel
+launched without programmatic dependent launch (``kvasir.kernels.pdl``; without the
+flag PDL is on unless ``KVASIR_PDL=0``). With PDL on, a kernel's time includes the time
+its programs wait for the kernel in front, so the summed kernel time exceeds the wall
+time and only the wall time compares. ``--no-fused-rotary`` runs the torch rotary layer
++ separate cache write instead of the fused Triton kernel (the before/after of that
+fusion, same call).
 """
 
 from __future__ import annotations
@@ -42,16 +46,10 @@ def main() -> None:
 
     if args.no_fused_rotary:
         TritonAttentionBackend.fuses_rotary = False
-    if args.no_pdl:
-        import kvasir.kernels.pdl
-
-        kvasir.kernels.pdl.PDL_ENABLED = False
-    if args.no_fused_gemv:
-        import kvasir.layers.linear
-
-        kvasir.layers.linear.FUSED_GEMV_ENABLED = False
     llm = LLM(model=args.model, load_format="dummy", max_model_len=2048,
-              enforce_eager=args.eager)  # fmt: skip
+              enforce_eager=args.eager, fused_gemv=not args.no_fused_gemv,
+              pdl=False if args.no_pdl else None)  # fmt: skip
+    kernel_config = llm.llm_engine.config.kernel_config
     core = llm.llm_engine.engine_core
     vocab = core.arch_config.vocab_size
     g = torch.Generator().manual_seed(0)
@@ -86,17 +84,18 @@ def main() -> None:
     n = args.steps  # the prefill step's kernels are included; small next to 64 steps
     rows = sorted(per_name.items(), key=lambda kv: -kv[1][0])
     print(f"\nmode={'eager' if args.eager else 'graphs'} fused_rotary={not args.no_fused_rotary}"
-          f" fused_gemv={not args.no_fused_gemv} pdl={not args.no_pdl}"
+          f" fused_gemv={kernel_config.fused_gemv} pdl={kernel_config.pdl}"
           f" batch={args.batch_size}")  # fmt: skip
     print(f"{'kernel':<92}{'us/step':>9}{'n/step':>8}")
     for name, (us, cnt) in rows[: args.top]:
         print(f"{name:<92}{us / n:>9.1f}{cnt / n:>8.1f}")
     kernels_per_step = sum(v[1] for v in per_name.values()) / n
     summary = {
+        "device": torch.cuda.get_device_name(),
         "mode": "eager" if args.eager else "graphs",
         "fused_rotary": not args.no_fused_rotary,
-        "fused_gemv": not args.no_fused_gemv,
-        "pdl": not args.no_pdl,
+        "fused_gemv": kernel_config.fused_gemv,
+        "pdl": kernel_config.pdl,
         "batch_size": args.batch_size,
         "wall_ms_per_step": round(wall_ms, 3),
         "kernel_ms_per_step": round(total_us / n / 1e3, 3),

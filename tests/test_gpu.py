@@ -169,7 +169,6 @@ def test_cuda_graphs_match_eager_bf16(tmp_path) -> None:
 def test_fused_gemv_decode_matches_unfused_bf16(tmp_path, kind: str) -> None:
     """Batch-1 decode runs the single-row GEMV with the norm / SiLU fused in; it must
     give the unfused path's tokens (until a near-tie) and nearly its logprobs."""
-    import kvasir.layers.linear as linear_mod
     from kvasir import LLM, SamplingParams
 
     path = _save_tiny(tmp_path, kind)
@@ -177,22 +176,21 @@ def test_fused_gemv_decode_matches_unfused_bf16(tmp_path, kind: str) -> None:
     prompts = [[rng.randrange(1024) for _ in range(rng.randint(5, 300))] for _ in range(4)]
     sp = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, logprobs=2)
     outs = {}
-    try:
-        for fused in (True, False):
-            linear_mod.FUSED_GEMV_ENABLED = fused
-            llm = LLM(
-                model=path,
-                dtype="bfloat16",
-                max_model_len=1024,
-                gpu_memory_utilization=0.3,
-                log=False,
-            )
-            # One prompt at a time: every decode step is a batch of one (the GEMV path).
-            outs[fused] = [llm.generate([p], sp, use_tqdm=False)[0] for p in prompts]
-            del llm
-            gc.collect()
-    finally:
-        linear_mod.FUSED_GEMV_ENABLED = True
+    for fused in (True, False):
+        # Two engines, one per KernelConfig (CUDA graphs freeze the path taken at capture).
+        llm = LLM(
+            model=path,
+            dtype="bfloat16",
+            max_model_len=1024,
+            gpu_memory_utilization=0.3,
+            fused_gemv=fused,
+            log=False,
+        )
+        assert llm.llm_engine.config.kernel_config.fused_gemv == fused
+        # One prompt at a time: every decode step is a batch of one (the GEMV path).
+        outs[fused] = [llm.generate([p], sp, use_tqdm=False)[0] for p in prompts]
+        del llm
+        gc.collect()
     for f, u in zip(outs[True], outs[False]):
         a, b = f.outputs[0], u.outputs[0]
         # Two bf16 steps at magnitude 8-16 (1/16 each) is a near-tie: measured on an

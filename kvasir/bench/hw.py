@@ -52,6 +52,21 @@ def _time_cpu(fn, iters: int) -> float:
     return times[len(times) // 2]
 
 
+def _engine_cpu_linear(weight: torch.Tensor) -> torch.nn.Module:
+    """A ``ReplicatedLinear`` holding ``weight`` ``[out, in]``, built and processed as the
+    engine builds its layers (default ``KernelConfig``: float32 prepacked for oneDNN)."""
+    from kvasir.attention.backend import get_backend_cls
+    from kvasir.layers.context import LayerContext
+    from kvasir.layers.linear import ReplicatedLinear
+    from kvasir.models.loader import process_weights_after_loading
+
+    ctx = LayerContext(get_backend_cls("torch"), params_dtype=weight.dtype)
+    layer = ReplicatedLinear(weight.shape[1], weight.shape[0], False, ctx)
+    layer.weight.weight_loader(layer.weight, weight)
+    process_weights_after_loading(layer)
+    return layer
+
+
 def measure_ceilings(device: torch.device, dtype: torch.dtype) -> DeviceCeilings:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -90,10 +105,10 @@ def measure_ceilings(device: torch.device, dtype: torch.dtype) -> DeviceCeilings
         # The faster of a plain matmul and the engine's own CPU linear (float32: oneDNN
         # on prepacked weights, faster than MKL's sgemm on some CPUs): MFU is against the
         # best the device was seen to do, never against a slower path than the engine's.
-        from kvasir.layers.linear import linear
-
-        linear(a, b), a @ b  # warm-up (oneDNN picks its kernel on the first call)
-        t = min(_time_cpu(lambda: a @ b, 5), _time_cpu(lambda: linear(a, b), 5))
+        layer = _engine_cpu_linear(b)
+        with torch.inference_mode():
+            layer(a), a @ b  # warm-up (oneDNN picks its kernel on the first call)
+            t = min(_time_cpu(lambda: a @ b, 5), _time_cpu(lambda: layer(a), 5))
         tflops = 2 * m**3 / t / 1e12
         mm_dtype = str(mm_dt).removeprefix("torch.")
     return DeviceCeilings(name, bw, tflops, mm_dtype)

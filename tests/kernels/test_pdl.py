@@ -7,8 +7,6 @@ boundary."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from kvtest_utils import DEVICE, ON_GPU
@@ -28,12 +26,13 @@ def test_pdl_off_where_unsupported():
     assert pdl_mod.launch_kwargs(True) == {"launch_pdl": True}
     if not ON_GPU:
         return
-    env_on = os.environ.get("KVASIR_PDL", "1") != "0"
-    assert pdl_mod.use_pdl(torch.zeros(1, device=DEVICE)) == (HOPPER and env_on)
+    # The switch is the caller's (KernelConfig.pdl); no environment variable is read here.
+    assert pdl_mod.use_pdl(torch.zeros(1, device=DEVICE)) == HOPPER
+    assert not pdl_mod.use_pdl(torch.zeros(1, device=DEVICE), requested=False)
 
 
 @pytest.mark.skipif(not HOPPER, reason="PDL needs a GPU of compute capability >= 9.0")
-def test_decode_chain_pdl_graph_matches_eager(monkeypatch):
+def test_decode_chain_pdl_graph_matches_eager():
     hidden, heads, kv_heads, head_dim, inter, layers = 512, 8, 2, 64, 1024, 4
     page, num_blocks, ctx0, steps = 16, 64, 100, 6
     g = torch.Generator().manual_seed(0)
@@ -65,21 +64,24 @@ def test_decode_chain_pdl_graph_matches_eager(monkeypatch):
     slots = torch.zeros(1, dtype=torch.int64, device=DEVICE)
     seq_lens = torch.zeros(1, dtype=torch.int32, device=DEVICE)
 
-    def step(cache: torch.Tensor) -> torch.Tensor:
+    def step(cache: torch.Tensor, pdl: bool) -> torch.Tensor:
         x = x_in
         res = None
         for li, w in enumerate(weights):
             if res is None:
-                h, res = rms_norm(x, w["n1"], 1e-5), x
+                h, res = rms_norm(x, w["n1"], 1e-5, pdl=pdl), x
             else:
-                h, res = fused_add_rms_norm(x, res, w["n1"], 1e-5)
-            qkv = gemv(h, w["qkv"]).view(1, heads + 2 * kv_heads, head_dim)
+                h, res = fused_add_rms_norm(x, res, w["n1"], 1e-5, pdl=pdl)
+            qkv = gemv(h, w["qkv"], pdl=pdl).view(1, heads + 2 * kv_heads, head_dim)
             q, k, v = qkv[:, :heads], qkv[:, heads : heads + kv_heads], qkv[:, heads + kv_heads :]
-            rotary_embedding_and_cache(positions, q, k, v, cos_sin, cache[li], slots)
-            attn = paged_decode_attention(q, cache[li], block_table, seq_lens, head_dim**-0.5)
-            o = gemv(attn.reshape(1, heads * head_dim), w["o"])
-            h2, res = fused_add_rms_norm(o, res, w["n2"], 1e-5)
-            x = gemv(gemv(h2, w["gu"], fusion=FUSE_SILU_MUL_OUT), w["down"])
+            rotary_embedding_and_cache(positions, q, k, v, cos_sin, cache[li], slots, pdl=pdl)
+            attn = paged_decode_attention(
+                q, cache[li], block_table, seq_lens, head_dim**-0.5, pdl=pdl
+            )
+            o = gemv(attn.reshape(1, heads * head_dim), w["o"], pdl=pdl)
+            h2, res = fused_add_rms_norm(o, res, w["n2"], 1e-5, pdl=pdl)
+            gu = gemv(h2, w["gu"], fusion=FUSE_SILU_MUL_OUT, pdl=pdl)
+            x = gemv(gu, w["down"], pdl=pdl)
             x = x + res  # a torch kernel (no PDL) between PDL kernels
         return x
 
@@ -90,7 +92,7 @@ def test_decode_chain_pdl_graph_matches_eager(monkeypatch):
         slots.fill_(int(block_table[0, p // page]) * page + p % page)
         seq_lens.fill_(p + 1)
 
-    def run(use_graph: bool) -> list[torch.Tensor]:
+    def run(use_graph: bool, pdl: bool) -> list[torch.Tensor]:
         cache = cache0.clone()
         outs, x = [], x0
         if use_graph:
@@ -99,26 +101,24 @@ def test_decode_chain_pdl_graph_matches_eager(monkeypatch):
             s = torch.cuda.Stream()
             s.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(s):
-                step(warm)  # compile outside the capture
+                step(warm, pdl)  # compile outside the capture
             torch.cuda.current_stream().wait_stream(s)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                out = step(cache)
+                out = step(cache, pdl)
         for i in range(steps):
             set_step(i, x)
             if use_graph:
                 graph.replay()
                 x = out.clone()
             else:
-                x = step(cache)
+                x = step(cache, pdl)
             outs.append(x)
         torch.cuda.synchronize()
         return outs + [cache]
 
-    monkeypatch.setattr(pdl_mod, "PDL_ENABLED", False)
-    ref = run(use_graph=False)
-    monkeypatch.setattr(pdl_mod, "PDL_ENABLED", True)
-    got = run(use_graph=True)
+    ref = run(use_graph=False, pdl=False)
+    got = run(use_graph=True, pdl=True)
     assert torch.isfinite(ref[-2]).all()
     for i, (a, b) in enumerate(zip(got, ref, strict=True)):
         assert torch.equal(a, b), f"step {i} differs with PDL"
