@@ -14,6 +14,7 @@ _POLICIES = ("fcfs", "priority")
 _LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 _DEVICES = ("auto", "cpu", "cuda")
 _ATTN_BACKENDS = ("auto", "torch", "triton")
+_EXECUTOR_BACKENDS = ("uni", "mp", "ray")
 
 
 def _check(cond: bool, name: str, msg: str) -> None:
@@ -149,11 +150,79 @@ class DeviceConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    """Tensor x pipeline parallelism: ``tensor_parallel_size * pipeline_parallel_size``
+    ranks, rank ``pp_rank * tensor_parallel_size + tp_rank``. Checks against the model
+    (heads, vocabulary, layers) happen once its architecture is known
+    (``kvasir.distributed.validate_parallel_config``)."""
+
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    # None: "uni" for one rank, "mp" (one process per rank on this host) otherwise.
+    distributed_executor_backend: str | None = None
+    # Seconds a collective (or a worker's reply) may take before the engine gives up.
+    distributed_timeout: float = 60.0
+    # Decoder layers per pipeline stage (None: as even as possible, earlier stages first).
+    pipeline_layer_partition: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1")
+        _check(self.pipeline_parallel_size >= 1, "pipeline_parallel_size", "must be >= 1")
+        if self.distributed_executor_backend is not None:
+            _check(
+                self.distributed_executor_backend in _EXECUTOR_BACKENDS,
+                "distributed_executor_backend",
+                f"must be one of {_EXECUTOR_BACKENDS}, got {self.distributed_executor_backend!r}",
+            )
+            _check(
+                self.distributed_executor_backend != "uni" or self.world_size == 1,
+                "distributed_executor_backend",
+                f"'uni' runs one rank, but tensor_parallel_size x pipeline_parallel_size "
+                f"is {self.world_size}; use 'mp' or 'ray'",
+            )
+        _check(self.distributed_timeout > 0, "distributed_timeout", "must be > 0 seconds")
+        if self.pipeline_layer_partition is not None:
+            part = self.pipeline_layer_partition
+            _check(
+                len(part) == self.pipeline_parallel_size and all(n >= 1 for n in part),
+                "pipeline_layer_partition",
+                f"must list {self.pipeline_parallel_size} layer counts >= 1 (one per "
+                f"pipeline stage), got {list(part)}",
+            )
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def executor_backend(self) -> str:
+        if self.distributed_executor_backend is not None:
+            return self.distributed_executor_backend
+        return "uni" if self.world_size == 1 else "mp"
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Which fast paths the layers take, fixed at construction (CUDA graphs freeze
+    whatever a forward did at capture, so these are never switched at run time).
+    Benchmarks compare variants by building two engines."""
+
+    # Batch-1 decode projections as the single-row Triton GEMV (CUDA, bf16/fp16).
+    fused_gemv: bool = True
+    # CPU float32 linears as oneDNN matmuls on weights prepacked after loading.
+    cpu_prepack: bool = True
+    # Programmatic dependent launch for the decode kernels (Hopper on; ignored elsewhere).
+    pdl: bool = True
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model_config: ModelConfig
     cache_config: CacheConfig = field(default_factory=CacheConfig)
     scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)
     device_config: DeviceConfig = field(default_factory=DeviceConfig)
+    parallel_config: ParallelConfig = field(default_factory=ParallelConfig)
+    kernel_config: KernelConfig = field(default_factory=KernelConfig)
     attention_backend: str = "auto"  # auto: triton on CUDA, torch on CPU
     enforce_eager: bool = False  # disable CUDA graphs
     # Mixed (prefill + decode) steps of up to this many tokens run as CUDA graphs too

@@ -15,6 +15,7 @@ from model_utils import PagedRunner
 
 from kvasir.attention.backend import get_backend_cls
 from kvasir.config import ModelArchConfig, ModelConfig
+from kvasir.layers.context import LayerContext
 from kvasir.layers.activation import SiluAndMul
 from kvasir.layers.layernorm import RMSNorm
 from kvasir.layers.rotary_embedding import RotaryEmbedding, compute_inv_freq
@@ -229,13 +230,13 @@ def _tiny_arch(**overrides: Any) -> ModelArchConfig:
 
 
 def _hf_state(arch: ModelArchConfig) -> dict[str, torch.Tensor]:
-    model = LlamaForCausalLM(arch, get_backend_cls("torch"))
+    model = LlamaForCausalLM(arch, LayerContext(get_backend_cls("torch")))
     return {n: torch.zeros(s) for n, s in model.expected_weight_shapes().items()}
 
 
 def test_load_weights_errors() -> None:
     arch = _tiny_arch()
-    model = LlamaForCausalLM(arch, get_backend_cls("torch"))
+    model = LlamaForCausalLM(arch, LayerContext(get_backend_cls("torch")))
     state = _hf_state(arch)
     model.load_weights(state.items())  # complete: fine
 
@@ -253,7 +254,7 @@ def test_load_weights_errors() -> None:
 
 def test_load_weights_fills_fused_shards() -> None:
     arch = _tiny_arch(attention_bias=True)
-    model = LlamaForCausalLM(arch, get_backend_cls("torch"))
+    model = LlamaForCausalLM(arch, LayerContext(get_backend_cls("torch")))
     state = {n: torch.randn(s) for n, s in model.expected_weight_shapes().items()}
     model.load_weights(state.items())
     attn = model.model.layers[0].self_attn

@@ -124,11 +124,19 @@ class AttentionBackend(ABC):
     # RoPE to query and key itself (fused with the cache write) before attending.
     fuses_rotary: bool = False
 
-    def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float) -> None:
+    def __init__(
+        self,
+        num_heads: int,
+        head_dim: int,
+        num_kv_heads: int,
+        scale: float,
+        pdl: bool = True,  # KernelConfig.pdl: the backend's kernels may launch with PDL
+    ) -> None:
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.num_kv_heads = num_kv_heads
         self.scale = scale
+        self.pdl = pdl
 
     @staticmethod
     def get_kv_cache_shape(num_blocks: int, spec: KVCacheSpec) -> tuple[int, ...]:

@@ -44,8 +44,9 @@ class TritonAttentionBackend(AttentionBackend):
         num_kv_heads: int,
         scale: float,
         decode_num_splits: int | None = None,
+        pdl: bool = True,
     ) -> None:
-        super().__init__(num_heads, head_dim, num_kv_heads, scale)
+        super().__init__(num_heads, head_dim, num_kv_heads, scale, pdl)
         self.decode_num_splits = decode_num_splits
 
     def forward(
@@ -63,7 +64,7 @@ class TritonAttentionBackend(AttentionBackend):
             positions, cos_sin_cache = rotary
             rotary_embedding_and_cache(
                 positions[:num_actual], query, key, value, cos_sin_cache, kv_cache,
-                md.slot_mapping[:num_actual],
+                md.slot_mapping[:num_actual], pdl=self.pdl,
             )  # fmt: skip
         else:
             reshape_and_cache(key, value, kv_cache, md.slot_mapping[:num_actual])
@@ -78,6 +79,7 @@ class TritonAttentionBackend(AttentionBackend):
                 num_reqs=md.num_reqs,
                 num_splits=self.decode_num_splits,
                 out=out,
+                pdl=self.pdl,
             )
             covered = md.num_reqs
         else:

@@ -37,6 +37,10 @@ class CachedRequestData:
     req_id: str
     new_block_ids: list[int]
     num_computed_tokens: int
+    # Pipeline parallelism only: the sampled tokens among those this step computes
+    # (positions ``max(num_computed_tokens, num_prompt_tokens)`` on), which the stages
+    # that do not sample have not seen. Empty otherwise.
+    new_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass

@@ -50,6 +50,13 @@ by the real token in ``update_from_output``. A request that will finish once its
 placeholders arrive (max_tokens, max_model_len) is not scheduled again; one that stops
 on EOS / a stop token is found one step late and the token its extra step sampled is
 dropped (as in vLLM). Outputs are the same as without async scheduling.
+
+Pipeline parallelism (``pipeline_parallel_size > 1``): the engine keeps up to that many
+steps in flight, calling ``schedule()`` again before the earlier steps' outputs are
+back. A request in a step still in flight is never scheduled again nor preempted until
+that step's ``update_from_output``, so no request is in two in-flight batches. Cached
+requests then carry ``new_token_ids`` (the sampled tokens the stages that do not sample
+have not seen).
 """
 
 from __future__ import annotations
@@ -86,6 +93,7 @@ class Scheduler:
         cache_config: CacheConfig,
         num_blocks: int,
         async_scheduling: bool = False,
+        pipeline_parallel_size: int = 1,
     ) -> None:
         self.scheduler_config = scheduler_config
         self.cache_config = cache_config
@@ -119,6 +127,14 @@ class Scheduler:
         # request added after it (a request reusing a finished id is not in that step).
         self._num_output_placeholders: dict[str, int] = {}
         self._arrival_limits: dict[int, int] = {}
+        if pipeline_parallel_size > 1 and async_scheduling:
+            raise ValueError(
+                "async_scheduling must be off with pipeline parallelism (the pipeline "
+                "keeps several steps in flight instead)"
+            )
+        # Pipeline parallelism: request id -> steps in flight that include it.
+        self.pipelined = pipeline_parallel_size > 1
+        self._in_flight: dict[str, int] = {}
 
     # ------------------------------------------------------------------ intake
 
@@ -176,6 +192,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and token_budget > 0:
             request = self.running[i]
+            if self.pipelined and request.request_id in self._in_flight:
+                i += 1  # its last step is still in the pipeline
+                continue
             num_placeholders = placeholders.get(request.request_id, 0)
             if num_placeholders and self._finishes_with(request, num_placeholders):
                 i += 1  # its last token is in flight; another step would be wasted
@@ -209,9 +228,13 @@ class Scheduler:
                     break
             if new_block_ids is None:
                 continue  # the request itself was preempted; running[i] is the next one
-            cached_reqs[request.request_id] = CachedRequestData(
+            cached = CachedRequestData(
                 request.request_id, new_block_ids, request.num_computed_tokens
             )
+            if self.pipelined:
+                start = max(request.num_computed_tokens, request.num_prompt_tokens)
+                cached.new_token_ids = request.all_token_ids[start : start + num_new]
+            cached_reqs[request.request_id] = cached
             num_scheduled[request.request_id] = num_new
             token_budget -= num_new
             request.num_computed_tokens += num_new
@@ -230,8 +253,11 @@ class Scheduler:
             while self.waiting and token_budget > 0 and len(self.running) < self.max_num_seqs:
                 request = self.waiting.peek()
                 assert request.num_computed_tokens == 0
-                if request.request_id in placeholders:
-                    # Preempted while its last token was in flight: resume once it is here.
+                if request.request_id in placeholders or (
+                    self.pipelined and request.request_id in self._in_flight
+                ):
+                    # Preempted while its last token was in flight (or an aborted
+                    # request's id reused while its step is in the pipeline): later.
                     skipped.append(self.waiting.pop())
                     continue
                 hold, computed_blocks, num_computed, from_cache = self._prefix_for(request)
@@ -287,6 +313,9 @@ class Scheduler:
             finished_req_ids=finished_ids,
             preempted_req_ids=preempted_ids,
         )
+        if self.pipelined:
+            for rid in ordered:
+                self._in_flight[rid] = self._in_flight.get(rid, 0) + 1
         if self.async_scheduling:
             limits = self._arrival_limits
             limits[id(so)] = self._next_arrival_seq
@@ -311,9 +340,12 @@ class Scheduler:
             del self._num_output_placeholders[request_id]
 
     def _select_victim(self) -> Request:
+        running = self.running
+        if self.pipelined:  # never a request whose step is still in the pipeline
+            running = [r for r in running if r.request_id not in self._in_flight]
         if self.scheduler_config.policy == "priority":
-            return max(self.running, key=lambda r: (r.priority, r.arrival_time, r.arrival_seq))
-        return self.running[-1]
+            return max(running, key=lambda r: (r.priority, r.arrival_time, r.arrival_seq))
+        return running[-1]
 
     def _preempt(self, request: Request) -> None:
         """Preempt by recompute: drop the KV, restart from token 0 later."""
@@ -369,6 +401,10 @@ class Scheduler:
         any_finished = False
         arrival_limit = self._arrival_limits.pop(id(scheduler_output), None)
         for rid, num_scheduled in scheduler_output.num_scheduled_tokens.items():
+            if self.pipelined:
+                n = self._in_flight.pop(rid, 0)
+                if n > 1:
+                    self._in_flight[rid] = n - 1
             request = self.requests.get(rid)
             if request is None:
                 continue  # finished or aborted after it was scheduled

@@ -4,13 +4,16 @@ and onto the frozen config dataclasses of ``kvasir.config``."""
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass, fields
 
 from kvasir.config import (
     CacheConfig,
     DeviceConfig,
     EngineConfig,
+    KernelConfig,
     ModelConfig,
+    ParallelConfig,
     SchedulerConfig,
 )
 
@@ -39,6 +42,14 @@ class EngineArgs:
     enforce_eager: bool = False
     cuda_graph_mixed_tokens: int = 512
     async_scheduling: bool | None = None
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    distributed_executor_backend: str | None = None
+    distributed_timeout: float = 60.0
+    pipeline_layer_partition: str | tuple[int, ...] | None = None  # "12,12,8" per stage
+    fused_gemv: bool = True
+    cpu_prepack: bool = True
+    pdl: bool | None = None  # None: on unless KVASIR_PDL=0
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -99,6 +110,49 @@ class EngineArgs:
             help="schedule step N+1 while the device runs step N "
             "(default: on for CUDA, off on the CPU)",
         )
+        p = parser.add_argument_group("parallelism")
+        p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+        p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
+        p.add_argument(
+            "--distributed-executor-backend",
+            default=None,
+            choices=["uni", "mp", "ray"],
+            help="uni: one rank in this process; mp: one process per rank on this host; "
+            "ray: Ray actors, across hosts (default: uni for one rank, mp otherwise)",
+        )
+        p.add_argument(
+            "--distributed-timeout",
+            type=float,
+            default=60.0,
+            help="seconds a collective or a worker's reply may take before the engine "
+            "reports itself dead",
+        )
+        p.add_argument(
+            "--pipeline-layer-partition",
+            type=str,
+            default=None,
+            help="decoder layers per pipeline stage, e.g. 12,12,8 (default: even split)",
+        )
+        k = parser.add_argument_group("kernels")
+        k.add_argument(
+            "--fused-gemv",
+            action=argparse.BooleanOptionalAction,
+            default=True,
+            help="batch-1 decode projections as the Triton GEMV (CUDA, bf16/fp16)",
+        )
+        k.add_argument(
+            "--cpu-prepack",
+            action=argparse.BooleanOptionalAction,
+            default=True,
+            help="CPU float32 linears as oneDNN matmuls on prepacked weights",
+        )
+        k.add_argument(
+            "--pdl",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="programmatic dependent launch for the decode kernels on Hopper "
+            "(default: on unless KVASIR_PDL=0)",
+        )
         return parser
 
     @classmethod
@@ -130,6 +184,19 @@ class EngineArgs:
         )
         return EngineConfig(
             model_config=model_config,
+            parallel_config=ParallelConfig(
+                tensor_parallel_size=self.tensor_parallel_size,
+                pipeline_parallel_size=self.pipeline_parallel_size,
+                distributed_executor_backend=self.distributed_executor_backend,
+                distributed_timeout=self.distributed_timeout,
+                pipeline_layer_partition=_parse_partition(self.pipeline_layer_partition),
+            ),
+            kernel_config=KernelConfig(
+                fused_gemv=self.fused_gemv,
+                cpu_prepack=self.cpu_prepack,
+                # The environment override is read once, here, into the config.
+                pdl=self.pdl if self.pdl is not None else os.environ.get("KVASIR_PDL") != "0",
+            ),
             cache_config=CacheConfig(
                 block_size=self.block_size,
                 gpu_memory_utilization=self.gpu_memory_utilization,
@@ -144,3 +211,17 @@ class EngineArgs:
             cuda_graph_mixed_tokens=self.cuda_graph_mixed_tokens,
             async_scheduling=self.async_scheduling,
         )
+
+
+def _parse_partition(text: str | tuple[int, ...] | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    if not isinstance(text, str):
+        return tuple(int(x) for x in text)
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(
+            f"pipeline_layer_partition must be comma-separated layer counts such as "
+            f"'12,12,8', got {text!r}"
+        ) from None

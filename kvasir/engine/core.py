@@ -1,20 +1,25 @@
-"""The engine core: scheduler + model runner, one step at a time.
+"""The engine core: scheduler + executor, one step at a time.
 
 ``step()`` is the hot loop body: schedule -> execute -> update. It never tokenizes,
 detokenizes or touches the network; the offline ``LLMEngine`` calls it in-process and
-the API server runs it in its own process (``core_proc``).
+the API server runs it in its own process (``core_proc``). The executor
+(``kvasir.executor``) runs the model on one rank in this process or on one worker per
+rank (tensor x pipeline parallelism).
 
 With async scheduling (``EngineConfig.async_scheduling``; on by default on CUDA) a step
 is: schedule N + 1, launch it on the device (``execute_model_async``, no waiting), then
 read back step N and update the scheduler with it. The device runs N + 1 while the host
 does N's bookkeeping, the caller's output processing and N + 2's scheduling; outputs
-come one ``step()`` later than without it, and are otherwise identical.
+come one ``step()`` later than without it, and are otherwise identical. With pipeline
+parallelism up to one step per stage is in flight the same way (see
+``_step_pipelined``).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import replace
 
 import msgspec
@@ -29,7 +34,7 @@ from kvasir.core.outputs import (
 from kvasir.core.request import Request
 from kvasir.core.scheduler import Scheduler
 from kvasir.engine.messages import EngineCoreRequest
-from kvasir.worker.async_output import AsyncModelRunnerOutput
+from kvasir.executor.base import PendingOutput
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +53,18 @@ class ModelInfo(msgspec.Struct):
     attention_backend: str = "torch"
 
 
+def _num_local_gpus(config: EngineConfig) -> int | None:
+    """CUDA GPUs the "mp" executor can give one rank each (None: not a limit)."""
+    if config.parallel_config.executor_backend != "mp" or config.device_config.device == "cpu":
+        return None
+    import torch
+
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n == 0:
+        return None  # a CPU run ("auto" without a GPU)
+    return n
+
+
 def resolve_max_model_len(user_value: int | None, arch: ModelArchConfig) -> int:
     if user_value is None:
         return arch.max_position_embeddings
@@ -60,32 +77,66 @@ def resolve_max_model_len(user_value: int | None, arch: ModelArchConfig) -> int:
 
 
 class EngineCore:
+    """Owns the scheduler and the executor; ``step()`` runs one schedule -> execute ->
+    update round and returns the outputs of requests that got tokens or finished.
+
+    Contract: single-threaded; ``add_request`` raises ValueError for a request that can
+    never run and leaves everything else untouched; ``step()`` never blocks on anything
+    but the device (or the workers). A worker failure raises ``WorkerDiedError`` from
+    ``step()``: the engine is then dead (its requests' state lived on the workers) and
+    its owner must fail every in-flight request (the server exits non-zero).
+    """
+
     def __init__(self, config: EngineConfig, log: bool = True) -> None:
+        from kvasir.distributed import validate_parallel_config
+        from kvasir.executor.base import get_executor_cls
         from kvasir.models.loader import load_arch_config
-        from kvasir.worker.model_runner import ModelRunner
 
         t0 = time.perf_counter()
         arch = load_arch_config(config.model_config)
         max_len = resolve_max_model_len(config.model_config.max_model_len, arch)
+        pc = config.parallel_config
+        validate_parallel_config(pc, arch, _num_local_gpus(config))
+        async_scheduling = config.async_scheduling
+        if pc.pipeline_parallel_size > 1:
+            if async_scheduling:
+                raise ValueError(
+                    "--async-scheduling cannot be combined with --pipeline-parallel-size > 1 "
+                    "(the pipeline keeps one step per stage in flight instead)"
+                )
+            async_scheduling = False
         config = replace(
             config,
             scheduler_config=replace(config.scheduler_config, max_model_len=max_len),
         )
         self.config = config
         self.arch_config = arch
-        self.runner = ModelRunner(config, arch)
-        num_blocks = self.runner.determine_num_blocks()
-        self.runner.initialize_kv_cache(num_blocks)
+        self.executor = get_executor_cls(pc.executor_backend)(config, arch)
+        try:
+            num_blocks = self.executor.determine_num_blocks()
+            self.executor.initialize_kv_cache(num_blocks)
+        except BaseException:
+            self.executor.shutdown()
+            raise
+        # The in-process runner (uni executor only: tests and benchmarks inspect it).
+        self.runner = getattr(self.executor, "runner", None)
+        info = self.executor.info
         bs = config.cache_config.block_size
-        async_scheduling = config.async_scheduling
         if async_scheduling is None:
-            async_scheduling = self.runner.device.type == "cuda"
+            async_scheduling = info.device.startswith("cuda")
         self.async_scheduling = async_scheduling
         self.scheduler = Scheduler(
-            config.scheduler_config, config.cache_config, num_blocks, async_scheduling
+            config.scheduler_config,
+            config.cache_config,
+            num_blocks,
+            async_scheduling,
+            pc.pipeline_parallel_size,
         )
-        # Async scheduling: the launched step whose output has not been read back.
-        self._in_flight: tuple[SchedulerOutput, AsyncModelRunnerOutput] | None = None
+        # Launched steps whose outputs have not been read back, oldest first: at most
+        # one with async scheduling, one per pipeline stage with pipeline parallelism.
+        self._in_flight: deque[tuple[SchedulerOutput, PendingOutput]] = deque()
+        self._max_in_flight = 2 if async_scheduling else pc.pipeline_parallel_size
+        self._num_kept = self._max_in_flight - 1
         self.startup_time = time.perf_counter() - t0
         self.model_info = ModelInfo(
             model_name=config.model_config.served_model_name or config.model_config.model,
@@ -94,20 +145,26 @@ class EngineCore:
             eos_token_ids=list(arch.eos_token_id),
             block_size=bs,
             num_gpu_blocks=num_blocks,
-            device=str(self.runner.device),
-            dtype=str(self.runner.dtype).removeprefix("torch."),
-            attention_backend=self.runner.attn_backend_name,
+            device=info.device,
+            dtype=info.dtype,
+            attention_backend=info.attention_backend,
         )
         if log:
             # Block 0 is the scheduler's reserved null block: report what requests can use.
             usable = self.scheduler.kv_cache_manager.num_usable_blocks
             tokens = usable * bs
+            parallel = ""
+            if pc.world_size > 1:
+                parallel = (
+                    f"; tensor parallel {pc.tensor_parallel_size} x pipeline parallel "
+                    f"{pc.pipeline_parallel_size} ({pc.executor_backend} executor)"
+                )
             msg = (
                 f"kvasir: KV cache {usable} blocks x {bs} tokens = {tokens} tokens "
-                f"({num_blocks * self.runner.kv_bytes_per_block() / 2**30:.2f} GiB, "
-                f"{self.runner.dtype}); max concurrency at max_model_len={max_len}: "
-                f"{tokens / max_len:.2f}x; device {self.runner.device}, attention "
-                f"{self.runner.attn_backend_name}; start-up {self.startup_time:.1f}s"
+                f"({num_blocks * info.kv_bytes_per_block / 2**30:.2f} GiB per rank, "
+                f"{info.dtype}); max concurrency at max_model_len={max_len}: "
+                f"{tokens / max_len:.2f}x; device {info.device}, attention "
+                f"{info.attention_backend}{parallel}; start-up {self.startup_time:.1f}s"
             )
             logger.info(msg)
 
@@ -130,35 +187,40 @@ class EngineCore:
         self.scheduler.abort_requests(request_ids)
 
     def step(self) -> tuple[list[EngineCoreOutput], SchedulerStats]:
-        if self.async_scheduling:
-            return self._step_async()
+        if self._max_in_flight > 1:
+            return self._step_pipelined()
         if not self.scheduler.has_unfinished_requests():
             return self._take_aborted(), self.scheduler.make_stats()
         so = self.scheduler.schedule()
         # Even an empty step goes to the runner: it drops finished requests' state.
-        mro = self.runner.execute_model(so)
+        mro = self.executor.execute_model(so)
         outputs = self._take_aborted() + self.scheduler.update_from_output(so, mro)
         return outputs, self.scheduler.make_stats()
 
-    def _step_async(self) -> tuple[list[EngineCoreOutput], SchedulerStats]:
-        """Launch step N + 1, then read back step N (see the module docstring)."""
+    def _step_pipelined(self) -> tuple[list[EngineCoreOutput], SchedulerStats]:
+        """Launch step N + 1, then read back the oldest launched steps until
+        ``_num_kept`` stay in flight: one with async scheduling (the device runs N + 1
+        while the host does N's bookkeeping), one per pipeline stage but the newest
+        with pipeline parallelism. A step with nothing to launch reads one back."""
         sched = self.scheduler
         so, launched = None, None
         if sched.has_unfinished_requests():
             so = sched.schedule()
             # Even an empty step goes to the runner: it drops finished requests' state.
-            launched = self.runner.execute_model_async(so)
+            launched = self.executor.execute_model_async(so)
         outputs = self._take_aborted()
-        if self._in_flight is not None:
-            prev_so, prev = self._in_flight
-            self._in_flight = None
+        if launched is not None:
+            assert so is not None
+            self._in_flight.append((so, launched))
+            num_kept = self._num_kept
+        else:
+            num_kept = max(len(self._in_flight) - 1, 0)
+        while len(self._in_flight) > num_kept:
+            prev_so, prev = self._in_flight.popleft()
             outputs += sched.update_from_output(prev_so, prev.get_output())
-        if so is not None:
-            if launched is None:
-                empty = ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
-                outputs += sched.update_from_output(so, empty)
-            else:
-                self._in_flight = (so, launched)
+        if so is not None and launched is None:
+            empty = ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
+            outputs += sched.update_from_output(so, empty)
         return outputs, sched.make_stats()
 
     def _take_aborted(self) -> list[EngineCoreOutput]:
@@ -166,11 +228,11 @@ class EngineCore:
         return take() if take is not None else []
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests() or self._in_flight is not None
+        return self.scheduler.has_unfinished_requests() or bool(self._in_flight)
 
     def reset_prefix_cache(self) -> None:
         self.scheduler.kv_cache_manager.reset_prefix_cache()
 
     def shutdown(self) -> None:
-        self._in_flight = None
-        self.runner.kv_caches = []
+        self._in_flight.clear()
+        self.executor.shutdown()

@@ -213,6 +213,7 @@ def paged_decode_attention(
     num_splits: int | None = None,
     out: torch.Tensor | None = None,  # [>= num_reqs, num_heads, head_dim]
     config: DecodeConfig | None = None,
+    pdl: bool = True,  # launch with PDL where supported (kvasir.kernels.pdl)
 ) -> torch.Tensor:  # [query.shape[0], num_heads, head_dim], rows >= num_reqs untouched
     """Attention of each request's single query token over its first ``seq_lens[r]``
     cached tokens. ``num_splits=None`` picks the split count from the batch shape. A
@@ -236,7 +237,7 @@ def paged_decode_attention(
     group = num_heads // num_kv_heads
     head_dim_pad = triton.next_power_of_2(head_dim)
     k_cache, v_cache = kv_cache[0], kv_cache[1]
-    pdl = use_pdl(query)
+    pdl = use_pdl(query, pdl)
     if num_splits > 1:
         mid_o = torch.empty(
             (num_reqs, num_heads, num_splits, head_dim), dtype=torch.float32, device=query.device

@@ -125,6 +125,7 @@ def gemv(
     bias: torch.Tensor | None = None,  # one per weight row
     fusion: int = FUSE_NONE,
     config: tuple[int, int, int] | None = None,
+    pdl: bool = True,  # launch with PDL where supported (kvasir.kernels.pdl)
 ) -> torch.Tensor:  # [1, N], x's dtype
     """``weight @ x (+ bias)`` with the ``fusion`` of the module docstring."""
     rows, k = weight.shape
@@ -134,7 +135,7 @@ def gemv(
     assert fusion != FUSE_SILU_MUL_OUT or rows % 2 == 0, "[gate; up] needs an even row count"
     n = rows // 2 if fusion == FUSE_SILU_MUL_OUT else rows
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    pdl = use_pdl(x)
+    pdl = use_pdl(x, pdl)
     if config is None:
         sms = _num_sms(x.device.index or 0) if x.is_cuda else 132
         config = default_gemv_config(rows, k, sms, pdl)

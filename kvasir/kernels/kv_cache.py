@@ -213,6 +213,7 @@ def rotary_embedding_and_cache(
     cos_sin_cache: torch.Tensor,  # [max_position, rotary_dim] float32 = cat(cos, sin)
     kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
     slot_mapping: torch.Tensor,  # [num_tokens] int64; < 0 = skip the cache write
+    pdl: bool = True,  # launch with PDL where supported (kvasir.kernels.pdl)
 ) -> None:
     """Apply neox/HF RoPE to ``query`` and ``key`` in place and store the rotated key
     and ``value`` into ``kv_cache``, all in one kernel (one program per token).
@@ -234,7 +235,7 @@ def rotary_embedding_and_cache(
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     half = rotary_dim // 2
     heads_pad = triton.next_power_of_2(num_heads)
-    pdl = use_pdl(query)
+    pdl = use_pdl(query, pdl)
     _rope_and_cache_kernel[(num_tokens,)](
         positions,
         query,

@@ -16,10 +16,10 @@ its predecessor still runs:
   first weight tile there, so the weight stream of the next projection starts while
   the norm or attention kernel in front of it still runs.
 
-Kernels launched without the attribute (torch's) order as usual. ``KVASIR_PDL=0`` in the
-environment or the module switch ``PDL_ENABLED`` (benchmarks flip it to measure the
-gain) turns PDL off; the interpreter and GPUs before compute capability 9.0 never use
-it.
+Kernels launched without the attribute (torch's) order as usual. Each wrapper takes
+``pdl``, which the layers pass from ``KernelConfig.pdl`` (``--no-pdl``, or
+``KVASIR_PDL=0`` read once into that config, turns it off); the interpreter and GPUs
+before compute capability 9.0 never use it.
 """
 
 from __future__ import annotations
@@ -47,14 +47,9 @@ except ImportError:  # pragma: no cover - older triton: the constexpr branch is 
         raise RuntimeError("programmatic dependent launch needs triton >= 3.3")
 
 
-PDL_ENABLED = True
-
-
 @functools.cache
 def _supported(device_index: int) -> bool:
-    """Read once, at the first launch: ``KVASIR_PDL=0`` in the environment turns PDL off."""
-    if os.environ.get("KVASIR_PDL", "1") == "0":
-        return False
+    """Whether this triton and this GPU can launch with PDL (checked once per device)."""
     if not _HAVE_GDC or os.environ.get("TRITON_INTERPRET") == "1":
         return False
     try:
@@ -66,9 +61,10 @@ def _supported(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
-def use_pdl(t: torch.Tensor) -> bool:
-    """Whether kernels working on ``t``'s device launch with PDL."""
-    return PDL_ENABLED and t.is_cuda and _supported(t.device.index or 0)
+def use_pdl(t: torch.Tensor, requested: bool = True) -> bool:
+    """Whether a kernel working on ``t``'s device launches with PDL: ``requested`` (the
+    caller's ``KernelConfig.pdl``) and supported there."""
+    return requested and t.is_cuda and _supported(t.device.index or 0)
 
 
 def launch_kwargs(pdl: bool) -> dict[str, Any]:
@@ -77,4 +73,4 @@ def launch_kwargs(pdl: bool) -> dict[str, Any]:
     return {"launch_pdl": True} if pdl else {}
 
 
-__all__ = ["PDL_ENABLED", "gdc_launch_dependents", "gdc_wait", "launch_kwargs", "use_pdl"]
+__all__ = ["gdc_launch_dependents", "gdc_wait", "launch_kwargs", "use_pdl"]

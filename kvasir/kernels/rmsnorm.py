@@ -59,6 +59,7 @@ def _launch(
     eps: float,
     out: torch.Tensor,
     residual_out: torch.Tensor | None,
+    pdl: bool,
 ) -> None:
     hidden = x.shape[-1]
     num_tokens = x.shape[0]
@@ -66,7 +67,7 @@ def _launch(
         return
     assert x.dim() == 2 and x.stride(1) == 1 and out.stride(1) == 1, "rows must be contiguous"
     block = triton.next_power_of_2(hidden)
-    pdl = use_pdl(x)
+    pdl = use_pdl(x, pdl)
     num_warps = min(16, max(1, block // 512))  # ~16 B per thread per load
     _rms_norm_kernel[(num_tokens,)](
         x,
@@ -93,10 +94,11 @@ def rms_norm(
     weight: torch.Tensor,  # [hidden]
     eps: float,
     out: torch.Tensor | None = None,  # [num_tokens, hidden]; may be x itself
+    pdl: bool = True,  # launch with PDL where supported (kvasir.kernels.pdl)
 ) -> torch.Tensor:  # [num_tokens, hidden], x's dtype
     """``x * rsqrt(mean(x^2) + eps) * weight`` per row."""
     out = torch.empty_like(x) if out is None else out
-    _launch(x, None, weight, eps, out, None)
+    _launch(x, None, weight, eps, out, None, pdl)
     return out
 
 
@@ -107,12 +109,13 @@ def fused_add_rms_norm(
     eps: float,
     out: torch.Tensor | None = None,  # may be x itself (in place, as vLLM)
     residual_out: torch.Tensor | None = None,  # may be residual itself
+    pdl: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # (out, new_residual), each [num_tokens, hidden]
     """``new_residual = x + residual``; ``out = rms_norm(new_residual) * weight``. Each
     program reads its row fully before writing it, so in-place use is safe."""
     out = torch.empty_like(x) if out is None else out
     residual_out = torch.empty_like(residual) if residual_out is None else residual_out
-    _launch(x, residual, weight, eps, out, residual_out)
+    _launch(x, residual, weight, eps, out, residual_out, pdl)
     return out, residual_out
 
 

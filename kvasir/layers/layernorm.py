@@ -15,9 +15,10 @@ class RMSNorm(nn.Module):
     Output dtype equals ``x``'s dtype.
     """
 
-    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+    def __init__(self, hidden_size: int, eps: float = 1e-6, pdl: bool = True) -> None:
         super().__init__()
         self.hidden_size = hidden_size
+        self.pdl = pdl  # KernelConfig.pdl: the CUDA kernel launches with PDL where supported
         self.variance_epsilon = eps
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
@@ -32,9 +33,13 @@ class RMSNorm(nn.Module):
 
             x2 = x.reshape(-1, self.hidden_size)
             if residual is None:
-                return rms_norm(x2, self.weight, self.variance_epsilon).view_as(x)
+                return rms_norm(x2, self.weight, self.variance_epsilon, pdl=self.pdl).view_as(x)
             out, res = fused_add_rms_norm(
-                x2, residual.reshape(-1, self.hidden_size), self.weight, self.variance_epsilon
+                x2,
+                residual.reshape(-1, self.hidden_size),
+                self.weight,
+                self.variance_epsilon,
+                pdl=self.pdl,
             )
             return out.view_as(x), res.view_as(x)
         if x.dtype == torch.float32:  # torch.rms_norm: torch >= 2.4 (pyproject)

@@ -1,133 +1,407 @@
-"""Linear layers as the decoder calls them, with a fast path on each device.
+"""Linear layers that know their tensor-parallel shard and own a ``LinearMethod``.
 
-GPU: at one token per step (batch-1 decode, a static shape inside its CUDA graph) in
-bf16/fp16, each projection runs as the single-row Triton GEMV of ``kvasir.kernels.gemv``
-(closer to the copy bandwidth than cuBLAS at M = 1, no split-K reduce kernel), and the
-SiLU-and-mul after ``gate_up_proj`` is fused into that GEMV's epilogue; both paths
-round the activation the same way.
+Megatron's splits: a column-parallel layer holds ``output_size / tp_size`` rows of the
+weight (q/k/v and gate/up, fused, each sub-projection split on its own), a row-parallel
+layer ``input_size / tp_size`` columns and sums the partial outputs with one all-reduce.
+Every parameter carries a ``weight_loader(param, loaded_weight, shard_id=None)`` that
+takes the full checkpoint tensor and copies the rows or columns of this rank's shard,
+so the checkpoint loaders never know the rank.
 
-CPU, float32: oneDNN's matmul on weights reordered once into its blocked layout (the
-op inductor uses for frozen CPU graphs). On this project's 2-core AVX-512 VM it runs
-2-3.5x faster than ``F.linear`` (MKL sgemm) at every batch size from 1 to 2048 rows,
-with float32 accuracy (max error ~1e-6 of the largest output, vs ~5e-7), so the CPU
-engine still computes in float32. The reordered copy doubles the weights' memory.
+The ``LinearMethod`` decides how the weight is stored and multiplied: the model never
+branches on a device, a dtype or a quantisation scheme. ``UnquantizedLinearMethod``:
 
-Anything else takes ``F.linear``.
+* CUDA, one token (batch-1 decode) in bf16/fp16: the single-row Triton GEMV of
+  ``kvasir.kernels.gemv`` (closer to the copy bandwidth than cuBLAS at M = 1), with
+  SiLU-and-mul fused into ``gate_up_proj``'s epilogue;
+* CPU, float32: oneDNN's matmul on the weight reordered once, after loading, into its
+  blocked layout (the op inductor uses for frozen CPU graphs; faster than MKL's sgemm
+  here at every batch size with float32 accuracy, see benchmarks/RESULTS.md). The
+  reordered copy doubles the weights' memory;
+* anything else: ``F.linear``.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-# Module switches for the fast paths (benchmarks flip them to measure their gain).
-FUSED_GEMV_ENABLED = True
-CPU_PACKED_ENABLED = True
-
-
-def use_fused_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (
-        FUSED_GEMV_ENABLED
-        and x.is_cuda
-        and x.dim() == 2
-        and x.shape[0] == 1
-        and x.dtype in (torch.bfloat16, torch.float16)
-        and weight.dtype == x.dtype
-    )
-
-
-def _cpu_packed_weight(weight: torch.Tensor, rows: slice | None = None) -> torch.Tensor | None:
-    """``weight`` (or its ``rows``) reordered into oneDNN's blocked layout, made on first
-    use and kept on the tensor; made again if the weight was changed in place since (its
-    version counter moved). None where oneDNN cannot take it."""
-    global CPU_PACKED_ENABLED
-    key = "_kvasir_packed" if rows is None else f"_kvasir_packed_{rows.start}_{rows.stop}"
-    entry = weight.__dict__.get(key)
-    if entry is not None and entry[0] == weight._version:
-        return entry[1]
-    w = weight.detach() if rows is None else weight.detach()[rows].contiguous()
-    try:
-        packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
-    except (AttributeError, RuntimeError):  # a torch built without oneDNN
-        CPU_PACKED_ENABLED = False
-        return None
-    weight.__dict__[key] = (weight._version, packed)
-    return packed
-
+from kvasir.config import KernelConfig
+from kvasir.layers.context import LayerContext
 
 # From this many rows on, the CPU gate/up projection runs as two matmuls with SiLU and
 # the product fused in (below that, one matmul and a separate SiLU-and-mul is faster).
 _CPU_FUSED_SILU_MIN_ROWS = 64
 
 
-def cpu_gate_up_silu_mul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
-    """``silu(x @ gate^T) * (x @ up^T)`` for ``weight = [gate; up]`` ``[2d, k]`` as two
-    oneDNN matmuls, SiLU fused into the first and the product into the second (no
-    ``[rows, 2d]`` intermediate and no elementwise passes: half the time of matmul +
-    SiLU-and-mul at 2048 rows on a 2-core CPU). Only on the CPU in float32 with at
-    least ``_CPU_FUSED_SILU_MIN_ROWS`` rows; None elsewhere (the caller runs
-    ``linear`` and the activation)."""
-    if not (
-        CPU_PACKED_ENABLED
-        and x.is_cpu
-        and x.dim() == 2
-        and x.shape[0] >= _CPU_FUSED_SILU_MIN_ROWS
-        and x.dtype == torch.float32
-        and weight.dtype == torch.float32
-    ):
-        return None
-    d = weight.shape[0] // 2
-    gate = _cpu_packed_weight(weight, slice(0, d))
-    up = _cpu_packed_weight(weight, slice(d, 2 * d))
-    if gate is None or up is None:
-        return None
-    g = torch.ops.mkldnn._linear_pointwise(x, gate, None, "swish", [], "")
-    return torch.ops.mkldnn._linear_pointwise.binary(x, g, up, None, "mul")
+def set_weight_loader(param: nn.Parameter, loader) -> None:  # noqa: ANN001
+    param.weight_loader = loader  # type: ignore[attr-defined]
 
 
-def linear(
-    x: torch.Tensor,  # [num_tokens, in_features]
-    weight: torch.Tensor,  # [out_features, in_features]
-    bias: torch.Tensor | None = None,
-) -> torch.Tensor:  # [num_tokens, out_features]
-    if x.is_cpu:
-        if CPU_PACKED_ENABLED and x.dtype == torch.float32 and weight.dtype == torch.float32:
-            packed = _cpu_packed_weight(weight)
-            if packed is not None:
+def default_weight_loader(param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
+    """A replicated parameter: the whole tensor."""
+    if tuple(param.shape) != tuple(loaded_weight.shape):
+        raise ValueError(
+            f"weight has shape {tuple(loaded_weight.shape)}, expected {tuple(param.shape)}"
+        )
+    with torch.no_grad():
+        param.data.copy_(loaded_weight)
+
+
+def _cpu_reorder(weight: torch.Tensor) -> torch.Tensor | None:
+    """``weight`` in oneDNN's blocked layout, or None where this torch has no oneDNN."""
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), None)
+    except (AttributeError, RuntimeError):
+        return None
+
+
+class LinearMethod(ABC):
+    """How a linear layer stores and applies its weight (unquantised, FP8, INT4, ...).
+
+    ``create_weights`` registers the parameters on the layer (each with a
+    ``weight_loader``), shaped for this rank's shard; ``process_weights_after_loading``
+    runs once every checkpoint tensor is in (repacking, scales); ``apply`` computes
+    ``x @ W^T + bias`` for ``x`` ``[num_tokens, input_size_per_partition]``.
+    """
+
+    @abstractmethod
+    def create_weights(
+        self,
+        layer: LinearBase,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        params_dtype: torch.dtype,
+    ) -> None: ...
+
+    def process_weights_after_loading(self, layer: LinearBase) -> None:  # noqa: B027
+        """Repack or derive what ``apply`` needs; the default keeps the weights."""
+
+    @abstractmethod
+    def apply(
+        self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor: ...
+
+    def apply_silu_mul(self, layer: LinearBase, x: torch.Tensor) -> torch.Tensor | None:
+        """``silu(x @ gate^T) * (x @ up^T)`` for a ``[gate; up]`` layer in one fused call
+        where the method has one; None: the caller applies the layer, then the
+        activation."""
+        return None
+
+    def warm_up(self, layer: LinearBase, max_rows: int) -> None:  # noqa: B027
+        """Build whatever kernels the first calls at 1..``max_rows`` rows would build."""
+
+
+class UnquantizedLinearMethod(LinearMethod):
+    """Weights in the model's dtype; the fast paths of the module docstring."""
+
+    def __init__(self, kernel_config: KernelConfig) -> None:
+        self.kernel_config = kernel_config
+
+    def create_weights(
+        self,
+        layer: LinearBase,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        params_dtype: torch.dtype,
+    ) -> None:
+        weight = nn.Parameter(
+            torch.empty(sum(output_partition_sizes), input_size_per_partition, dtype=params_dtype),
+            requires_grad=False,
+        )
+        layer.register_parameter("weight", weight)
+        set_weight_loader(weight, layer.weight_loader)
+
+    def process_weights_after_loading(self, layer: LinearBase) -> None:
+        w = layer.weight
+        layer.cpu_packed = layer.cpu_packed_halves = None
+        if not (self.kernel_config.cpu_prepack and w.is_cpu and w.dtype == torch.float32):
+            return
+        layer.cpu_packed = _cpu_reorder(w)
+        sizes = layer.output_partition_sizes
+        if layer.cpu_packed is not None and len(sizes) == 2 and sizes[0] == sizes[1]:
+            d = sizes[0]  # a [gate; up] layer: each half for the fused SiLU path
+            gate, up = _cpu_reorder(w[:d]), _cpu_reorder(w[d:])
+            if gate is not None and up is not None:
+                layer.cpu_packed_halves = (gate, up)
+
+    def _use_gemv(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
+        return (
+            self.kernel_config.fused_gemv
+            and x.is_cuda
+            and x.dim() == 2
+            and x.shape[0] == 1
+            and x.dtype in (torch.bfloat16, torch.float16)
+            and weight.dtype == x.dtype
+        )
+
+    def apply(
+        self,
+        layer: LinearBase,
+        x: torch.Tensor,  # [num_tokens, in_features]
+        bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # [num_tokens, out_features]
+        w = layer.weight
+        if x.is_cpu:
+            packed = layer.cpu_packed
+            if packed is not None and x.dtype == torch.float32:
                 return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-        return F.linear(x, weight, bias)
-    if use_fused_gemv(x, weight):
-        from kvasir.kernels.gemv import gemv
+            return F.linear(x, w, bias)
+        if self._use_gemv(x, w):
+            from kvasir.kernels.gemv import gemv
 
-        return gemv(x, weight, bias)
-    return F.linear(x, weight, bias)
+            return gemv(x, w, bias, pdl=self.kernel_config.pdl)
+        return F.linear(x, w, bias)
 
+    def apply_silu_mul(self, layer: LinearBase, x: torch.Tensor) -> torch.Tensor | None:
+        w = layer.weight
+        if self._use_gemv(x, w):
+            from kvasir.kernels.gemv import FUSE_SILU_MUL_OUT, gemv
 
-def warm_up_cpu_linear(weights: list[torch.Tensor], max_rows: int) -> None:
-    """Run the CPU float32 path once per distinct weight shape at every row count
-    1..``max_rows`` (decode batch sizes). oneDNN builds a kernel for each new shape on
-    its first call (2-6 ms on the 2-core VM, five shapes per model), which otherwise
-    lands inside the first steps that reach each batch size; this is the CPU's
-    counterpart of capturing CUDA graphs at start-up."""
-    if not CPU_PACKED_ENABLED:
-        return
-    by_shape: dict[tuple[int, ...], torch.Tensor] = {}
-    for w in weights:
-        if w.is_cpu and w.dtype == torch.float32 and w.dim() == 2:
-            by_shape.setdefault(tuple(w.shape), w)
-    with torch.inference_mode():
-        for w in by_shape.values():
+            return gemv(x, w, fusion=FUSE_SILU_MUL_OUT, pdl=self.kernel_config.pdl)
+        halves = layer.cpu_packed_halves
+        if (
+            halves is not None
+            and x.is_cpu
+            and x.dim() == 2
+            and x.shape[0] >= _CPU_FUSED_SILU_MIN_ROWS
+            and x.dtype == torch.float32
+        ):
+            # Two oneDNN matmuls, SiLU fused into the first and the product into the
+            # second: no [rows, 2d] intermediate and no elementwise passes.
+            gate, up = halves
+            g = torch.ops.mkldnn._linear_pointwise(x, gate, None, "swish", [], "")
+            return torch.ops.mkldnn._linear_pointwise.binary(x, g, up, None, "mul")
+        return None
+
+    def warm_up(self, layer: LinearBase, max_rows: int) -> None:
+        # oneDNN builds a kernel for each new shape on its first call (a few ms each),
+        # which would otherwise land inside the first steps that reach a batch size: the
+        # CPU's counterpart of capturing CUDA graphs at start-up.
+        if layer.cpu_packed is None:
+            return
+        with torch.inference_mode():
             for m in range(1, max_rows + 1):
-                linear(torch.zeros(m, w.shape[1]), w)
+                self.apply(layer, torch.zeros(m, layer.weight.shape[1]))
 
 
-def gate_up_silu_mul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
-    """``silu(x @ gate^T) * (x @ up^T)`` for ``weight = [gate; up]`` in one fused call
-    where a device has one: oneDNN on the CPU (``cpu_gate_up_silu_mul``), the GEMV with
-    the activation in its epilogue at one token on the GPU. None elsewhere: the caller
-    runs ``linear`` and the activation."""
-    if use_fused_gemv(x, weight):
-        from kvasir.kernels.gemv import FUSE_SILU_MUL_OUT, gemv
+def warm_up_linears(layers: Iterable[LinearBase], max_rows: int) -> None:
+    """``LinearMethod.warm_up`` once per distinct (method type, weight shape)."""
+    seen: set[tuple[type, tuple[int, ...]]] = set()
+    for layer in layers:
+        key = (type(layer.method), tuple(layer.weight.shape))
+        if key not in seen:
+            seen.add(key)
+            layer.method.warm_up(layer, max_rows)
 
-        return gemv(x, weight, fusion=FUSE_SILU_MUL_OUT)
-    return cpu_gate_up_silu_mul(x, weight)
+
+class LinearBase(nn.Module):
+    """A linear layer with a method; ``forward(x) = method.apply(self, x, bias)``.
+
+    ``output_partition_sizes``: this rank's rows of each fused sub-projection, in
+    order (one entry for an unfused layer).
+    """
+
+    cpu_packed: torch.Tensor | None
+    cpu_packed_halves: tuple[torch.Tensor, torch.Tensor] | None
+
+    def __init__(
+        self,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        bias: bool,
+        ctx: LayerContext,
+    ) -> None:
+        super().__init__()
+        self.input_size_per_partition = input_size_per_partition
+        self.output_partition_sizes = output_partition_sizes
+        self.output_size_per_partition = sum(output_partition_sizes)
+        self.tp_rank = ctx.parallel.tp_rank
+        self.tp_size = ctx.parallel.tp_size
+        self.tp_group = ctx.parallel.tp
+        self.cpu_packed = self.cpu_packed_halves = None
+        self.method: LinearMethod = UnquantizedLinearMethod(ctx.kernel_config)
+        self.method.create_weights(
+            self, input_size_per_partition, output_partition_sizes, ctx.params_dtype
+        )
+        if bias:
+            b = nn.Parameter(
+                torch.empty(self.output_size_per_partition, dtype=ctx.params_dtype),
+                requires_grad=False,
+            )
+            self.register_parameter("bias", b)
+            set_weight_loader(b, self.weight_loader)
+        else:
+            self.register_parameter("bias", None)
+
+    def weight_loader(
+        self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: int | str | None = None
+    ) -> None:
+        default_weight_loader(param, loaded_weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.method.apply(self, x, self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.input_size_per_partition}, "
+            f"out_features={self.output_size_per_partition}, tp_size={self.tp_size}"
+        )
+
+
+class ReplicatedLinear(LinearBase):
+    """The whole weight on every rank."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool, ctx: LayerContext) -> None:
+        super().__init__(input_size, [output_size], bias, ctx)
+
+
+def _check_divisible(n: int, tp: int, what: str) -> int:
+    if n % tp:
+        raise ValueError(f"{what} ({n}) is not divisible by tensor_parallel_size ({tp})")
+    return n // tp
+
+
+class ColumnParallelLinear(LinearBase):
+    """Rows ``[tp_rank * n, (tp_rank + 1) * n)`` of each sub-projection, ``n`` its size
+    over ``tp_size``; the output stays split (the next row-parallel layer takes it)
+    unless ``gather_output``."""
+
+    def __init__(
+        self,
+        input_size: int,
+        output_sizes: list[int],
+        bias: bool,
+        ctx: LayerContext,
+        gather_output: bool = False,
+    ) -> None:
+        tp = ctx.parallel.tp_size
+        self.output_sizes = output_sizes
+        parts = [_check_divisible(n, tp, "output size") for n in output_sizes]
+        super().__init__(input_size, parts, bias, ctx)
+        self.gather_output = gather_output and tp > 1
+
+    def _shard(self, shard_id: int | str | None) -> tuple[int, int, int]:
+        """(offset in the local parameter, rows, first row in the loaded tensor)."""
+        i = 0 if shard_id is None else int(shard_id)
+        size = self.output_partition_sizes[i]
+        return sum(self.output_partition_sizes[:i]), size, self.tp_rank * size
+
+    def weight_loader(
+        self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: int | str | None = None
+    ) -> None:
+        offset, size, start = self._shard(shard_id)
+        full = size * self.tp_size
+        if loaded_weight.shape[0] != full:
+            raise ValueError(
+                f"weight has {loaded_weight.shape[0]} rows, expected {full} (shard {shard_id})"
+            )
+        with torch.no_grad():
+            param.data.narrow(0, offset, size).copy_(loaded_weight.narrow(0, start, size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.method.apply(self, x, self.bias)
+        return self.tp_group.all_gather(out, dim=-1) if self.gather_output else out
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel projections of the same input in one weight (gate and
+    up): the local weight is ``[gate shard; up shard]``; shard ids are 0, 1, ..."""
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """``silu(gate(x)) * up(x)`` ``[num_tokens, output_sizes[0] / tp_size]``."""
+        out = self.method.apply_silu_mul(self, x)
+        if out is not None:
+            return out
+        from kvasir.layers.activation import silu_and_mul
+
+        return silu_and_mul(self.method.apply(self, x, self.bias))
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """q, k and v of the attention heads this rank holds, in one weight.
+
+    Query heads split evenly; KV heads split when ``tp_size`` divides them, else each
+    is replicated on ``tp_size / num_kv_heads`` consecutive ranks (one KV head each).
+    Shard ids: "q", "k", "v".
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        head_dim: int,
+        total_num_heads: int,
+        total_num_kv_heads: int,
+        bias: bool,
+        ctx: LayerContext,
+    ) -> None:
+        tp = ctx.parallel.tp_size
+        self.head_dim = head_dim
+        self.num_heads = _check_divisible(total_num_heads, tp, "num_attention_heads")
+        if tp >= total_num_kv_heads:
+            if tp % total_num_kv_heads:
+                raise ValueError(
+                    f"tensor_parallel_size ({tp}) must divide num_key_value_heads "
+                    f"({total_num_kv_heads}) or be a multiple of it"
+                )
+            self.num_kv_heads, self.num_kv_head_replicas = 1, tp // total_num_kv_heads
+        else:
+            self.num_kv_heads = _check_divisible(total_num_kv_heads, tp, "num_key_value_heads")
+            self.num_kv_head_replicas = 1
+        q, kv = self.num_heads * head_dim, self.num_kv_heads * head_dim
+        self.output_sizes = [q * tp, kv * tp, kv * tp]  # as if every rank had its own
+        LinearBase.__init__(self, hidden_size, [q, kv, kv], bias, ctx)
+        self.gather_output = False
+
+    def _shard(self, shard_id: int | str | None) -> tuple[int, int, int]:
+        q, kv = self.output_partition_sizes[0], self.output_partition_sizes[1]
+        if shard_id == "q":
+            return 0, q, self.tp_rank * q
+        kv_rank = self.tp_rank // self.num_kv_head_replicas
+        offset = q if shard_id == "k" else q + kv
+        return offset, kv, kv_rank * kv
+
+    def weight_loader(
+        self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: int | str | None = None
+    ) -> None:
+        if shard_id not in ("q", "k", "v"):
+            raise ValueError(f"qkv shard id must be 'q', 'k' or 'v', got {shard_id!r}")
+        offset, size, start = self._shard(shard_id)
+        with torch.no_grad():
+            param.data.narrow(0, offset, size).copy_(loaded_weight.narrow(0, start, size))
+
+
+class RowParallelLinear(LinearBase):
+    """Columns ``[tp_rank * k, (tp_rank + 1) * k)`` of the weight, ``k = input_size /
+    tp_size``, for an input that is already split (the column-parallel layer before);
+    the partial outputs are summed by one all-reduce. The bias is added once, by rank
+    0, before the reduce."""
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        bias: bool,
+        ctx: LayerContext,
+        reduce_results: bool = True,
+    ) -> None:
+        tp = ctx.parallel.tp_size
+        super().__init__(_check_divisible(input_size, tp, "input size"), [output_size], bias, ctx)
+        self.reduce = ctx.parallel.tp.all_reduce if reduce_results else (lambda t: t)
+
+    def weight_loader(
+        self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: int | str | None = None
+    ) -> None:
+        if param.dim() == 1:  # the bias: whole on every rank
+            default_weight_loader(param, loaded_weight)
+            return
+        k = self.input_size_per_partition
+        with torch.no_grad():
+            param.data.copy_(loaded_weight.narrow(1, self.tp_rank * k, k))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias if self.tp_rank == 0 else None
+        return self.reduce(self.method.apply(self, x, bias))

@@ -4,6 +4,12 @@ Model-type differences come from ``ModelArchConfig``: ``attention_bias`` (Qwen2 
 bias; Llama/Qwen3 put it on o_proj too), ``qk_norm`` (Qwen3 per-head RMSNorm on q and k
 before RoPE), ``rope_scaling`` (Llama 3.1 "llama3") and ``tie_word_embeddings``.
 q/k/v and gate/up projections are fused; ``load_weights`` takes HF tensor names.
+
+The model is pure math over layers built from a ``LayerContext``: the layers hold this
+rank's shard of each weight (tensor parallelism) and their ``LinearMethod`` decides how
+it is multiplied; a pipeline stage builds only its own decoder layers (the others are
+``PPMissingLayer``), the embedding on the first stage and the norm and LM head on the
+last.
 """
 
 from __future__ import annotations
@@ -13,13 +19,20 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from kvasir.attention.backend import AttentionBackend, AttentionMetadata
+from kvasir.attention.backend import AttentionMetadata
 from kvasir.config import ModelArchConfig
-from kvasir.layers.activation import SiluAndMul
+from kvasir.distributed import IntermediateTensors, stage_layers
 from kvasir.layers.attention import Attention
+from kvasir.layers.context import LayerContext
 from kvasir.layers.layernorm import RMSNorm
-from kvasir.layers.linear import gate_up_silu_mul, linear
+from kvasir.layers.linear import (
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+    default_weight_loader,
+)
 from kvasir.layers.rotary_embedding import RotaryEmbedding
+from kvasir.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 
 # HF sub-projection -> (fused parameter, shard id)
 _STACKED_PARAMS = {
@@ -38,31 +51,46 @@ def _o_proj_has_bias(config: ModelArchConfig) -> bool:
     return config.attention_bias and config.model_type != "qwen2"
 
 
+class PPMissingLayer(nn.Identity):
+    """A placeholder for a module another pipeline stage holds."""
+
+
 class LlamaAttention(nn.Module):
     def __init__(
-        self,
-        config: ModelArchConfig,
-        rotary_emb: RotaryEmbedding,
-        attn_backend_cls: type[AttentionBackend],
+        self, config: ModelArchConfig, rotary_emb: RotaryEmbedding, ctx: LayerContext
     ) -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
+        self.qkv_proj = QKVParallelLinear(
+            config.hidden_size,
+            config.head_dim,
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.attention_bias,
+            ctx,
+        )
+        # This rank's heads.
+        self.num_heads = self.qkv_proj.num_heads
+        self.num_kv_heads = self.qkv_proj.num_kv_heads
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim**-0.5
-        self.qkv_proj = nn.Linear(
-            config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias
+        self.o_proj = RowParallelLinear(
+            config.num_attention_heads * config.head_dim,
+            config.hidden_size,
+            _o_proj_has_bias(config),
+            ctx,
         )
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=_o_proj_has_bias(config))
+        pdl = ctx.kernel_config.pdl
         if config.qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps, pdl=pdl)
+            self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps, pdl=pdl)
         self.qk_norm = config.qk_norm
         # Shared by every layer: one cos/sin table per model.
         self.rotary_emb = rotary_emb
-        backend = attn_backend_cls(self.num_heads, self.head_dim, self.num_kv_heads, self.scale)
+        backend = ctx.attn_backend_cls(
+            self.num_heads, self.head_dim, self.num_kv_heads, self.scale, pdl=pdl
+        )
         self.attn = Attention(self.num_heads, self.head_dim, self.num_kv_heads, self.scale, backend)
 
     def forward(
@@ -72,7 +100,7 @@ class LlamaAttention(nn.Module):
         kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
         attn_metadata: AttentionMetadata,
     ) -> torch.Tensor:  # [num_tokens, hidden_size]
-        qkv = linear(hidden_states, self.qkv_proj.weight, self.qkv_proj.bias)
+        qkv = self.qkv_proj(hidden_states)  # [num_tokens, q_size + 2 * kv_size]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.qk_norm:
             num_tokens = q.shape[0]
@@ -93,38 +121,36 @@ class LlamaAttention(nn.Module):
                 qk = self.rotary_emb.rotate(positions, qkv[:, : self.q_size + self.kv_size])
                 q, k = qk.split([self.q_size, self.kv_size], dim=-1)
             attn_output = self.attn(q, k, v, kv_cache, attn_metadata)  # [num_tokens, q_size]
-        return linear(attn_output, self.o_proj.weight, self.o_proj.bias)
+        return self.o_proj(attn_output)
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelArchConfig) -> None:
+    def __init__(self, config: ModelArchConfig, ctx: LayerContext) -> None:
         super().__init__()
         if config.hidden_act != "silu":
             raise ValueError(f"hidden_act must be 'silu', got {config.hidden_act!r}")
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
-        self.act_fn = SiluAndMul()
+        self.gate_up_proj = MergedColumnParallelLinear(
+            config.hidden_size, [config.intermediate_size] * 2, False, ctx
+        )
+        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, False, ctx)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # [num_tokens, hidden] -> [num_tokens, 2 * intermediate] -> [num_tokens, hidden]
-        act = gate_up_silu_mul(x, self.gate_up_proj.weight)
-        if act is None:
-            act = self.act_fn(linear(x, self.gate_up_proj.weight))
-        return linear(act, self.down_proj.weight, self.down_proj.bias)
+        # [num_tokens, hidden] -> [num_tokens, intermediate / tp] -> [num_tokens, hidden]
+        return self.down_proj(self.gate_up_proj.silu_and_mul(x))
 
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(
-        self,
-        config: ModelArchConfig,
-        rotary_emb: RotaryEmbedding,
-        attn_backend_cls: type[AttentionBackend],
+        self, config: ModelArchConfig, rotary_emb: RotaryEmbedding, ctx: LayerContext
     ) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config, rotary_emb, attn_backend_cls)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.mlp = LlamaMLP(config)
+        pdl = ctx.kernel_config.pdl
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, pdl=pdl)
+        self.self_attn = LlamaAttention(config, rotary_emb, ctx)
+        self.post_attention_layernorm = RMSNorm(
+            config.hidden_size, eps=config.rms_norm_eps, pdl=pdl
+        )
+        self.mlp = LlamaMLP(config, ctx)
 
     def forward(
         self,
@@ -147,9 +173,18 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelArchConfig, attn_backend_cls: type[AttentionBackend]) -> None:
+    def __init__(self, config: ModelArchConfig, ctx: LayerContext) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        par = ctx.parallel
+        self.start_layer, self.end_layer = stage_layers(
+            ctx.parallel_config, config.num_hidden_layers, par.pp_rank
+        )
+        self.is_first_stage, self.is_last_stage = par.is_first_stage, par.is_last_stage
+        self.embed_tokens: nn.Module = (
+            VocabParallelEmbedding(config.vocab_size, config.hidden_size, ctx)
+            if self.is_first_stage
+            else PPMissingLayer()
+        )
         rotary_emb = RotaryEmbedding(
             config.head_dim,
             max_position_embeddings=config.max_position_embeddings,
@@ -157,40 +192,60 @@ class LlamaModel(nn.Module):
             rope_scaling=config.rope_scaling,
         )
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, rotary_emb, attn_backend_cls)
-            for _ in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, rotary_emb, ctx)
+            if self.start_layer <= i < self.end_layer
+            else PPMissingLayer()
+            for i in range(config.num_hidden_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm: nn.Module = (
+            RMSNorm(config.hidden_size, eps=config.rms_norm_eps, pdl=ctx.kernel_config.pdl)
+            if self.is_last_stage
+            else PPMissingLayer()
+        )
 
     def forward(
         self,
         input_ids: torch.Tensor,  # [num_tokens]
         positions: torch.Tensor,  # [num_tokens]
-        kv_caches: list[torch.Tensor],  # num_layers x [2, num_blocks, block_size, kvh, d]
+        kv_caches: list[torch.Tensor],  # this stage's layers x [2, num_blocks, bs, kvh, d]
         attn_metadata: AttentionMetadata,
-    ) -> torch.Tensor:  # [num_tokens, hidden_size]
-        hidden_states = self.embed_tokens(input_ids)
-        residual = None
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+        intermediate: IntermediateTensors | None = None,  # from the previous stage
+    ) -> torch.Tensor | IntermediateTensors:
+        if self.is_first_stage:
+            hidden_states, residual = self.embed_tokens(input_ids), None
+        else:
+            assert intermediate is not None
+            hidden_states, residual = intermediate
+        layers = self.layers[self.start_layer : self.end_layer]
+        for layer, kv_cache in zip(layers, kv_caches, strict=True):
             hidden_states, residual = layer(
                 positions, hidden_states, residual, kv_cache, attn_metadata
             )
+        if not self.is_last_stage:
+            assert residual is not None
+            return IntermediateTensors(hidden_states, residual)
         hidden_states, _ = self.norm(hidden_states, residual)
-        return hidden_states
+        return hidden_states  # [num_tokens, hidden_size]
 
 
 class LlamaForCausalLM(nn.Module):
-    """Llama-family causal LM over a paged KV cache (one cache tensor per layer)."""
+    """Llama-family causal LM over a paged KV cache (one cache tensor per local layer).
 
-    def __init__(self, config: ModelArchConfig, attn_backend_cls: type[AttentionBackend]) -> None:
+    ``forward`` returns the final hidden states on the last pipeline stage and the
+    ``IntermediateTensors`` for the next stage elsewhere; ``compute_logits`` (last
+    stage only) returns the full-vocabulary float32 logits on every TP rank.
+    """
+
+    def __init__(self, config: ModelArchConfig, ctx: LayerContext) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, attn_backend_cls)
-        if config.tie_word_embeddings:
-            # An alias, not a copy: one parameter, visited once by .to()/to_empty().
-            self.lm_head: nn.Module = self.model.embed_tokens
-        else:
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.model = LlamaModel(config, ctx)
+        self.lm_head: nn.Module = PPMissingLayer()
+        if self.model.is_last_stage:
+            tied = None
+            if config.tie_word_embeddings and self.model.is_first_stage:
+                tied = self.model.embed_tokens  # same rows on the same rank
+            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, ctx, tied)
 
     def forward(
         self,
@@ -198,12 +253,26 @@ class LlamaForCausalLM(nn.Module):
         positions: torch.Tensor,  # [num_tokens] int64
         kv_caches: list[torch.Tensor],
         attn_metadata: AttentionMetadata,
-    ) -> torch.Tensor:  # [num_tokens, hidden_size]
-        return self.model(input_ids, positions, kv_caches, attn_metadata)
+        intermediate: IntermediateTensors | None = None,
+    ) -> torch.Tensor | IntermediateTensors:  # [num_tokens, hidden_size] on the last stage
+        return self.model(input_ids, positions, kv_caches, attn_metadata, intermediate)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         # [num_tokens, hidden_size] -> [num_tokens, vocab_size] float32
-        return linear(hidden_states, self.lm_head.weight).float()
+        return self.lm_head(hidden_states)
+
+    def _is_local(self, hf_name: str) -> bool:
+        """Whether this pipeline stage holds the tensor ``hf_name``."""
+        m = self.model
+        if hf_name.startswith("model.layers."):
+            index = int(hf_name.split(".", 3)[2])
+            return m.start_layer <= index < m.end_layer
+        if hf_name == "model.embed_tokens.weight":
+            # A tied head on a last stage without the embedding loads it as its weight.
+            return m.is_first_stage or (m.is_last_stage and self.config.tie_word_embeddings)
+        if hf_name == "model.norm.weight" or hf_name == "lm_head.weight":
+            return m.is_last_stage
+        return True
 
     def expected_weight_shapes(self) -> dict[str, tuple[int, ...]]:
         """HF checkpoint tensor name -> shape, for every tensor ``load_weights`` needs."""
@@ -236,7 +305,9 @@ class LlamaForCausalLM(nn.Module):
         return shapes
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy HF-named tensors into the (possibly fused) parameters, one at a time.
+        """Hand HF-named full tensors, one at a time, to the weight loaders of the
+        parameters they fill (each copies this rank's shard; a pipeline stage skips the
+        tensors of other stages).
 
         Raises ValueError naming the first unexpected or wrong-shape tensor, or the
         missing ones once the iterable is exhausted.
@@ -255,29 +326,31 @@ class LlamaForCausalLM(nn.Module):
                 raise ValueError(
                     f"weight {name!r} has shape {tuple(tensor.shape)}, expected {expected[name]}"
                 )
-            with torch.no_grad():
-                self._param_slice(name, params).copy_(tensor)
             loaded.add(name)
+            if not self._is_local(name):
+                continue
+            param, shard_id = self._param_for(name, params)
+            loader = getattr(param, "weight_loader", None)
+            if loader is None:  # norms: whole on every rank
+                default_weight_loader(param, tensor)
+            elif shard_id is None:
+                loader(param, tensor)
+            else:
+                loader(param, tensor, shard_id)
         missing = [n for n in expected if n not in loaded]
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             raise ValueError(f"missing weight {missing[0]!r} in checkpoint{more}")
 
-    def _param_slice(self, hf_name: str, params: dict[str, nn.Parameter]) -> torch.Tensor:
-        """The parameter (or the rows of a fused one) that HF tensor ``hf_name`` fills."""
+    def _param_for(
+        self, hf_name: str, params: dict[str, nn.Parameter]
+    ) -> tuple[nn.Parameter, int | str | None]:
+        """The parameter HF tensor ``hf_name`` fills, and its shard id in a fused one."""
+        if hf_name == "model.embed_tokens.weight" and not self.model.is_first_stage:
+            return params["lm_head.weight"], None  # a tied head on a later stage
         module_path, _, kind = hf_name.rpartition(".")  # kind: "weight" or "bias"
         parent, _, leaf = module_path.rpartition(".")
         if leaf not in _STACKED_PARAMS:
-            return params[hf_name].data
+            return params[hf_name], None
         fused, shard = _STACKED_PARAMS[leaf]
-        param = params[f"{parent}.{fused}.{kind}"].data
-        c = self.config
-        if fused == "gate_up_proj":
-            size = c.intermediate_size
-            return param.narrow(0, int(shard) * size, size)
-        q_size = c.num_attention_heads * c.head_dim
-        kv_size = c.num_key_value_heads * c.head_dim
-        offset, size = {"q": (0, q_size), "k": (q_size, kv_size), "v": (q_size + kv_size, kv_size)}[
-            str(shard)
-        ]
-        return param.narrow(0, offset, size)
+        return params[f"{parent}.{fused}.{kind}"], shard

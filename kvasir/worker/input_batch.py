@@ -179,6 +179,17 @@ class InputBatch:
         self.token_ids[rows[ok], pos[ok]] = token_ids[ok]
         self.num_known_tokens[rows] += 1
 
+    def set_known_tokens(self, row: int, start: int, token_ids: list[int]) -> None:
+        """Tokens sampled elsewhere (the last pipeline stage), sent by the scheduler:
+        they are this request's tokens from position ``start`` on. Idempotent for
+        tokens this row already has."""
+        end = min(start + len(token_ids), self.max_model_len)
+        self.token_ids[row, start:end] = token_ids[: end - start]
+        if end > self.num_known_tokens[row]:
+            self.num_known_tokens[row] = end
+        if end > self.num_tokens[row]:
+            self.num_tokens[row] = end
+
     # ------------------------------------------------------------------ sampling
     def make_sampling_metadata(
         self, rows: np.ndarray, device: torch.device, empty: torch.Tensor

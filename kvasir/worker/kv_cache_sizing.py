@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from kvasir.distributed.parallel_state import IntermediateTensors
+
 from kvasir.attention.backend import AttentionBackend
 from kvasir.core.kv_cache_spec import KVCacheSpec, bytes_per_block, num_blocks_in
 from kvasir.layers.attention import Attention
@@ -101,6 +103,13 @@ def profile_run(runner: ModelRunner) -> None:
     caches = allocate_kv_caches(specs, num_cache_blocks, runner.attn_backend_cls, runner.device)
     ids = np.random.default_rng(0).integers(0, runner.arch_config.vocab_size, n)
     meta = runner.buffers.prepare_prompts(ids, lens, table)
-    hidden = runner.model(runner.input_ids[:n], runner.positions[:n], caches, meta)
-    logits = runner.model.compute_logits(hidden[:num_reqs])
-    del logits, hidden, caches
+    par = runner.parallel
+    intermediate = None
+    if not par.is_first_stage:  # a later pipeline stage: its input has this shape
+        h = torch.zeros(n, runner.arch_config.hidden_size, dtype=runner.dtype, device=runner.device)
+        intermediate = IntermediateTensors(h, h.clone())
+    hidden = runner.model(runner.input_ids[:n], runner.positions[:n], caches, meta, intermediate)
+    if par.is_last_stage:
+        logits = runner.model.compute_logits(hidden[:num_reqs])
+        del logits
+    del hidden, caches

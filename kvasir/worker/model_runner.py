@@ -27,7 +27,12 @@ from kvasir.attention.backend import get_backend_cls
 from kvasir.config import EngineConfig, ModelArchConfig
 from kvasir.core.kv_cache_spec import KVCacheConfig, KVCacheSpec, bytes_per_block
 from kvasir.core.outputs import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
-from kvasir.layers.linear import warm_up_cpu_linear
+from kvasir.distributed.parallel_state import (
+    IntermediateTensors,
+    ParallelState,
+    single_process_state,
+)
+from kvasir.layers.linear import LinearBase, warm_up_linears
 from kvasir.layers.sampler import (
     LogprobsTensors,
     Sampler,
@@ -84,12 +89,33 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, arch_config: ModelArchConfig) -> None:
+    """One rank's model, KV cache, persistent batch and sampler.
+
+    Contract with the engine (through the executor): ``determine_num_blocks`` and
+    ``initialize_kv_cache`` once, then one ``execute_model``/``execute_model_async``
+    per ``SchedulerOutput``, in the scheduler's order. The runner keeps each request's
+    state from the diffs it is sent (see ``core/scheduler.py``) and runs a step's whole
+    batch in one forward pass. With pipeline parallelism a stage other than the last
+    receives the previous stage's ``IntermediateTensors``, sends its own on, and
+    samples nothing (its runner learns sampled tokens from the scheduler's
+    ``CachedRequestData.new_token_ids``); every TP rank of the last stage samples the
+    same tokens from the same gathered logits, so all ranks' batches stay identical.
+    """
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        arch_config: ModelArchConfig,
+        parallel: ParallelState | None = None,
+    ) -> None:
         from kvasir.models.loader import load_model
 
         self.config = config
         self.arch_config = arch_config
-        self.device = resolve_device(config.device_config.device)
+        if parallel is None:
+            parallel = single_process_state(resolve_device(config.device_config.device))
+        self.parallel = parallel
+        self.device = parallel.device
         if self.device.type == "cpu":
             keep_freed_memory_on_heap()
         self.dtype = resolve_dtype(config.model_config.dtype, self.device)
@@ -111,18 +137,24 @@ class ModelRunner:
         torch.manual_seed(config.model_config.seed)
         t0 = time.perf_counter()
         self.model = load_model(
-            config.model_config, arch_config, self.attn_backend_cls, self.dtype, self.device
+            config.model_config,
+            arch_config,
+            self.attn_backend_cls,
+            self.dtype,
+            self.device,
+            config.kernel_config,
+            parallel,
+            config.parallel_config,
         )
         self.load_time = time.perf_counter() - t0
         if self.device.type == "cpu":
             # Decode batch sizes up to 64 (larger ones are rarer on a CPU and cost more
             # start-up time than they would save).
-            weights = [m.weight for m in self.model.modules() if isinstance(m, torch.nn.Linear)]
-            lm_head = getattr(self.model, "lm_head", None)
-            if lm_head is not None:
-                weights.append(lm_head.weight)
-            warm_up_cpu_linear(weights, min(self.max_num_reqs, 64))
+            linears = [m for m in self.model.modules() if isinstance(m, LinearBase)]
+            warm_up_linears(linears, min(self.max_num_reqs, 64))
         self.sampler = Sampler()
+        pipelined = parallel.pp_size > 1
+        self._forward = self._forward_pipelined if pipelined else self._forward_local
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
         self.requests: dict[str, CachedRequestState] = {}
@@ -180,6 +212,8 @@ class ModelRunner:
             self.device.type == "cuda"
             and not self.config.enforce_eager
             and self.buffers.metadata_builder.supports_cuda_graphs
+            # Pipeline stages send and receive between kernels: they run eagerly.
+            and self.parallel.pp_size == 1
         ):
             self.cuda_graph = CUDAGraphRunner(self)
             self.cuda_graph.capture()
@@ -202,11 +236,13 @@ class ModelRunner:
     # ------------------------------------------------------------------ state
     def _update_states(self, so: SchedulerOutput) -> None:
         ib = self.input_batch
-        for rid in so.finished_req_ids:
+        # Sorted, not set order: string hashes differ between processes, and every
+        # tensor-parallel rank must lay its rows (so its flat batch) out identically.
+        for rid in sorted(so.finished_req_ids):
             st = self.requests.pop(rid, None)
             if st is not None and st.row >= 0:
                 ib.remove(st)
-        for rid in so.preempted_req_ids:
+        for rid in sorted(so.preempted_req_ids):
             st = self.requests.get(rid)
             if st is not None and st.row >= 0:
                 ib.remove(st)  # keeps its state (generator) for when it resumes
@@ -244,6 +280,9 @@ class ModelRunner:
             num_computed[row] = cached.num_computed_tokens
             if cached.new_block_ids:
                 ib.append_block_ids(row, cached.new_block_ids)
+            if cached.new_token_ids:  # pipeline parallelism: sampled by the last stage
+                start = max(cached.num_computed_tokens, int(ib.num_prompt_tokens[row]))
+                ib.set_known_tokens(row, start, cached.new_token_ids)
 
     def _read_back(self, upto: AsyncModelRunnerOutput) -> None:
         """Read launched steps back, oldest first, through ``upto``; their sampled ids
@@ -289,12 +328,10 @@ class ModelRunner:
             assert self.cuda_graph is not None
             hidden = self.cuda_graph.replay_mixed(step.mixed_graph_tokens)[: step.num_tokens]
         else:
-            hidden = self.model(
-                self.input_ids[: step.num_tokens],
-                self.positions[: step.num_tokens],
-                self.kv_caches,
-                step.attn_metadata,
-            )  # [num_tokens, hidden]
+            hidden = self._forward(step)  # [num_tokens, hidden]
+            if hidden is None:  # a pipeline stage before the last: nothing to sample
+                ib.num_computed_tokens[rows] = step.seq_lens
+                return None
             if ib.num_prompt_logprobs:
                 prompt_lp = self._prompt_logprobs(step, hidden)
 
@@ -348,6 +385,29 @@ class ModelRunner:
         )
         self._unread.append(handle)
         return handle
+
+    def _forward_local(self, step: StepInputs) -> torch.Tensor | None:
+        n = step.num_tokens
+        out = self.model(self.input_ids[:n], self.positions[:n], self.kv_caches, step.attn_metadata)
+        return out  # type: ignore[no-any-return]
+
+    def _forward_pipelined(self, step: StepInputs) -> torch.Tensor | None:
+        """This stage's layers: the previous stage's hidden states and residual in (one
+        receive), this stage's out to the next (one send); the last stage returns the
+        final hidden states."""
+        n, par = step.num_tokens, self.parallel
+        intermediate = None
+        if not par.is_first_stage:
+            buf = torch.empty(2, n, self.arch_config.hidden_size, dtype=self.dtype, device=self.device)
+            par.pp.recv(buf, par.pp_rank - 1)  # [2, num_tokens, hidden]
+            intermediate = IntermediateTensors(buf[0], buf[1])
+        out = self.model(
+            self.input_ids[:n], self.positions[:n], self.kv_caches, step.attn_metadata, intermediate
+        )
+        if par.is_last_stage:
+            return out  # type: ignore[no-any-return]
+        par.pp.send(torch.stack(tuple(out)), par.pp_rank + 1)
+        return None
 
     def _prepare_inputs(self, so: SchedulerOutput) -> StepInputs:
         """The step's rows in row order (the batch order), then the flat batch and its

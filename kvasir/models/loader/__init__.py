@@ -11,7 +11,10 @@ import torch
 from torch import nn
 
 from kvasir.attention.backend import AttentionBackend
-from kvasir.config import ModelArchConfig, ModelConfig
+from kvasir.config import KernelConfig, ModelArchConfig, ModelConfig, ParallelConfig
+from kvasir.distributed.parallel_state import ParallelState, single_process_state
+from kvasir.layers.context import LayerContext
+from kvasir.layers.linear import LinearBase
 from kvasir.layers.rotary_embedding import RotaryEmbedding
 from kvasir.models.loader.dummy_loader import (
     available_dummy_configs,
@@ -37,6 +40,7 @@ __all__ = [
     "load_arch_config",
     "load_model",
     "load_tokenizer",
+    "process_weights_after_loading",
     "resolve_model_path",
 ]
 
@@ -108,17 +112,14 @@ def load_arch_config(model_config: ModelConfig) -> ModelArchConfig:
 
 
 def _build_empty_model(
-    model_cls: type[nn.Module],
-    arch_config: ModelArchConfig,
-    attn_backend_cls: type[AttentionBackend],
-    dtype: torch.dtype,
-    device: torch.device,
+    model_cls: type[nn.Module], arch_config: ModelArchConfig, ctx: LayerContext
 ) -> nn.Module:
-    # Build on "meta" (no memory, no init kernels), then allocate uninitialised storage
-    # directly in the target dtype on the target device; weights are copied in after.
-    with torch.device("meta"):
-        model = model_cls(arch_config, attn_backend_cls)
-    model = model.to(dtype=dtype).to_empty(device=device)
+    # Built directly on the target device: the layers allocate their shard of each
+    # weight uninitialised, in the target dtype (no init kernels, no host round trip);
+    # weights are copied in after.
+    with torch.device(ctx.parallel.device):
+        model = model_cls(arch_config, ctx)
+    model = model.to(dtype=ctx.params_dtype)  # the norms; the linears are in it already
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):
             module.reset_buffers()
@@ -132,15 +133,25 @@ def load_model(
     attn_backend_cls: type[AttentionBackend],
     dtype: torch.dtype,
     device: torch.device,
+    kernel_config: KernelConfig | None = None,
+    parallel: ParallelState | None = None,
+    parallel_config: ParallelConfig | None = None,
 ) -> nn.Module:
     """Build the model for ``arch_config`` on ``device`` in ``dtype`` and fill its weights
     from the checkpoint ``model_config`` points at (random for load_format "dummy").
-    Tensors stream one at a time into the device parameters. Returns it in eval mode."""
+    Tensors stream one at a time through the parameters' weight loaders, which keep
+    this rank's shard (``parallel``; one process by default); then every linear
+    layer's method processes its weights. Returns it in eval mode."""
     path, fmt = resolve_model_path(model_config)
     model_cls = get_model_cls(arch_config.architectures)
-    model = _build_empty_model(
-        model_cls, arch_config, attn_backend_cls, dtype, torch.device(device)
+    ctx = LayerContext(
+        attn_backend_cls=attn_backend_cls,
+        params_dtype=dtype,
+        kernel_config=kernel_config or KernelConfig(),
+        parallel=parallel or single_process_state(torch.device(device)),
+        parallel_config=parallel_config or ParallelConfig(),
     )
+    model = _build_empty_model(model_cls, arch_config, ctx)
     try:
         if fmt == "dummy":
             init_dummy_weights(model, seed=model_config.seed)
@@ -152,7 +163,16 @@ def load_model(
         if path in str(e):
             raise
         raise ValueError(f"loading '{path}': {e}") from e
+    process_weights_after_loading(model)
     return model.eval()
+
+
+def process_weights_after_loading(model: nn.Module) -> None:
+    """Let every linear layer's method repack what it needs; call again after changing
+    weights in place."""
+    for module in model.modules():
+        if isinstance(module, LinearBase):
+            module.method.process_weights_after_loading(module)
 
 
 def load_tokenizer(model_config: ModelConfig) -> PreTrainedTokenizerBase | None:

@@ -4,6 +4,7 @@ checkpoint."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -30,15 +31,22 @@ def is_builtin_dummy_config(path: str) -> bool:
 
 @torch.no_grad()
 def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
-    """Fill every parameter in place on its own device (no host round trip): norm weights
-    1, everything else N(0, 0.02), which keeps activations finite through 80 layers."""
-    generators: dict[torch.device, torch.Generator] = {}
-    for name, param in model.named_parameters():
-        if name.endswith("norm.weight"):
-            param.fill_(1.0)
-            continue
-        gen = generators.get(param.device)
-        if gen is None:
-            gen = generators[param.device] = torch.Generator(device=param.device)
-            gen.manual_seed(seed)
-        param.normal_(0.0, _INIT_STD, generator=gen)
+    """Random weights through the model's own loader: norm weights 1, everything else
+    N(0, 0.02), which keeps activations finite through 80 layers. Each full checkpoint
+    tensor is drawn on the model's device (no host round trip) from one generator in a
+    fixed order and then sharded by the weight loaders, so every tensor-parallel rank
+    and pipeline stage holds its part of the same model as a single process."""
+    param = next(model.parameters())
+    device, dtype = param.device, param.dtype
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        for name, shape in model.expected_weight_shapes().items():  # type: ignore[operator]
+            if name.endswith("norm.weight"):
+                yield name, torch.ones(shape, dtype=dtype, device=device)
+            else:
+                t = torch.empty(shape, dtype=dtype, device=device)
+                yield name, t.normal_(0.0, _INIT_STD, generator=gen)
+
+    model.load_weights(tensors())  # type: ignore[operator]

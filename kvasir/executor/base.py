@@ -1,0 +1,86 @@
+"""The executor: between the engine core and the workers that run the model.
+
+``EngineCore`` only ever talks to an ``Executor``: it asks every rank how many KV blocks
+fit (the executor answers with the minimum, so all ranks agree), allocates them, then
+hands it one ``SchedulerOutput`` per step. The executor delivers the step to every
+rank and returns the sampled tokens of the output rank (the last pipeline stage's
+TP rank 0). Backends: ``uni`` (one rank, in this process), ``mp`` (one process per rank
+on this host) and ``ray`` (Ray actors in a placement group, across hosts).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Protocol
+
+from kvasir.config import EngineConfig, ModelArchConfig
+from kvasir.core.outputs import ModelRunnerOutput, SchedulerOutput
+from kvasir.executor.worker import WorkerInfo
+
+
+class PendingOutput(Protocol):
+    """A launched step; ``get_output`` waits for it. Steps are read in launch order."""
+
+    def get_output(self) -> ModelRunnerOutput: ...
+
+
+class WorkerDiedError(RuntimeError):
+    """A worker exited, failed or stopped answering: the engine cannot go on (its
+    requests' state lives in every rank). The engine core reports itself dead."""
+
+
+class Executor(ABC):
+    """Runs the model on ``parallel_config.world_size`` ranks.
+
+    Contract: ``determine_num_blocks`` then ``initialize_kv_cache`` once, before any
+    step; ``execute_model_async`` may be called again before earlier steps are read
+    (up to ``max_concurrent_batches`` in flight); outputs come back in launch order.
+    Any worker failure raises ``WorkerDiedError`` from the next call that waits.
+    """
+
+    #: Steps that may be in flight at once (pipeline stages for pipeline parallelism).
+    max_concurrent_batches: int = 1
+
+    def __init__(self, config: EngineConfig, arch: ModelArchConfig) -> None:
+        self.config = config
+        self.arch = arch
+
+    @property
+    @abstractmethod
+    def info(self) -> WorkerInfo: ...
+
+    @abstractmethod
+    def determine_num_blocks(self) -> int:
+        """KV blocks that fit on every rank (the minimum over ranks)."""
+
+    @abstractmethod
+    def initialize_kv_cache(self, num_blocks: int) -> None: ...
+
+    @abstractmethod
+    def execute_model_async(self, so: SchedulerOutput) -> PendingOutput | None:
+        """Launch one step; None when the runner has nothing to run (no tokens)."""
+
+    def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
+        pending = self.execute_model_async(so)
+        if pending is None:
+            return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
+        return pending.get_output()
+
+    def shutdown(self) -> None:  # noqa: B027
+        """Stop the workers and free the KV cache (idempotent)."""
+
+
+def get_executor_cls(backend: str) -> type[Executor]:
+    if backend == "uni":
+        from kvasir.executor.uniproc import UniProcExecutor
+
+        return UniProcExecutor
+    if backend == "mp":
+        from kvasir.executor.multiproc import MultiprocExecutor
+
+        return MultiprocExecutor
+    if backend == "ray":
+        from kvasir.executor.ray_executor import RayExecutor
+
+        return RayExecutor
+    raise ValueError(f"distributed_executor_backend must be 'uni', 'mp' or 'ray', got {backend!r}")

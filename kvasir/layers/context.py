@@ -1,0 +1,24 @@
+"""What every layer of a model is built with: fixed at construction, never module state."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from kvasir.attention.backend import AttentionBackend
+from kvasir.config import KernelConfig, ParallelConfig
+from kvasir.distributed.parallel_state import ParallelState, single_process_state
+
+
+@dataclass(frozen=True)
+class LayerContext:
+    """Passed down the model's constructors. ``parallel`` says which shard of each
+    weight this rank holds; ``kernel_config`` which fast paths the layers take;
+    ``params_dtype`` the dtype weights are created in."""
+
+    attn_backend_cls: type[AttentionBackend]
+    params_dtype: torch.dtype = torch.float32
+    kernel_config: KernelConfig = field(default_factory=KernelConfig)
+    parallel: ParallelState = field(default_factory=lambda: single_process_state("cpu"))
+    parallel_config: ParallelConfig = field(default_factory=ParallelConfig)
