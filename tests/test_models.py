@@ -15,8 +15,8 @@ from model_utils import PagedRunner
 
 from kvasir.attention.backend import get_backend_cls
 from kvasir.config import ModelArchConfig, ModelConfig
-from kvasir.layers.context import LayerContext
 from kvasir.layers.activation import SiluAndMul
+from kvasir.layers.context import LayerContext
 from kvasir.layers.layernorm import RMSNorm
 from kvasir.layers.rotary_embedding import RotaryEmbedding, compute_inv_freq
 from kvasir.models.llama import LlamaForCausalLM

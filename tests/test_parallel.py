@@ -74,16 +74,26 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[1]))
 
 
-@pytest.fixture(scope="module", params=list(VARIANTS))
-def checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
-    config_cls, kwargs = VARIANTS[request.param]
+def _save(name: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    config_cls, kwargs = VARIANTS[name]
     config = config_cls(**_COMMON, **kwargs)
     torch.manual_seed(0)
     hf = transformers.AutoModelForCausalLM.from_config(config).eval()
-    _randomize(hf, seed=len(request.param))
-    path = tmp_path_factory.mktemp(request.param)
+    _randomize(hf, seed=len(name))
+    path = tmp_path_factory.mktemp(name)
     hf.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
+    return _save(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def qwen3_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One architecture is enough for start-up checks and fault handling."""
+    return _save("qwen3", tmp_path_factory)
 
 
 def _prompts() -> list[list[int]]:
@@ -94,6 +104,7 @@ def _prompts() -> list[list[int]]:
 
 
 def _engine(path: str, tp: int = 1, pp: int = 1, **kw: Any) -> LLM:
+    kw.setdefault("distributed_timeout", 30.0)
     return LLM(
         model=path,
         tensor_parallel_size=tp,
@@ -103,7 +114,6 @@ def _engine(path: str, tp: int = 1, pp: int = 1, **kw: Any) -> LLM:
         max_num_batched_tokens=16,  # 40-token prompts prefill in chunks
         max_num_seqs=8,
         max_model_len=128,
-        distributed_timeout=30.0,
         **kw,
     )
 
@@ -123,8 +133,10 @@ def _run(llm: LLM) -> list[Any]:
     return llm.generate(prompts, params, use_tqdm=False)
 
 
-def _close(a: float, b: float) -> bool:
-    return math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6)
+def _close(a: float, b: float, scale: float) -> bool:
+    # A logprob is a logit minus the row's logsumexp, so 1e-5 relative on the logits
+    # is 1e-5 times the logits' scale, at least the largest |logprob| at the position.
+    return abs(a - b) <= 1e-5 * max(1.0, scale)
 
 
 def _assert_same(ours: list[Any], ref: list[Any]) -> None:
@@ -138,8 +150,9 @@ def _assert_same(ours: list[Any], ref: list[Any]) -> None:
             ]
         for j, (lo, lr) in enumerate(positions):
             assert lo.keys() == lr.keys(), f"request {i} position {j}: top tokens differ"
+            scale = max(abs(v.logprob) for v in lr.values())
             for t in lr:
-                assert _close(lo[t].logprob, lr[t].logprob), (
+                assert _close(lo[t].logprob, lr[t].logprob, scale), (
                     f"request {i} position {j} token {t}: {lo[t].logprob} vs {lr[t].logprob}"
                 )
 
@@ -220,12 +233,10 @@ def test_pipeline_keeps_one_step_per_stage_in_flight(checkpoint: str) -> None:
     ],
 )
 def test_bad_parallel_config_is_refused(
-    checkpoint: str, kwargs: dict[str, Any], match: str
+    qwen3_checkpoint: str, kwargs: dict[str, Any], match: str
 ) -> None:
-    if "qwen3" not in checkpoint:
-        pytest.skip("one architecture is enough for the start-up checks")
     with pytest.raises(ValueError, match=match):
-        LLM(model=checkpoint, max_model_len=64, kv_cache_gb=0.01, **kwargs)
+        LLM(model=qwen3_checkpoint, max_model_len=64, kv_cache_gb=0.01, **kwargs)
 
 
 def test_more_ranks_than_gpus_is_refused() -> None:
@@ -237,12 +248,10 @@ def test_more_ranks_than_gpus_is_refused() -> None:
         validate_parallel_config(ParallelConfig(tensor_parallel_size=4), arch, num_devices=2)
 
 
-def test_killed_worker_makes_the_engine_dead(checkpoint: str) -> None:
+def test_killed_worker_makes_the_engine_dead(qwen3_checkpoint: str) -> None:
     """SIGKILL one worker mid-generation: the engine raises within the timeout, the
     other workers are gone afterwards, and nothing hangs."""
-    if not os.path.basename(checkpoint).startswith("llama"):
-        pytest.skip("one architecture is enough")
-    llm = _engine(checkpoint, 2, 1, distributed_timeout=10.0)
+    llm = _engine(qwen3_checkpoint, 2, 1, distributed_timeout=10.0)
     core = llm.llm_engine.engine_core
     procs = core.executor.procs
     engine = llm.llm_engine
@@ -260,3 +269,36 @@ def test_killed_worker_makes_the_engine_dead(checkpoint: str) -> None:
     while time.monotonic() < deadline and any(p.poll() is None for p in procs):
         time.sleep(0.1)
     assert all(p.poll() is not None for p in procs), "a worker outlived the engine"
+
+
+def test_default_model_tp3_matches_tp1() -> None:
+    """The real default model (9 attention heads, 3 KV heads) split over 3 ranks: 8
+    prompts, batched with 20 others, give the same greedy tokens as one process."""
+    from kvasir.models.default import default_model_path
+
+    path = default_model_path()
+    g = torch.Generator().manual_seed(3)
+    texts = [
+        "The capital of France is",
+        "def fibonacci(n):",
+        "Once upon a time, in a small village,",
+        "The three primary colours are",
+        "Water boils at a temperature of",
+        "Q: What is 12 times 12?\nA:",
+        "The quick brown fox",
+        "In machine learning, a neural network is",
+    ]
+    others = [torch.randint(100, 40000, (int(n),), generator=g).tolist() for n in
+              torch.randint(4, 40, (20,), generator=g)]  # fmt: skip
+    params = SamplingParams(max_tokens=12, temperature=0.0)
+    kw: dict[str, Any] = dict(max_model_len=256, kv_cache_gb=0.05, max_num_seqs=32)
+    outs = {}
+    for tp in (1, 3):
+        llm = LLM(model=path, tensor_parallel_size=tp, **kw)
+        try:
+            res = llm.generate(texts + others, params, use_tqdm=False)
+        finally:
+            llm.llm_engine.engine_core.shutdown()
+        outs[tp] = [r.outputs[0].token_ids for r in res]
+    assert outs[3][:8] == outs[1][:8]
+    assert outs[3] == outs[1]

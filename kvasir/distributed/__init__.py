@@ -2,8 +2,8 @@
 its collectives, and the start-up checks of a split against the model."""
 
 from kvasir.distributed.parallel_state import (
-    IntermediateTensors,
     GroupCoordinator,
+    IntermediateTensors,
     ParallelState,
     init_parallel_state,
     single_process_state,

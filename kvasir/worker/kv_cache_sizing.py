@@ -10,10 +10,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from kvasir.distributed.parallel_state import IntermediateTensors
-
 from kvasir.attention.backend import AttentionBackend
 from kvasir.core.kv_cache_spec import KVCacheSpec, bytes_per_block, num_blocks_in
+from kvasir.distributed.parallel_state import IntermediateTensors
 from kvasir.layers.attention import Attention
 
 if TYPE_CHECKING:

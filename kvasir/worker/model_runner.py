@@ -398,7 +398,9 @@ class ModelRunner:
         n, par = step.num_tokens, self.parallel
         intermediate = None
         if not par.is_first_stage:
-            buf = torch.empty(2, n, self.arch_config.hidden_size, dtype=self.dtype, device=self.device)
+            buf = torch.empty(
+                2, n, self.arch_config.hidden_size, dtype=self.dtype, device=self.device
+            )
             par.pp.recv(buf, par.pp_rank - 1)  # [2, num_tokens, hidden]
             intermediate = IntermediateTensors(buf[0], buf[1])
         out = self.model(
