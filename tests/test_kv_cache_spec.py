@@ -127,3 +127,18 @@ def test_sizing_and_allocation_read_the_specs() -> None:
     assert [tuple(c.shape) for c in caches] == [(2, 5, 8, 2, 32), (2, 5, 8, 1, 32)]
     assert all(c.dtype == torch.float32 and not c.any() for c in caches)
     assert sum(c.numel() * c.element_size() for c in caches) == 5 * 6144
+
+
+def test_spec_crosses_processes_as_plain_data() -> None:
+    import msgspec
+
+    from kvasir.core.kv_cache_spec import spec_from_dict, spec_to_dict
+
+    spec = FullAttentionSpec(
+        block_size=16, dtype="bfloat16", element_size=2, num_kv_heads=3, head_dim=64
+    )
+    data = msgspec.msgpack.decode(msgspec.msgpack.encode(spec_to_dict(spec)))
+    again = spec_from_dict(data)
+    assert again == spec and again.page_size_bytes == 2 * 16 * 3 * 64 * 2
+    with pytest.raises(ValueError, match="unknown KV cache spec kind 'sliding_window'"):
+        spec_from_dict(dict(data, kind="sliding_window"))

@@ -176,6 +176,11 @@ def test_parallel_matches_single_process(
     assert any(r.num_cached_tokens >= 32 for r in ref[-2:])
     llm = _engine(checkpoint, tp, pp)
     try:
+        # The block pool was built from every layer's spec, each a TP rank's share.
+        cfg = llm.llm_engine.engine_core.kv_cache_config
+        assert cfg is not None and len(cfg.layer_specs) == _COMMON["num_hidden_layers"]
+        kv_heads = VARIANTS[os.path.basename(checkpoint)[:-1]][1]["num_key_value_heads"]
+        assert all(s.num_kv_heads == max(kv_heads // tp, 1) for s in cfg.layer_specs)
         outs = _run(llm)
         assert llm.llm_engine.engine_core.scheduler.num_preemptions > 0
         assert any(r.num_cached_tokens >= 32 for r in outs[-2:])

@@ -12,9 +12,10 @@ Pure Python (no torch): dtypes are names (``"bfloat16"``) with their element siz
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,6 +70,26 @@ class FullAttentionSpec(KVCacheSpec):
     @property
     def block_shape(self) -> tuple[int, ...]:
         return (2, self.block_size, self.num_kv_heads, self.head_dim)
+
+
+# Kind -> spec class: how a spec crosses a process boundary (``spec_to_dict`` /
+# ``spec_from_dict``); a new kind registers here.
+SPEC_TYPES: dict[str, type[KVCacheSpec]] = {FullAttentionSpec.kind: FullAttentionSpec}
+
+
+def spec_to_dict(spec: KVCacheSpec) -> dict[str, Any]:
+    """A spec as plain data (its kind and fields), for typed messages between processes."""
+    return {"kind": spec.kind, **dataclasses.asdict(spec)}
+
+
+def spec_from_dict(data: dict[str, Any]) -> KVCacheSpec:
+    """The spec ``spec_to_dict`` wrote. Raises ValueError for an unknown kind."""
+    fields = dict(data)
+    kind = fields.pop("kind", None)
+    cls = SPEC_TYPES.get(str(kind))
+    if cls is None:
+        raise ValueError(f"unknown KV cache spec kind {kind!r}; known: {sorted(SPEC_TYPES)}")
+    return cls(**fields)
 
 
 def bytes_per_block(specs: Sequence[KVCacheSpec]) -> int:

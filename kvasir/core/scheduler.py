@@ -67,6 +67,7 @@ from collections.abc import Iterable
 from kvasir.config import CacheConfig, SchedulerConfig
 from kvasir.core.block_pool import KVCacheBlock
 from kvasir.core.kv_cache_manager import KVCacheManager, cdiv
+from kvasir.core.kv_cache_spec import KVCacheConfig
 from kvasir.core.outputs import (
     CachedRequestData,
     EngineCoreOutput,
@@ -94,6 +95,7 @@ class Scheduler:
         num_blocks: int,
         async_scheduling: bool = False,
         pipeline_parallel_size: int = 1,
+        kv_cache_config: KVCacheConfig | None = None,
     ) -> None:
         self.scheduler_config = scheduler_config
         self.cache_config = cache_config
@@ -106,12 +108,24 @@ class Scheduler:
         self.max_num_seqs = scheduler_config.max_num_seqs
         self.max_num_batched_tokens = scheduler_config.max_num_batched_tokens
         self.block_size = cache_config.block_size
-        self.kv_cache_manager = KVCacheManager(
-            num_blocks,
-            cache_config.block_size,
-            enable_caching=cache_config.enable_prefix_caching,
-            max_model_len=self.max_model_len,
-        )
+        if kv_cache_config is not None:  # the layers' specs: the pool checks their kinds
+            if kv_cache_config.num_blocks != num_blocks:
+                raise ValueError(
+                    f"kv_cache_config has {kv_cache_config.num_blocks} blocks, "
+                    f"but num_blocks is {num_blocks}"
+                )
+            self.kv_cache_manager = KVCacheManager.from_config(
+                kv_cache_config,
+                enable_caching=cache_config.enable_prefix_caching,
+                max_model_len=self.max_model_len,
+            )
+        else:
+            self.kv_cache_manager = KVCacheManager(
+                num_blocks,
+                cache_config.block_size,
+                enable_caching=cache_config.enable_prefix_caching,
+                max_model_len=self.max_model_len,
+            )
         self.requests: dict[str, Request] = {}  # every unfinished request
         self.waiting = create_request_queue(scheduler_config.policy)
         self.running: list[Request] = []  # admission order

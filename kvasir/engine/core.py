@@ -114,7 +114,8 @@ class EngineCore:
         self.executor = get_executor_cls(pc.executor_backend)(config, arch)
         try:
             num_blocks = self.executor.determine_num_blocks()
-            self.executor.initialize_kv_cache(num_blocks)
+            kv_cache_config = self.executor.initialize_kv_cache(num_blocks)
+            self.kv_cache_config = kv_cache_config  # every layer's spec (one TP rank's share)
         except BaseException:
             self.executor.shutdown()
             raise
@@ -131,6 +132,7 @@ class EngineCore:
             num_blocks,
             async_scheduling,
             pc.pipeline_parallel_size,
+            kv_cache_config,
         )
         # Launched steps whose outputs have not been read back, oldest first: at most
         # one with async scheduling, one per pipeline stage with pipeline parallelism.

@@ -14,6 +14,7 @@ from abc import ABC, abstractmethod
 from typing import Protocol
 
 from kvasir.config import EngineConfig, ModelArchConfig
+from kvasir.core.kv_cache_spec import KVCacheConfig
 from kvasir.core.outputs import ModelRunnerOutput, SchedulerOutput
 from kvasir.executor.worker import WorkerInfo
 
@@ -54,7 +55,9 @@ class Executor(ABC):
         """KV blocks that fit on every rank (the minimum over ranks)."""
 
     @abstractmethod
-    def initialize_kv_cache(self, num_blocks: int) -> None: ...
+    def initialize_kv_cache(self, num_blocks: int) -> KVCacheConfig | None:
+        """Allocate ``num_blocks`` on every rank; the in-process rank's
+        ``KVCacheConfig`` (its layers' specs) where the executor has one."""
 
     @abstractmethod
     def execute_model_async(self, so: SchedulerOutput) -> PendingOutput | None:

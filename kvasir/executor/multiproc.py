@@ -28,10 +28,16 @@ from collections import deque
 import msgspec
 
 from kvasir.config import EngineConfig, ModelArchConfig
+from kvasir.core.kv_cache_spec import KVCacheConfig
 from kvasir.core.outputs import ModelRunnerOutput, SchedulerOutput
 from kvasir.distributed.parallel_state import loopback_ifname
 from kvasir.executor.base import Executor, PendingOutput, WorkerDiedError
-from kvasir.executor.worker import WorkerInfo, WorkerReply, WorkerRequest
+from kvasir.executor.worker import (
+    WorkerInfo,
+    WorkerReply,
+    WorkerRequest,
+    model_kv_cache_config,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -174,9 +180,12 @@ class MultiprocExecutor(Executor):
         counts = [r.value for r in self._collect("determine_num_blocks", _STARTUP_TIMEOUT_S)]
         return min(counts)
 
-    def initialize_kv_cache(self, num_blocks: int) -> None:
+    def initialize_kv_cache(self, num_blocks: int) -> KVCacheConfig:
         self._send_all(WorkerRequest("initialize_kv_cache", num_blocks=num_blocks))
-        self._collect("initialize_kv_cache", _STARTUP_TIMEOUT_S)
+        replies = self._collect("initialize_kv_cache", _STARTUP_TIMEOUT_S)
+        tp = self.config.parallel_config.tensor_parallel_size
+        # Each pipeline stage's layers once (its TP rank 0), in stage order.
+        return model_kv_cache_config(num_blocks, [r.layer_specs for r in replies[::tp]])
 
     def execute_model_async(self, so: SchedulerOutput) -> PendingOutput | None:
         self._send_all(WorkerRequest("execute_model", scheduler_output=so))

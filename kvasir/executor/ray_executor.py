@@ -41,10 +41,11 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from kvasir.config import DeviceConfig, EngineConfig, ModelArchConfig
+from kvasir.core.kv_cache_spec import KVCacheConfig, spec_to_dict
 from kvasir.core.outputs import ModelRunnerOutput, SchedulerOutput
 from kvasir.distributed.parallel_state import loopback_ifname
 from kvasir.executor.base import Executor, PendingOutput, WorkerDiedError
-from kvasir.executor.worker import Worker, WorkerInfo
+from kvasir.executor.worker import Worker, WorkerInfo, model_kv_cache_config
 
 logger = logging.getLogger(__name__)
 
@@ -122,9 +123,10 @@ class RayWorkerActor:
         assert self.worker is not None
         return self.worker.determine_num_blocks()
 
-    def initialize_kv_cache(self, num_blocks: int) -> None:
+    def initialize_kv_cache(self, num_blocks: int) -> list[dict[str, Any]]:
         assert self.worker is not None
-        self.worker.initialize_kv_cache(num_blocks)
+        kv_cache_config = self.worker.initialize_kv_cache(num_blocks)
+        return [spec_to_dict(s) for s in kv_cache_config.layer_specs]
 
     def execute_model(self, so: bytes) -> bytes | None:
         """One step; msgpack of the ``ModelRunnerOutput`` on the output rank, None
@@ -408,9 +410,12 @@ class RayExecutor(Executor):
         refs = self._call_all("determine_num_blocks")
         return min(self._gather(refs, _STARTUP_TIMEOUT_S, "determine_num_blocks"))
 
-    def initialize_kv_cache(self, num_blocks: int) -> None:
+    def initialize_kv_cache(self, num_blocks: int) -> KVCacheConfig:
         refs = self._call_all("initialize_kv_cache", num_blocks)
-        self._gather(refs, _STARTUP_TIMEOUT_S, "initialize_kv_cache")
+        specs = self._gather(refs, _STARTUP_TIMEOUT_S, "initialize_kv_cache")
+        tp = self.config.parallel_config.tensor_parallel_size
+        # Each pipeline stage's layers once (its TP rank 0), in stage order.
+        return model_kv_cache_config(num_blocks, specs[::tp])
 
     def execute_model_async(self, so: SchedulerOutput) -> PendingOutput | None:
         refs = self._call_all("execute_model", self._enc.encode(so))

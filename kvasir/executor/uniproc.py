@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from kvasir.config import EngineConfig, ModelArchConfig
+from kvasir.core.kv_cache_spec import KVCacheConfig
 from kvasir.core.outputs import ModelRunnerOutput, SchedulerOutput
 from kvasir.executor.base import Executor, PendingOutput
 from kvasir.executor.worker import Worker, WorkerInfo
@@ -21,8 +22,8 @@ class UniProcExecutor(Executor):
     def determine_num_blocks(self) -> int:
         return self.worker.determine_num_blocks()
 
-    def initialize_kv_cache(self, num_blocks: int) -> None:
-        self.worker.initialize_kv_cache(num_blocks)
+    def initialize_kv_cache(self, num_blocks: int) -> KVCacheConfig:
+        return self.worker.initialize_kv_cache(num_blocks)
 
     def execute_model_async(self, so: SchedulerOutput) -> PendingOutput | None:
         return self.runner.execute_model_async(so)

@@ -16,11 +16,13 @@ import logging
 import os
 import sys
 import traceback
+from typing import Any
 
 import msgspec
 import torch
 
 from kvasir.config import EngineConfig, ModelArchConfig
+from kvasir.core.kv_cache_spec import KVCacheConfig, spec_from_dict, spec_to_dict
 from kvasir.core.outputs import ModelRunnerOutput, SchedulerOutput
 from kvasir.distributed.parallel_state import (
     ParallelState,
@@ -56,6 +58,8 @@ class WorkerReply(msgspec.Struct, array_like=True, omit_defaults=True):
     output: ModelRunnerOutput | None = None
     value: int = 0
     info: WorkerInfo | None = None
+    # initialize_kv_cache: this rank's layer specs (``kv_cache_spec.spec_to_dict``).
+    layer_specs: list[dict[str, Any]] = []
     error: str | None = None
 
 
@@ -67,6 +71,15 @@ def rank_device(config: EngineConfig, world_rank: int, world_size: int) -> torch
     if device.type == "cuda" and world_size > 1:
         return torch.device("cuda", world_rank % max(torch.cuda.device_count(), 1))
     return device
+
+
+def model_kv_cache_config(
+    num_blocks: int, stage_specs: list[list[dict[str, Any]]]
+) -> KVCacheConfig:
+    """The whole model's cache from each pipeline stage's layer specs (one TP rank per
+    stage, in stage order): what the engine's block pool is built from."""
+    specs = [spec_from_dict(d) for stage in stage_specs for d in stage]
+    return KVCacheConfig(num_blocks, tuple(specs))
 
 
 class Worker:
@@ -104,8 +117,8 @@ class Worker:
     def determine_num_blocks(self) -> int:
         return self.runner.determine_num_blocks()
 
-    def initialize_kv_cache(self, num_blocks: int) -> None:
-        self.runner.initialize_kv_cache(num_blocks)
+    def initialize_kv_cache(self, num_blocks: int) -> KVCacheConfig:
+        return self.runner.initialize_kv_cache(num_blocks)
 
     def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput | None:
         """Run one step; the sampled tokens on the output rank, None elsewhere and for
@@ -159,8 +172,9 @@ def _serve(args: argparse.Namespace) -> int:
             elif req.method == "determine_num_blocks":
                 reply(method=req.method, value=worker.determine_num_blocks())
             elif req.method == "initialize_kv_cache":
-                worker.initialize_kv_cache(req.num_blocks)
-                reply(method=req.method)
+                kv_cache_config = worker.initialize_kv_cache(req.num_blocks)
+                specs = [spec_to_dict(s) for s in kv_cache_config.layer_specs]
+                reply(method=req.method, layer_specs=specs)
             elif req.method == "shutdown":
                 worker.shutdown()
                 reply(method=req.method)

@@ -42,15 +42,13 @@ class DecodeConfig:
 def default_decode_config(
     head_dim: int, num_groups: int | None = None, num_sms: int | None = None
 ) -> DecodeConfig:
-    """128 keys per tile (32 seqs x 8k, GQA 4, d128 on an H200: 95% of copy bandwidth,
-    and within 2% of that from 3 to 6 splits, where 64-key tiles swing from 88% to 97%
-    with the wave count; benchmarks/KERNELS_NOTES.md). head_dim > 128 halves the tile to
-    keep three stages in shared memory.
+    """128 keys per tile: close to the copy bandwidth and steady across split counts,
+    where 64-key tiles swing with the wave count (benchmarks/KERNELS_NOTES.md). head_dim
+    > 128 halves the tile to keep three stages in shared memory.
 
     A batch with fewer (request, KV head) groups than half the multiprocessors (batch-1
     decode: 8 groups) is latency-bound, not bandwidth-bound: 64-key slices spread even a
-    short context over several programs that each do one tile (Llama-3-8B batch-1
-    decode on an H100: 6.4 us per layer for split + reduce kernels instead of 8.9)."""
+    short context over several programs that each do one tile (figures: benchmarks/RESULTS.md, "Measurements that used to live in docstrings")."""
     small = num_groups is not None and num_sms is not None and 2 * num_groups <= num_sms
     if small:
         return DecodeConfig(block_n=64 if head_dim <= 128 else 32, num_stages=2,

@@ -1,10 +1,9 @@
 """Single-row GEMV (batch-1 decode), optionally with SiLU-and-mul fused in.
 
 At one token per step every linear layer is a matrix-vector product that only streams
-its weight from memory. cuBLAS reaches 62-102 % of the copy bandwidth on the Llama-3-8B
-projections at M = 1 (worst on the narrow o_proj, 4096 x 4096, and with a separate
-split-K reduce kernel on two of them); this kernel reaches 90-106 % on the same shapes
-(benchmarks/bench_gemv.py, KERNELS_NOTES.md):
+its weight from memory. cuBLAS falls short of the copy bandwidth there at M = 1 (worst on
+the narrow o_proj, and with a separate split-K reduce kernel on some shapes); this kernel
+comes closer on the same shapes (benchmarks/bench_gemv.py, KERNELS_NOTES.md):
 
 * ``FUSE_NONE``: ``y = W x``;
 * ``FUSE_SILU_MUL_OUT``: ``W = [gate; up]`` of ``2N`` rows, ``y = silu(gate x) * (up x)``
@@ -12,9 +11,8 @@ split-K reduce kernel on two of them); this kernel reaches 90-106 % on the same 
   program reads the same rows of both halves. ``gate x`` and ``up x`` are rounded to the
   input dtype first and ``silu(g) * u`` once more, exactly as the unfused
   ``linear`` + ``kvasir.kernels.activation.silu_and_mul`` round.
-  (The activation fused in front of ``down_proj`` instead was measured and dropped:
-  every program recomputed the whole activation, 90 % vs 101 % of copy on the 8B
-  down_proj on an H200.)
+  (The activation fused in front of ``down_proj`` instead was measured slower and
+  dropped: every program recomputed the whole activation; KERNELS_NOTES.md.)
 
 Each program owns ``BLOCK_N`` output rows and reads them whole (no split-K, no atomics,
 deterministic), accumulating ``W * x`` elementwise in float32 and reducing once at the
@@ -63,8 +61,8 @@ def _gemv_kernel(
     mk0 = offs_k0 < K
     act_ty = out_ptr.dtype.element_ty
     # The tile's first row in 64 bits (N * K may pass 2^31 elements); offsets inside the
-    # tile stay 32-bit: a 64-bit offset per element cost 18 % of batch-1 decode on an H100
-    # (138.8 vs 168.2 tok/s, Llama-3-8B shape).
+    # tile stay 32-bit: a 64-bit offset per element was measured to slow batch-1 decode
+    # (benchmarks/RESULTS.md, the GEMV regression).
     rows = tl.arange(0, BLOCK_N)[:, None] * stride_wn
     w_rows = w_ptr + (pid * BLOCK_N).to(tl.int64) * stride_wn + rows
     # The first weight tile is loaded before waiting for the kernel in front (PDL: the
@@ -107,12 +105,11 @@ def _num_sms(device_index: int) -> int:
 def default_gemv_config(
     n: int, k: int, num_sms: int = 132, pdl: bool = False
 ) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps). 8 rows x 1024 columns per tile and 4 warps was the
-    best or within 1 % of it on every 8B projection (H100 and H200 sweeps,
-    KERNELS_NOTES.md). Without PDL, where N / 8 programs make one and a bit waves (about 4
-    programs fit an SM at once), 16-row tiles make it a single wave instead (H100, qkv:
-    84 % of copy vs 78 %). Under PDL the next kernel's programs fill the last wave's idle
-    SMs, and 8-row tiles win there too (H200, qkv: 87.6 % vs 76.0 %)."""
+    """(BLOCK_N, BLOCK_K, num_warps). 8 rows x 1024 columns per tile and 4 warps: the best
+    (or near it) on every 8B projection in the H100 and H200 sweeps of KERNELS_NOTES.md.
+    Without PDL, where N / 8 programs make one and a bit waves (about 4 programs fit an
+    SM at once), 16-row tiles make it a single wave instead. Under PDL the next kernel's
+    programs fill the last wave's idle SMs, and 8-row tiles win there too."""
     block_k = min(1024, triton.next_power_of_2(k))
     resident = 4 * num_sms
     block_n = 16 if not pdl and resident < triton.cdiv(n, 8) <= 2 * resident else 8

@@ -209,7 +209,7 @@ def exponential_race(probs: torch.Tensor, generators: dict[int, torch.Generator]
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:  # [B, V] -> [B] int64
     """``x.argmax(dim=-1)``. On a GPU, a few rows over a large vocabulary go in two
     stages (the maximum of each of 64 chunks, then the best chunk): torch reduces one row
-    in one thread block, which took 28 us for one 128k-vocabulary row on an H100."""
+    in one thread block, slow for one large-vocabulary row (figures: benchmarks/RESULTS.md, "Measurements that used to live in docstrings")."""
     if not x.is_cuda or x.shape[0] > 32 or x.shape[1] < 16384 or x.stride(1) != 1:
         return x.argmax(dim=-1)
     return argmax_two_stage(x, 64)

@@ -62,9 +62,9 @@ def resolve_device(name: str) -> torch.device:
 def keep_freed_memory_on_heap() -> bool:
     """CPU runs: have glibc serve large allocations from its heap and keep freed memory
     there, instead of mapping fresh pages for every activation above 128 KiB and
-    returning them on free. Each such page costs a fault on first touch (a few us in a
-    VM), and a prefill step allocates hundreds of MiB of activations: on the 2-core VM
-    this took ~6 % off a 32-request run. The price is that the process keeps its peak
+    returning them on free. Each such page costs a fault on first touch, and a prefill
+    step allocates hundreds of MiB of activations (the gain is in benchmarks/RESULTS.md,
+    "Measurements that used to live in docstrings"). The price is that the process keeps its peak
     memory (as with the tcmalloc/jemalloc preload vLLM recommends for CPU serving).
     Process-wide, so anything else in the process (the HF baseline in ``kvasir bench``)
     gets it too. No-op where the C library is not glibc."""

@@ -2,7 +2,8 @@
 views of one read-only memory map.
 
 ``gguf.GGUFReader`` builds a numpy view for every part of every metadata value, which is
-seconds for a 49k-token vocabulary; here values are decoded with ``struct.unpack_from``
+slow for a large vocabulary (benchmarks/RESULTS.md, "Measurements that used to live in
+docstrings"); here values are decoded with ``struct.unpack_from``
 straight into Python objects and the file is parsed once per process (cached by path,
 mtime and size), so the arch config, the weights and the tokenizer share one parse.
 Layout: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md
