@@ -4,7 +4,7 @@
 # A, B, A, B so that drift of the machine hits both alike. Each run's one-line JSON
 # summary is printed after a "== <build> <bench>" header.
 #
-#   bash benchmarks/ab_cpu.sh <git-rev-A> [<git-rev-B>=working tree] [rounds=2]
+#   [BENCHES="LAT THR"] bash benchmarks/ab_cpu.sh <git-rev-A> [<git-rev-B>=working tree] [rounds=2]
 #
 # Build A is checked out into a temporary worktree and run with the same venv
 # (PYTHONPATH points at it); build B is this tree.
@@ -28,7 +28,7 @@ run() {  # build-dir label args...
   (cd "$TMP" && PYTHONPATH="$dir" "$OLDPWD/$PY" -m kvasir.entrypoints.cli "$@" 2>/dev/null | tail -1)
 }
 for _ in $(seq "$ROUNDS"); do
-  for args in LAT THR; do
+  for args in ${BENCHES:-LAT THR}; do
     declare -n a=$args
     run "$TMP/a" "A=$REV_A" "${a[@]}"
     run "$B_DIR" "B=${REV_B:-worktree}" "${a[@]}"
