@@ -3,6 +3,8 @@ shared prefix blocks) without the scheduler or model runner."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from kvasir.attention.backend import AttentionMetadata
@@ -128,3 +130,32 @@ class PagedRunner:
         for (req_id, token_ids), _ in zip(batch, new, strict=True):
             self.num_computed[req_id] += len(token_ids)
         return list(logits.split(new))
+
+
+def randomize_(model: torch.nn.Module, seed: int) -> None:
+    """HF init (std 0.02, zero bias, unit norms) makes attention near-uniform and hides
+    position and bias bugs; use unit-scale activations and non-trivial norms/biases."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
+            elif name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+            elif "embed_tokens" in name:
+                p.copy_(torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[1]))
+
+
+# Prompts for the real default model (greedy checks against HF and across engines).
+DEFAULT_MODEL_PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village,",
+    "The three primary colours are",
+    "Water boils at a temperature of",
+    "Q: What is 12 times 12?\nA:",
+    "The quick brown fox",
+    "In machine learning, a neural network is",
+]

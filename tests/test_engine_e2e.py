@@ -11,21 +11,13 @@ import random
 
 import pytest
 import torch
+from model_utils import DEFAULT_MODEL_PROMPTS
 
 from kvasir import LLM, SamplingParams
 from kvasir.models.default import default_model_path
 
 MAX_NEW = 20
-PROMPTS = [
-    "The capital of France is",
-    "def fibonacci(n):",
-    "Once upon a time, in a small village,",
-    "The three primary colours are",
-    "Water boils at a temperature of",
-    "Q: What is 12 times 12?\nA:",
-    "The quick brown fox",
-    "In machine learning, a neural network is",
-]
+PROMPTS = DEFAULT_MODEL_PROMPTS
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ through kvasir's safetensors loader and run over the paged KV cache."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -11,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 import transformers
-from model_utils import PagedRunner
+from model_utils import PagedRunner, randomize_
 
 from kvasir.attention.backend import get_backend_cls
 from kvasir.config import ModelArchConfig, ModelConfig
@@ -70,22 +69,6 @@ VARIANTS: dict[str, tuple[Callable[..., Any], dict[str, Any]]] = {
              sliding_window=None, tie_word_embeddings=False),
     ),
 }  # fmt: skip
-
-
-def randomize_(model: torch.nn.Module, seed: int) -> None:
-    """HF init (std 0.02, zero bias, unit norms) makes attention near-uniform and hides
-    position and bias bugs; use unit-scale activations and non-trivial norms/biases."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
-            elif name.endswith("bias"):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-            elif "embed_tokens" in name:
-                p.copy_(torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[1]))
 
 
 @dataclass

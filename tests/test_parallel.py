@@ -10,7 +10,6 @@ that has chunked prefills, decodes, prefix-cache hits and preemptions.
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import time
@@ -18,6 +17,7 @@ from typing import Any
 
 import pytest
 import torch
+from model_utils import DEFAULT_MODEL_PROMPTS, randomize_
 
 from kvasir import LLM, SamplingParams
 from kvasir.executor.base import WorkerDiedError
@@ -59,27 +59,12 @@ VARIANTS: dict[str, tuple[Any, dict[str, Any]]] = {
 LAYOUTS = [(2, 1), (1, 2), (2, 2)]  # (tensor_parallel_size, pipeline_parallel_size)
 
 
-def _randomize(model: torch.nn.Module, seed: int) -> None:
-    """Unit-scale activations, non-trivial norms and biases (HF's init hides bugs)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
-            elif name.endswith("bias"):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-            elif "embed_tokens" in name:
-                p.copy_(torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[1]))
-
-
 def _save(name: str, tmp_path_factory: pytest.TempPathFactory) -> str:
     config_cls, kwargs = VARIANTS[name]
     config = config_cls(**_COMMON, **kwargs)
     torch.manual_seed(0)
     hf = transformers.AutoModelForCausalLM.from_config(config).eval()
-    _randomize(hf, seed=len(name))
+    randomize_(hf, seed=len(name))
     path = tmp_path_factory.mktemp(name)
     hf.save_pretrained(path)
     return str(path)
@@ -283,16 +268,7 @@ def test_default_model_tp3_matches_tp1() -> None:
 
     path = default_model_path()
     g = torch.Generator().manual_seed(3)
-    texts = [
-        "The capital of France is",
-        "def fibonacci(n):",
-        "Once upon a time, in a small village,",
-        "The three primary colours are",
-        "Water boils at a temperature of",
-        "Q: What is 12 times 12?\nA:",
-        "The quick brown fox",
-        "In machine learning, a neural network is",
-    ]
+    texts = DEFAULT_MODEL_PROMPTS
     others = [torch.randint(100, 40000, (int(n),), generator=g).tolist() for n in
               torch.randint(4, 40, (20,), generator=g)]  # fmt: skip
     params = SamplingParams(max_tokens=12, temperature=0.0)

@@ -189,10 +189,10 @@ class UnquantizedLinearMethod(LinearMethod):
 
 
 def warm_up_linears(layers: Iterable[LinearBase], max_rows: int) -> None:
-    """``LinearMethod.warm_up`` once per distinct (method type, weight shape)."""
-    seen: set[tuple[type, tuple[int, ...]]] = set()
+    """``LinearMethod.warm_up`` once per distinct (method type, layer shape)."""
+    seen: set[tuple[type, int, int]] = set()
     for layer in layers:
-        key = (type(layer.method), tuple(layer.weight.shape))
+        key = (type(layer.method), layer.output_size_per_partition, layer.input_size_per_partition)
         if key not in seen:
             seen.add(key)
             layer.method.warm_up(layer, max_rows)
@@ -202,7 +202,9 @@ class LinearBase(nn.Module):
     """A linear layer with a method; ``forward(x) = method.apply(self, x, bias)``.
 
     ``output_partition_sizes``: this rank's rows of each fused sub-projection, in
-    order (one entry for an unfused layer).
+    order (one entry for an unfused layer). ``prefix``: the layer's checkpoint name
+    (``model.layers.0.self_attn.qkv_proj``), by which ``ctx.quant_config`` picks its
+    method.
     """
 
     cpu_packed: torch.Tensor | None
@@ -214,8 +216,10 @@ class LinearBase(nn.Module):
         output_partition_sizes: list[int],
         bias: bool,
         ctx: LayerContext,
+        prefix: str = "",
     ) -> None:
         super().__init__()
+        self.prefix = prefix
         self.input_size_per_partition = input_size_per_partition
         self.output_partition_sizes = output_partition_sizes
         self.output_size_per_partition = sum(output_partition_sizes)
@@ -223,7 +227,10 @@ class LinearBase(nn.Module):
         self.tp_size = ctx.parallel.tp_size
         self.tp_group = ctx.parallel.tp
         self.cpu_packed = self.cpu_packed_halves = None
-        self.method: LinearMethod = UnquantizedLinearMethod(ctx.kernel_config)
+        method = None
+        if ctx.quant_config is not None:
+            method = ctx.quant_config.get_linear_method(self, prefix)
+        self.method: LinearMethod = method or UnquantizedLinearMethod(ctx.kernel_config)
         self.method.create_weights(
             self, input_size_per_partition, output_partition_sizes, ctx.params_dtype
         )
@@ -255,8 +262,10 @@ class LinearBase(nn.Module):
 class ReplicatedLinear(LinearBase):
     """The whole weight on every rank."""
 
-    def __init__(self, input_size: int, output_size: int, bias: bool, ctx: LayerContext) -> None:
-        super().__init__(input_size, [output_size], bias, ctx)
+    def __init__(
+        self, input_size: int, output_size: int, bias: bool, ctx: LayerContext, prefix: str = ""
+    ) -> None:
+        super().__init__(input_size, [output_size], bias, ctx, prefix)
 
 
 def _check_divisible(n: int, tp: int, what: str) -> int:
@@ -277,11 +286,12 @@ class ColumnParallelLinear(LinearBase):
         bias: bool,
         ctx: LayerContext,
         gather_output: bool = False,
+        prefix: str = "",
     ) -> None:
         tp = ctx.parallel.tp_size
         self.output_sizes = output_sizes
         parts = [_check_divisible(n, tp, "output size") for n in output_sizes]
-        super().__init__(input_size, parts, bias, ctx)
+        super().__init__(input_size, parts, bias, ctx, prefix)
         self.gather_output = gather_output and tp > 1
 
     def _shard(self, shard_id: int | str | None) -> tuple[int, int, int]:
@@ -337,6 +347,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         total_num_kv_heads: int,
         bias: bool,
         ctx: LayerContext,
+        prefix: str = "",
     ) -> None:
         tp = ctx.parallel.tp_size
         self.head_dim = head_dim
@@ -353,7 +364,7 @@ class QKVParallelLinear(ColumnParallelLinear):
             self.num_kv_head_replicas = 1
         q, kv = self.num_heads * head_dim, self.num_kv_heads * head_dim
         self.output_sizes = [q * tp, kv * tp, kv * tp]  # as if every rank had its own
-        LinearBase.__init__(self, hidden_size, [q, kv, kv], bias, ctx)
+        LinearBase.__init__(self, hidden_size, [q, kv, kv], bias, ctx, prefix)
         self.gather_output = False
 
     def _shard(self, shard_id: int | str | None) -> tuple[int, int, int]:
@@ -387,9 +398,11 @@ class RowParallelLinear(LinearBase):
         bias: bool,
         ctx: LayerContext,
         reduce_results: bool = True,
+        prefix: str = "",
     ) -> None:
         tp = ctx.parallel.tp_size
-        super().__init__(_check_divisible(input_size, tp, "input size"), [output_size], bias, ctx)
+        k = _check_divisible(input_size, tp, "input size")
+        super().__init__(k, [output_size], bias, ctx, prefix)
         self.reduce = ctx.parallel.tp.all_reduce if reduce_results else (lambda t: t)
 
     def weight_loader(

@@ -67,10 +67,11 @@ class ParallelLMHead(LinearBase):
         embedding_dim: int,
         ctx: LayerContext,
         tied_to: VocabParallelEmbedding | None = None,
+        prefix: str = "lm_head",
     ) -> None:
         tp = ctx.parallel.tp_size
         part = _check_divisible(num_embeddings, tp, "vocab_size")
-        super().__init__(embedding_dim, [part], False, ctx)
+        super().__init__(embedding_dim, [part], False, ctx, prefix)
         self.vocab_start = ctx.parallel.tp_rank * part
         if tied_to is not None:
             self.weight = tied_to.weight  # an alias: one parameter, loaded once

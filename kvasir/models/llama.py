@@ -57,7 +57,11 @@ class PPMissingLayer(nn.Identity):
 
 class LlamaAttention(nn.Module):
     def __init__(
-        self, config: ModelArchConfig, rotary_emb: RotaryEmbedding, ctx: LayerContext
+        self,
+        config: ModelArchConfig,
+        rotary_emb: RotaryEmbedding,
+        ctx: LayerContext,
+        prefix: str = "",
     ) -> None:
         super().__init__()
         self.head_dim = config.head_dim
@@ -68,6 +72,7 @@ class LlamaAttention(nn.Module):
             config.num_key_value_heads,
             config.attention_bias,
             ctx,
+            prefix=f"{prefix}.qkv_proj",
         )
         # This rank's heads.
         self.num_heads = self.qkv_proj.num_heads
@@ -80,6 +85,7 @@ class LlamaAttention(nn.Module):
             config.hidden_size,
             _o_proj_has_bias(config),
             ctx,
+            prefix=f"{prefix}.o_proj",
         )
         pdl = ctx.kernel_config.pdl
         if config.qk_norm:
@@ -125,14 +131,20 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelArchConfig, ctx: LayerContext) -> None:
+    def __init__(self, config: ModelArchConfig, ctx: LayerContext, prefix: str = "") -> None:
         super().__init__()
         if config.hidden_act != "silu":
             raise ValueError(f"hidden_act must be 'silu', got {config.hidden_act!r}")
         self.gate_up_proj = MergedColumnParallelLinear(
-            config.hidden_size, [config.intermediate_size] * 2, False, ctx
+            config.hidden_size,
+            [config.intermediate_size] * 2,
+            False,
+            ctx,
+            prefix=f"{prefix}.gate_up_proj",
         )
-        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, False, ctx)
+        self.down_proj = RowParallelLinear(
+            config.intermediate_size, config.hidden_size, False, ctx, prefix=f"{prefix}.down_proj"
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # [num_tokens, hidden] -> [num_tokens, intermediate / tp] -> [num_tokens, hidden]
@@ -141,16 +153,20 @@ class LlamaMLP(nn.Module):
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(
-        self, config: ModelArchConfig, rotary_emb: RotaryEmbedding, ctx: LayerContext
+        self,
+        config: ModelArchConfig,
+        rotary_emb: RotaryEmbedding,
+        ctx: LayerContext,
+        prefix: str = "",
     ) -> None:
         super().__init__()
         pdl = ctx.kernel_config.pdl
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, pdl=pdl)
-        self.self_attn = LlamaAttention(config, rotary_emb, ctx)
+        self.self_attn = LlamaAttention(config, rotary_emb, ctx, f"{prefix}.self_attn")
         self.post_attention_layernorm = RMSNorm(
             config.hidden_size, eps=config.rms_norm_eps, pdl=pdl
         )
-        self.mlp = LlamaMLP(config, ctx)
+        self.mlp = LlamaMLP(config, ctx, f"{prefix}.mlp")
 
     def forward(
         self,
@@ -192,7 +208,7 @@ class LlamaModel(nn.Module):
             rope_scaling=config.rope_scaling,
         )
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, rotary_emb, ctx)
+            LlamaDecoderLayer(config, rotary_emb, ctx, f"model.layers.{i}")
             if self.start_layer <= i < self.end_layer
             else PPMissingLayer()
             for i in range(config.num_hidden_layers)

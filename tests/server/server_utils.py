@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,3 +119,38 @@ def start_server(*extra: str, api_key: str | None = API_KEY) -> ServerProc:
         time.sleep(0.2)
     proc.kill()
     raise RuntimeError(f"kvasir serve did not become healthy:\n{log_path.read_text()}")
+
+
+def wait_for_engine_dead(srv: ServerProc, timeout: float) -> bool:
+    """Poll /health until it answers 503 with code "engine_dead" (True), or the server
+    stops answering or ``timeout`` seconds pass (False)."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout and srv.proc.poll() is None:
+        try:
+            h = httpx.get(srv.url + "/health", timeout=2)
+        except httpx.HTTPError:
+            return False
+        if h.status_code == 503:
+            return h.json()["error"]["code"] == "engine_dead"
+        time.sleep(0.02)
+    return False
+
+
+def stream_in_background(url: str, body: dict) -> tuple[threading.Thread, list[str]]:
+    """POST ``body`` as a streaming completion from a thread, collecting each ``data:``
+    payload; returns once the first has arrived (the request is running)."""
+    events: list[str] = []
+    started = threading.Event()
+
+    def stream() -> None:
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                    started.set()
+
+    t = threading.Thread(target=stream)
+    t.start()
+    if not started.wait(120):
+        raise RuntimeError("the stream did not start")
+    return t, events

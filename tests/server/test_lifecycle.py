@@ -13,7 +13,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from server_utils import MODEL, ServerProc, pid_alive, start_server
+from server_utils import (
+    MODEL,
+    ServerProc,
+    pid_alive,
+    start_server,
+    stream_in_background,
+    wait_for_engine_dead,
+)
 
 
 @pytest.fixture(scope="module")
@@ -160,37 +167,12 @@ def test_sigterm_drains_then_exits_zero(servers) -> None:
 
 def test_engine_death_fails_fast_and_exits_nonzero(servers) -> None:
     srv: ServerProc = servers["plain"]
-    events: list[str] = []
-    started = threading.Event()
-
-    def stream() -> None:
-        with httpx.stream(
-            "POST", srv.url + "/v1/completions", json=_body(2000, True), timeout=120
-        ) as r:
-            for line in r.iter_lines():
-                if line.startswith("data: "):
-                    events.append(line[6:])
-                    started.set()
-
-    t = threading.Thread(target=stream)
-    t.start()
-    assert started.wait(120)
+    t, events = stream_in_background(srv.url, _body(2000, True))
     os.kill(srv.core_pid, signal.SIGKILL)
     t0 = time.monotonic()
-    saw_503 = False
-    while time.monotonic() - t0 < 10 and srv.proc.poll() is None:
-        try:
-            h = httpx.get(srv.url + "/health", timeout=2)
-        except httpx.HTTPError:
-            break
-        if h.status_code == 503:
-            saw_503 = True
-            assert h.json()["error"]["code"] == "engine_dead"
-            r = httpx.post(srv.url + "/v1/completions", json=_body(2), timeout=10)
-            assert r.status_code == 503
-            break
-        time.sleep(0.02)
-    assert saw_503
+    assert wait_for_engine_dead(srv, 10)
+    r = httpx.post(srv.url + "/v1/completions", json=_body(2), timeout=10)
+    assert r.status_code == 503
     t.join(30)
     assert time.monotonic() - t0 < 10  # the stream failed fast
     assert events[-1] == "[DONE]"

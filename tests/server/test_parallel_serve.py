@@ -7,12 +7,17 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
 import time
 
 import httpx
 import psutil
-from server_utils import MODEL, pid_alive, start_server
+from server_utils import (
+    MODEL,
+    pid_alive,
+    start_server,
+    stream_in_background,
+    wait_for_engine_dead,
+)
 
 
 def _body(max_tokens: int, stream: bool = False) -> dict:
@@ -38,35 +43,10 @@ def test_tp3_serves_and_a_dead_worker_fails_fast() -> None:
         r = httpx.post(srv.url + "/v1/completions", json=_body(8), timeout=120)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
 
-        events: list[str] = []
-        started = threading.Event()
-
-        def stream() -> None:
-            with httpx.stream(
-                "POST", srv.url + "/v1/completions", json=_body(1500, True), timeout=120
-            ) as resp:
-                for line in resp.iter_lines():
-                    if line.startswith("data: "):
-                        events.append(line[6:])
-                        started.set()
-
-        t = threading.Thread(target=stream)
-        t.start()
-        assert started.wait(120)
+        t, events = stream_in_background(srv.url, _body(1500, True))
         os.kill(workers[1].pid, signal.SIGKILL)
         t0 = time.monotonic()
-        saw_503 = False
-        while time.monotonic() - t0 < 20 and srv.proc.poll() is None:
-            try:
-                h = httpx.get(srv.url + "/health", timeout=2)
-            except httpx.HTTPError:
-                break
-            if h.status_code == 503:
-                saw_503 = True
-                assert h.json()["error"]["code"] == "engine_dead"
-                break
-            time.sleep(0.05)
-        assert saw_503
+        assert wait_for_engine_dead(srv, 20)
         t.join(30)
         assert time.monotonic() - t0 < 20  # well inside the distributed timeout
         assert events[-1] == "[DONE]"

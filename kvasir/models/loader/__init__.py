@@ -31,6 +31,7 @@ from kvasir.models.loader.gguf_loader import (
 from kvasir.models.loader.hf_config import load_hf_arch_config
 from kvasir.models.loader.safetensors_loader import iterate_safetensors, safetensors_files
 from kvasir.models.registry import get_model_cls
+from kvasir.quantization import QuantizationConfig
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -136,6 +137,7 @@ def load_model(
     kernel_config: KernelConfig | None = None,
     parallel: ParallelState | None = None,
     parallel_config: ParallelConfig | None = None,
+    quant_config: QuantizationConfig | None = None,
 ) -> nn.Module:
     """Build the model for ``arch_config`` on ``device`` in ``dtype`` and fill its weights
     from the checkpoint ``model_config`` points at (random for load_format "dummy").
@@ -150,6 +152,7 @@ def load_model(
         kernel_config=kernel_config or KernelConfig(),
         parallel=parallel or single_process_state(torch.device(device)),
         parallel_config=parallel_config or ParallelConfig(),
+        quant_config=quant_config,
     )
     model = _build_empty_model(model_cls, arch_config, ctx)
     try:
