@@ -283,3 +283,22 @@ def test_default_model_tp3_matches_tp1() -> None:
         outs[tp] = [r.outputs[0].token_ids for r in res]
     assert outs[3][:8] == outs[1][:8]
     assert outs[3] == outs[1]
+
+
+def test_bench_latency_with_pipeline_parallelism_smoke() -> None:
+    """Smoke test: ``kvasir bench latency --pipeline-parallel-size 2`` runs (the
+    multi-GPU measurements use the same command) and reports one device on the CPU."""
+    import json
+    import subprocess
+    import sys
+
+    cmd = [
+        sys.executable, "-m", "kvasir.entrypoints.cli", "bench", "latency",
+        "--pipeline-parallel-size", "2", "--input-len", "16", "--output-len", "4",
+        "--num-iters", "1", "--max-model-len", "128", "--kv-cache-gb", "0.02",
+    ]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["bench"] == "latency" and result["num_devices"] == 1
+    assert result["decode_tok_s"] > 0

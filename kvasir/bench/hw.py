@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
@@ -143,3 +144,14 @@ def forward_flops(a: ModelArchConfig, num_tokens: int, attn_pairs: float) -> flo
     dense = 2 * num_params(a) * num_tokens
     attn = 4 * a.head_dim * a.num_attention_heads * a.num_hidden_layers * attn_pairs
     return dense + attn
+
+
+def engine_device(core: Any) -> tuple[torch.device, torch.dtype, int]:
+    """(device, dtype, devices in use) of an ``EngineCore``: one rank's device, and as
+    many devices as ranks on CUDA (one GPU each; on the CPU the ranks share the host,
+    whose ceilings ``measure_ceilings`` already measures)."""
+    info = core.model_info
+    device = torch.device(info.device)
+    dtype = getattr(torch, info.dtype)
+    ranks = core.config.parallel_config.world_size
+    return device, dtype, ranks if device.type == "cuda" else 1

@@ -48,7 +48,7 @@ def _timed(fn) -> float:
 
 
 def main(args: argparse.Namespace) -> int:
-    from kvasir.bench.hw import decode_step_bytes, forward_flops, measure_ceilings
+    from kvasir.bench.hw import decode_step_bytes, engine_device, forward_flops, measure_ceilings
     from kvasir.engine.arg_utils import EngineArgs
     from kvasir.entrypoints.llm import LLM
     from kvasir.sampling_params import SamplingParams
@@ -58,9 +58,10 @@ def main(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     llm = LLM(model=ea.model, **kwargs)
     core = llm.llm_engine.engine_core
-    runner, arch = core.runner, core.arch_config
+    runner, arch = core.runner, core.arch_config  # runner: None unless one rank in-process
     startup = time.perf_counter() - t_start
-    ceil = measure_ceilings(runner.device, runner.dtype)
+    device, dtype, num_devices = engine_device(core)
+    ceil = measure_ceilings(device, dtype)
     rng = random.Random(0)
     prompts = [
         [rng.randrange(1000, arch.vocab_size) for _ in range(args.input_len)]
@@ -78,7 +79,7 @@ def main(args: argparse.Namespace) -> int:
     totals = [_timed(lambda: gen(args.output_len)) for _ in range(args.num_iters)]
     ttft = statistics.median(ttfts)
     per_tok = (statistics.median(totals) - ttft) / max(args.output_len - 1, 1)
-    elem = torch.tensor([], dtype=runner.dtype).element_size()
+    elem = torch.tensor([], dtype=dtype).element_size()
     ctx = args.input_len + args.output_len / 2
     step_bytes = decode_step_bytes(arch, elem, [int(ctx)] * args.batch_size)
     bw = step_bytes / per_tok / 1e9
@@ -86,7 +87,8 @@ def main(args: argparse.Namespace) -> int:
         "bench": "latency",
         "device": ceil.device_name,
         "model": llm.llm_engine.model_info.model_name,
-        "dtype": str(runner.dtype).removeprefix("torch."),
+        "dtype": str(dtype).removeprefix("torch."),
+        "num_devices": num_devices,
         "batch_size": args.batch_size,
         "input_len": args.input_len,
         "output_len": args.output_len,
@@ -94,12 +96,15 @@ def main(args: argparse.Namespace) -> int:
         "decode_tok_s": round(args.batch_size / per_tok, 1),
         "decode_ms_per_step": round(per_tok * 1e3, 3),
         "achieved_bandwidth_gbs": round(bw, 1),
-        "bandwidth_fraction": round(bw / ceil.copy_bandwidth_gbs, 4),
+        # Of every device's copy bandwidth together (tensor/pipeline parallel ranks).
+        "bandwidth_fraction": round(bw / (num_devices * ceil.copy_bandwidth_gbs), 4),
         "copy_bandwidth_gbs": round(ceil.copy_bandwidth_gbs, 1),
         "matmul_tflops": round(ceil.matmul_tflops, 1),
         "startup_s": round(startup, 1),
-        "weights_load_s": round(runner.load_time, 1),
-        "cuda_graphs": bool(getattr(runner, "cuda_graphs_enabled", False)),
+        "weights_load_s": round(runner.load_time, 1) if runner is not None else None,
+        "cuda_graphs": bool(getattr(runner, "cuda_graphs_enabled", False))
+        if runner is not None
+        else None,
     }
     if args.prefill_len:
         # The prompt plus its one generated token must fit max_model_len.
@@ -116,11 +121,11 @@ def main(args: argparse.Namespace) -> int:
         flops = forward_flops(arch, args.prefill_len, args.prefill_len**2 / 2)
         result["prefill_len"] = args.prefill_len
         result["prefill_s"] = round(t, 4)
-        result["prefill_mfu"] = round(flops / t / (ceil.matmul_tflops * 1e12), 4)
+        result["prefill_mfu"] = round(flops / t / (num_devices * ceil.matmul_tflops * 1e12), 4)
     if args.compare == "hf":
         from kvasir.bench.throughput import build_hf_model_from_args
 
-        device, dtype = runner.device, runner.dtype
+        core.shutdown()
         del llm, core, runner
         import gc
 

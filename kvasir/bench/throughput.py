@@ -204,16 +204,17 @@ def _run_hf_continuous(
 
 
 def main(args: argparse.Namespace) -> int:
-    from kvasir.bench.hw import forward_flops, measure_ceilings
+    from kvasir.bench.hw import engine_device, forward_flops, measure_ceilings
     from kvasir.engine.arg_utils import EngineArgs
     from kvasir.entrypoints.llm import LLM
 
     ea = EngineArgs.from_cli_args(args)
     kwargs = {k: v for k, v in vars(ea).items() if k != "model"}
     llm = LLM(model=ea.model, **kwargs)
-    runner = llm.llm_engine.engine_core.runner
-    arch = llm.llm_engine.engine_core.arch_config
-    ceil = measure_ceilings(runner.device, runner.dtype)
+    core = llm.llm_engine.engine_core
+    arch = core.arch_config
+    device, dtype, num_devices = engine_device(core)
+    ceil = measure_ceilings(device, dtype)
     work = make_workload(
         args.num_prompts, args.input_len, args.output_len, arch.vocab_size, args.workload_seed
     )
@@ -223,12 +224,13 @@ def main(args: argparse.Namespace) -> int:
     # attention over each token's causal context.
     pairs = sum((len(p) + o) ** 2 / 2 for p, o in work)
     flops = forward_flops(arch, num_in + num_out, pairs)
-    mfu = flops / elapsed / (ceil.matmul_tflops * 1e12)
+    mfu = flops / elapsed / (num_devices * ceil.matmul_tflops * 1e12)
     result = {
         "bench": "throughput",
         "device": ceil.device_name,
         "model": llm.llm_engine.model_info.model_name,
-        "dtype": str(runner.dtype).removeprefix("torch."),
+        "dtype": str(dtype).removeprefix("torch."),
+        "num_devices": num_devices,
         "num_prompts": len(work),
         "input_tokens": num_in,
         "output_tokens": num_out,
@@ -240,8 +242,8 @@ def main(args: argparse.Namespace) -> int:
         "matmul_tflops": round(ceil.matmul_tflops, 1),
     }
     if args.compare == "hf":
-        device, dtype = runner.device, runner.dtype
-        del llm, runner  # free the engine's weights and KV cache before loading HF
+        core.shutdown()
+        del llm, core  # free the engine's weights and KV cache before loading HF
         import gc
 
         gc.collect()
