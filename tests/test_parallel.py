@@ -302,3 +302,26 @@ def test_bench_latency_with_pipeline_parallelism_smoke() -> None:
     result = json.loads(r.stdout.strip().splitlines()[-1])
     assert result["bench"] == "latency" and result["num_devices"] == 1
     assert result["decode_tok_s"] > 0
+
+
+def test_tp_random_sampling_and_async_scheduling_match_one_process(qwen3_checkpoint: str) -> None:
+    """Every TP rank samples the same tokens (the same gathered logits, the same seeds
+    and RNG): random sampling, seeded or not, with penalties, gives the single-process
+    tokens; so does TP with async scheduling (one step in flight)."""
+    prompts = _prompts()[:4]
+    params = [
+        SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, seed=7, ignore_eos=True),
+        SamplingParams(max_tokens=10, temperature=0.8, top_k=20, ignore_eos=True),
+        SamplingParams(max_tokens=10, temperature=1.0, repetition_penalty=1.3, ignore_eos=True),
+        SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True),
+    ]
+    results = []
+    for tp, extra in ((1, {}), (2, {}), (2, {"async_scheduling": True})):
+        llm = _engine(qwen3_checkpoint, tp, 1, **extra)
+        try:
+            outs = llm.generate(prompts, params, use_tqdm=False)
+        finally:
+            llm.llm_engine.engine_core.shutdown()
+        results.append([o.outputs[0].token_ids for o in outs])
+    assert results[1] == results[0]
+    assert results[2] == results[0]
