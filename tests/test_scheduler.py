@@ -782,3 +782,66 @@ def test_random_workloads(w: dict) -> None:
         firsts = [rid for rid in firsts if rid in trace.first_new_step]
         steps = [trace.first_new_step[rid] for rid in firsts]
         assert steps == sorted(steps)
+
+
+# ---------------------------------------------------------------- pipeline parallelism
+
+
+@pytest.mark.parametrize("num_stages", [2, 3])
+def test_pipelined_steps_in_flight(num_stages: int) -> None:
+    """Up to ``num_stages`` steps in flight (schedule N + 1 before N's output is back):
+    no request is in two in-flight steps, a cached request's ``new_token_ids`` are
+    exactly its tokens from ``max(computed, prompt)`` to the end of this step's chunk
+    (what a stage that does not sample lacks), and every request still finishes with
+    its stand-alone output, through chunked prefill and preemption."""
+    sched = Scheduler(
+        SchedulerConfig(max_num_batched_tokens=7, max_num_seqs=6, max_model_len=48),
+        CacheConfig(block_size=4),
+        num_blocks=17,
+        pipeline_parallel_size=num_stages,
+    )
+    reqs = [
+        Request(f"r{i}", [(7 * i + j) % VOCAB + 1 for j in range(n)],
+                SamplingParams(max_tokens=m, ignore_eos=True))
+        for i, (n, m) in enumerate([(9, 12), (5, 20), (14, 8), (3, 25), (11, 10)])
+    ]  # fmt: skip
+    for r in reqs:
+        sched.add_request(r)
+    runner = FakeRunner(4)
+    trace = Trace()
+    in_flight: list[tuple[SchedulerOutput, ModelRunnerOutput]] = []
+    most_in_flight = checked = 0
+    for _ in range(2000):
+        if not (sched.has_unfinished_requests() or in_flight):
+            break
+        so = sched.schedule()
+        busy = {rid for s, _ in in_flight for rid in s.num_scheduled_tokens}
+        assert not busy & set(so.num_scheduled_tokens), "a request in two in-flight steps"
+        assert not busy & so.preempted_req_ids, "an in-flight request was preempted"
+        for cr in so.scheduled_cached_reqs:
+            r = runner.reqs[cr.req_id]
+            c, n = cr.num_computed_tokens, so.num_scheduled_tokens[cr.req_id]
+            assert cr.new_token_ids == r.tokens[max(c, r.num_prompt) : c + n]
+            checked += len(cr.new_token_ids)
+        mro = runner.execute(so)
+        if so.num_scheduled_tokens:
+            in_flight.append((so, mro))
+            most_in_flight = max(most_in_flight, len(in_flight))
+        if len(in_flight) == num_stages or (in_flight and not so.num_scheduled_tokens):
+            trace.record(sched.update_from_output(*in_flight.pop(0)))
+        if not so.num_scheduled_tokens:
+            trace.record(sched.update_from_output(so, ModelRunnerOutput([], [])))
+        check_invariants(sched)
+    assert most_in_flight == num_stages and checked > 0
+    assert sched.num_preemptions > 0
+    for r in reqs:
+        check_against_reference(sched, trace, r)
+    kv = sched.kv_cache_manager
+    assert kv.num_free_blocks == kv.num_usable_blocks
+
+
+def test_pipeline_parallelism_refuses_async_scheduling() -> None:
+    with pytest.raises(ValueError, match="async_scheduling must be off with pipeline"):
+        Scheduler(
+            SchedulerConfig(max_model_len=32), CacheConfig(), 16, True, pipeline_parallel_size=2
+        )

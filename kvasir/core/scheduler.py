@@ -246,8 +246,9 @@ class Scheduler:
                 request.request_id, new_block_ids, request.num_computed_tokens
             )
             if self.pipelined:
+                end = request.num_computed_tokens + num_new
                 start = max(request.num_computed_tokens, request.num_prompt_tokens)
-                cached.new_token_ids = request.all_token_ids[start : start + num_new]
+                cached.new_token_ids = request.all_token_ids[start:end]
             cached_reqs[request.request_id] = cached
             num_scheduled[request.request_id] = num_new
             token_budget -= num_new
