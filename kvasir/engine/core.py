@@ -137,7 +137,7 @@ class EngineCore:
         # Launched steps whose outputs have not been read back, oldest first: at most
         # one with async scheduling, one per pipeline stage with pipeline parallelism.
         self._in_flight: deque[tuple[SchedulerOutput, PendingOutput]] = deque()
-        self._max_in_flight = 2 if async_scheduling else pc.pipeline_parallel_size
+        self._max_in_flight = 2 if async_scheduling else self.executor.max_concurrent_batches
         self._num_kept = self._max_in_flight - 1
         self.startup_time = time.perf_counter() - t0
         self.model_info = ModelInfo(

@@ -11,6 +11,7 @@ on this host) and ``ray`` (Ray actors in a placement group, across hosts).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Protocol
 
 from kvasir.config import EngineConfig, ModelArchConfig
@@ -23,6 +24,21 @@ class PendingOutput(Protocol):
     """A launched step; ``get_output`` waits for it. Steps are read in launch order."""
 
     def get_output(self) -> ModelRunnerOutput: ...
+
+
+class PendingStep:
+    """A step launched on worker processes: ``get_output`` has the executor read the
+    output rank's replies, in launch order, up to this one (``_wait_for``)."""
+
+    def __init__(self, wait_for: Callable[[PendingStep], None]) -> None:
+        self._wait_for = wait_for
+        self.output: ModelRunnerOutput | None = None
+
+    def get_output(self) -> ModelRunnerOutput:
+        if self.output is None:
+            self._wait_for(self)
+        assert self.output is not None
+        return self.output
 
 
 class WorkerDiedError(RuntimeError):
@@ -39,12 +55,16 @@ class Executor(ABC):
     Any worker failure raises ``WorkerDiedError`` from the next call that waits.
     """
 
-    #: Steps that may be in flight at once (pipeline stages for pipeline parallelism).
-    max_concurrent_batches: int = 1
-
     def __init__(self, config: EngineConfig, arch: ModelArchConfig) -> None:
         self.config = config
         self.arch = arch
+        pc = config.parallel_config
+        self.world_size = pc.world_size
+        self.timeout = pc.distributed_timeout  # seconds a collective or a reply may take
+        # Steps that may be in flight at once: one per pipeline stage.
+        self.max_concurrent_batches = pc.pipeline_parallel_size
+        # The rank whose sampled tokens come back: the last stage's TP rank 0.
+        self.output_rank = (pc.pipeline_parallel_size - 1) * pc.tensor_parallel_size
 
     @property
     @abstractmethod

@@ -29,9 +29,9 @@ import msgspec
 
 from kvasir.config import EngineConfig, ModelArchConfig
 from kvasir.core.kv_cache_spec import KVCacheConfig
-from kvasir.core.outputs import ModelRunnerOutput, SchedulerOutput
+from kvasir.core.outputs import SchedulerOutput
 from kvasir.distributed.parallel_state import loopback_ifname
-from kvasir.executor.base import Executor, PendingOutput, WorkerDiedError
+from kvasir.executor.base import Executor, PendingOutput, PendingStep, WorkerDiedError
 from kvasir.executor.worker import (
     WorkerInfo,
     WorkerReply,
@@ -52,28 +52,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class _Pending:
-    def __init__(self, executor: MultiprocExecutor, step_id: int) -> None:
-        self._executor = executor
-        self.step_id = step_id
-        self.output: ModelRunnerOutput | None = None
-
-    def get_output(self) -> ModelRunnerOutput:
-        if self.output is None:
-            self._executor._wait_for(self)
-        assert self.output is not None
-        return self.output
-
-
 class MultiprocExecutor(Executor):
     def __init__(self, config: EngineConfig, arch: ModelArchConfig) -> None:
         import zmq
 
         super().__init__(config, arch)
-        pc = config.parallel_config
-        self.world_size = pc.world_size
-        self.timeout = pc.distributed_timeout
-        self.max_concurrent_batches = pc.pipeline_parallel_size
         self._dir = tempfile.mkdtemp(prefix="kvasir-mp-")
         self._ctx = zmq.Context()
         self._replies = self._ctx.socket(zmq.PULL)
@@ -87,8 +70,7 @@ class MultiprocExecutor(Executor):
             self._inputs.append(s)
         self._enc = msgspec.msgpack.Encoder()
         self._dec = msgspec.msgpack.Decoder(WorkerReply)
-        self._pending: deque[_Pending] = deque()
-        self._next_step = 0
+        self._pending: deque[PendingStep] = deque()
         self._dead: str | None = None
         self._closed = False
         self.procs: list[subprocess.Popen] = []
@@ -191,12 +173,11 @@ class MultiprocExecutor(Executor):
         self._send_all(WorkerRequest("execute_model", scheduler_output=so))
         if not so.num_scheduled_tokens:
             return None  # the workers only drop finished requests' state; no reply
-        pending = _Pending(self, self._next_step)
-        self._next_step += 1
+        pending = PendingStep(self._wait_for)
         self._pending.append(pending)
         return pending
 
-    def _wait_for(self, target: _Pending) -> None:
+    def _wait_for(self, target: PendingStep) -> None:
         # The output rank answers steps in launch order; a step's deadline runs from
         # when the one before it was answered.
         while target.output is None:

@@ -42,7 +42,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from kvasir.config import DeviceConfig, EngineConfig, ModelArchConfig
 from kvasir.core.kv_cache_spec import KVCacheConfig
 from kvasir.core.outputs import ModelRunnerOutput, SchedulerOutput
-from kvasir.executor.base import Executor, PendingOutput, WorkerDiedError
+from kvasir.executor.base import Executor, PendingOutput, PendingStep, WorkerDiedError
 from kvasir.executor.ray_worker import NodeInfo, RayWorkerActor
 from kvasir.executor.worker import WorkerInfo, model_kv_cache_config
 
@@ -54,17 +54,10 @@ _STARTUP_TIMEOUT_S = 600.0
 _SHUTDOWN_TIMEOUT_S = 5.0
 
 
-class _Pending:
+class _Pending(PendingStep):
     def __init__(self, executor: RayExecutor, refs: list[ray.ObjectRef]) -> None:
-        self._executor = executor
+        super().__init__(executor._wait_for)
         self.refs = refs  # every rank's call of this step, in rank order
-        self.output: ModelRunnerOutput | None = None
-
-    def get_output(self) -> ModelRunnerOutput:
-        if self.output is None:
-            self._executor._wait_for(self)
-        assert self.output is not None
-        return self.output
 
 
 def _ray_start_address() -> str | None:
@@ -94,11 +87,6 @@ class RayExecutor(Executor):
 
     def __init__(self, config: EngineConfig, arch: ModelArchConfig) -> None:
         super().__init__(config, arch)
-        pc = config.parallel_config
-        self.world_size = pc.world_size
-        self.timeout = pc.distributed_timeout
-        self.max_concurrent_batches = pc.pipeline_parallel_size
-        self.output_rank = (pc.pipeline_parallel_size - 1) * pc.tensor_parallel_size
         self._enc = msgspec.msgpack.Encoder()
         self._pending: deque[_Pending] = deque()
         # Calls not waited for yet (the ranks' parts of empty steps and of read steps):
@@ -329,7 +317,7 @@ class RayExecutor(Executor):
         self._pending.append(pending)
         return pending
 
-    def _wait_for(self, target: _Pending) -> None:
+    def _wait_for(self, target: PendingStep) -> None:
         # Outputs are read in launch order; a step's deadline runs from when the one
         # before it was read, and it may queue behind the others in flight.
         while target.output is None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kvasir.layers.activation import silu_and_mul
 from kvasir.layers.context import LayerContext
 from kvasir.layers.linear_method import (
     LinearMethod,
@@ -169,8 +170,6 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         out = self.method.apply_silu_mul(self, x)
         if out is not None:
             return out
-        from kvasir.layers.activation import silu_and_mul
-
         return silu_and_mul(self.method.apply(self, x, self.bias))
 
 
