@@ -307,7 +307,8 @@ def test_bench_latency_with_pipeline_parallelism_smoke() -> None:
 def test_tp_random_sampling_and_async_scheduling_match_one_process(qwen3_checkpoint: str) -> None:
     """Every TP rank samples the same tokens (the same gathered logits, the same seeds
     and RNG): random sampling, seeded or not, with penalties, gives the single-process
-    tokens; so does TP with async scheduling (one step in flight)."""
+    tokens; so does TP with async scheduling (one step in flight). A second batch, one
+    seeded n = 3 request (its children share the prompt's blocks), does too."""
     prompts = _prompts()[:4]
     params = [
         SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, seed=7, ignore_eos=True),
@@ -315,13 +316,18 @@ def test_tp_random_sampling_and_async_scheduling_match_one_process(qwen3_checkpo
         SamplingParams(max_tokens=10, temperature=1.0, repetition_penalty=1.3, ignore_eos=True),
         SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True),
     ]
+    fork = SamplingParams(max_tokens=10, temperature=1.0, n=3, seed=3, ignore_eos=True)
     results = []
     for tp, extra in ((1, {}), (2, {}), (2, {"async_scheduling": True})):
         llm = _engine(qwen3_checkpoint, tp, 1, **extra)
         try:
             outs = llm.generate(prompts, params, use_tqdm=False)
+            forked = llm.generate(_prompts()[4], fork, use_tqdm=False)[0]
         finally:
             llm.llm_engine.engine_core.shutdown()
-        results.append([o.outputs[0].token_ids for o in outs])
+        results.append(
+            ([o.outputs[0].token_ids for o in outs], [c.token_ids for c in forked.outputs])
+        )
+    assert len(results[0][1]) == 3 and len(set(map(tuple, results[0][1]))) > 1
     assert results[1] == results[0]
     assert results[2] == results[0]
