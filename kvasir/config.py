@@ -15,6 +15,9 @@ _LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 _DEVICES = ("auto", "cpu", "cuda")
 _ATTN_BACKENDS = ("auto", "torch", "triton")
 _EXECUTOR_BACKENDS = ("uni", "mp", "ray")
+SPEC_METHODS = ("ngram", "draft_model", "self_spec", "eagle", "medusa")
+# Drafts per request per step; beyond this a step's verification work is mostly wasted.
+MAX_SPECULATIVE_TOKENS = 16
 
 
 def _check(cond: bool, name: str, msg: str) -> None:
@@ -216,6 +219,106 @@ class KernelConfig:
 
 
 @dataclass(frozen=True)
+class SpeculativeConfig:
+    """vLLM's ``--speculative-config`` (a JSON object): how drafts are proposed and how
+    many per request per step. Checks against the target model (draft vocabulary, head
+    sizes, layer counts) happen when the proposer is built (``kvasir.spec_decode``).
+
+    ``num_speculative_tokens`` is a fixed k, or ``"auto"``: k chosen per request and
+    per step, up to ``max_speculative_tokens``, from measured acceptance and the
+    engine's step-cost model (``kvasir.spec_decode.adaptive``)."""
+
+    method: str
+    num_speculative_tokens: int | str = 3
+    # "auto": the largest k a request may get.
+    max_speculative_tokens: int = 6
+    # ngram: the n-gram lengths matched against the request's own tokens.
+    prompt_lookup_min: int = 1
+    prompt_lookup_max: int = 4
+    # draft_model / eagle / medusa: the draft's checkpoint (HF directory or .gguf).
+    model: str | None = None
+    load_format: str = "auto"
+    # self_spec: the target's first num_layers decoder layers (plus its norm and LM
+    # head) are the draft. None: a quarter of the layers.
+    num_layers: int | None = None
+
+    def __post_init__(self) -> None:
+        name = "speculative_config"
+        _check(
+            self.method in SPEC_METHODS,
+            f"{name}.method",
+            f"must be one of {SPEC_METHODS}, got {self.method!r}",
+        )
+        k = self.num_speculative_tokens
+        if isinstance(k, str):
+            _check(
+                k == "auto", f"{name}.num_speculative_tokens", f"must be >= 1 or 'auto', got {k!r}"
+            )
+            limit = self.max_speculative_tokens
+            _check(
+                1 <= limit <= MAX_SPECULATIVE_TOKENS,
+                f"{name}.max_speculative_tokens",
+                f"must be in [1, {MAX_SPECULATIVE_TOKENS}], got {limit}",
+            )
+        else:
+            _check(
+                isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= MAX_SPECULATIVE_TOKENS,
+                f"{name}.num_speculative_tokens",
+                f"must be an integer in [1, {MAX_SPECULATIVE_TOKENS}] or 'auto', got {k!r}",
+            )
+        _check(
+            1 <= self.prompt_lookup_min <= self.prompt_lookup_max,
+            f"{name}.prompt_lookup_min",
+            f"must satisfy 1 <= prompt_lookup_min ({self.prompt_lookup_min}) <= "
+            f"prompt_lookup_max ({self.prompt_lookup_max})",
+        )
+        needs_model = self.method in ("draft_model", "eagle", "medusa")
+        _check(
+            not needs_model or bool(self.model),
+            f"{name}.model",
+            f"is required for method {self.method!r} (the draft's checkpoint)",
+        )
+        _check(
+            self.load_format in _LOAD_FORMATS,
+            f"{name}.load_format",
+            f"must be one of {_LOAD_FORMATS}, got {self.load_format!r}",
+        )
+        if self.num_layers is not None:
+            _check(self.num_layers >= 1, f"{name}.num_layers", "must be >= 1")
+
+    @property
+    def num_lookahead_tokens(self) -> int:
+        """KV slots past a sampling step that the proposer's own draft steps write
+        (drafting models with a KV cache: one per draft but the last)."""
+        return self.k if self.method in ("draft_model", "self_spec", "eagle") else 0
+
+    @property
+    def adaptive(self) -> bool:
+        return self.num_speculative_tokens == "auto"
+
+    @property
+    def k(self) -> int:
+        """The most drafts a request gets in one step."""
+        k = self.num_speculative_tokens
+        return self.max_speculative_tokens if isinstance(k, str) else k
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SpeculativeConfig:
+        """From the JSON object users pass; unknown keys are refused by name."""
+        if not isinstance(d, dict):
+            raise ValueError(f"speculative_config must be a JSON object, got {d!r}")
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(
+                f"speculative_config has unknown field(s) {unknown}; known: {sorted(known)}"
+            )
+        if "method" not in d:
+            raise ValueError(f"speculative_config.method is required (one of {SPEC_METHODS})")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model_config: ModelConfig
     cache_config: CacheConfig = field(default_factory=CacheConfig)
@@ -231,6 +334,7 @@ class EngineConfig:
     disable_log_stats: bool = True
     # Schedule step N + 1 while the device runs step N (None: on for CUDA, off on CPU).
     async_scheduling: bool | None = None
+    speculative_config: SpeculativeConfig | None = None
 
     def __post_init__(self) -> None:
         _check(self.cuda_graph_mixed_tokens >= 0, "cuda_graph_mixed_tokens", "must be >= 0")

@@ -59,17 +59,23 @@ class SchedulerOutput:
     # Requests preempted in this step: the runner drops them from its batch but keeps
     # their sampling state (generator, output tokens) for when they resume.
     preempted_req_ids: set[str] = field(default_factory=set)
+    # Speculative decoding: request id -> the drafts it verifies this step. They are
+    # the last len(drafts) of its num_scheduled_tokens (after its known tokens).
+    scheduled_spec_decode_tokens: dict[str, list[int]] = field(default_factory=dict)
 
 
 @dataclass
 class ModelRunnerOutput:
     """Per scheduled request: tokens sampled this step (empty for a prefill chunk that
-    did not reach the end of the prompt)."""
+    did not reach the end of the prompt; with speculative decoding its accepted drafts
+    plus one token); logprobs per sampled token; and, with speculative decoding, the
+    drafts proposed for each request's next step."""
 
     req_ids: list[str]
     sampled_token_ids: list[list[int]]
     logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
     prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
+    spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
 
 
 class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
@@ -81,6 +87,9 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
+    # Speculative decoding, so far: drafts verified and accepted (final output only).
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
     # Wall-clock events (time.time()): first scheduled, per-step token time.
     first_scheduled_time: float | None = None
     num_preemptions: int = 0
@@ -98,3 +107,10 @@ class SchedulerStats(msgspec.Struct, omit_defaults=True):
     prefix_cache_hits: int = 0  # tokens hit (cumulative)
     num_preemptions: int = 0  # cumulative
     num_scheduled_tokens: int = 0  # last step
+    # Speculative decoding (cumulative, vLLM's metric names): steps' requests that
+    # verified drafts, drafts verified, drafts accepted, and accepted per draft position.
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_accepted_per_pos: list[int] = msgspec.field(default_factory=list)
+    spec_k: float = 0.0  # mean drafts per speculating request in the last step

@@ -71,6 +71,12 @@ class Request:
         # wall-clock time (time.time()) the request was first scheduled.
         self.arrival_seq = -1
         self.first_scheduled_time: float | None = None
+        # Speculative decoding: drafts for the tokens after all_token_ids, proposed by
+        # the runner's last step (verified, or dropped, by the next one), and this
+        # request's acceptance so far (drafts scheduled / accepted).
+        self.spec_token_ids: list[int] = []
+        self.num_draft_tokens = 0
+        self.num_accepted_tokens = 0
 
     @property
     def num_prompt_tokens(self) -> int:

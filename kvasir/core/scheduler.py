@@ -51,6 +51,18 @@ placeholders arrive (max_tokens, max_model_len) is not scheduled again; one that
 on EOS / a stop token is found one step late and the token its extra step sampled is
 dropped (as in vLLM). Outputs are the same as without async scheduling.
 
+Speculative decoding: a running request may carry drafts (``spec_token_ids``, proposed
+by the runner's previous step). A step that reaches the end of its known tokens also
+schedules up to k of them (within the token budget, ``max_model_len`` and what can
+still become output) and lists them in ``scheduled_spec_decode_tokens``; it allocates
+``num_lookahead_tokens`` more KV slots for the proposer's own draft steps (dropped,
+with the drafts, before anyone is preempted for them). ``update_from_output`` rolls
+``num_computed_tokens`` back over the rejected drafts: their slots are rewritten by
+the next step. Only known tokens' blocks are ever registered in the prefix cache
+(``allocate_slots`` caches up to ``num_tokens``), so a block holding unverified drafts
+never is. Speculative decoding runs without async scheduling (the engine reads each
+step back before scheduling the next: the accepted count decides the next positions).
+
 Pipeline parallelism (``pipeline_parallel_size > 1``): the engine keeps up to that many
 steps in flight, calling ``schedule()`` again before the earlier steps' outputs are
 back. A request in a step still in flight is never scheduled again nor preempted until
@@ -149,6 +161,15 @@ class Scheduler:
         # Pipeline parallelism: request id -> steps in flight that include it.
         self.pipelined = pipeline_parallel_size > 1
         self._in_flight: dict[str, int] = {}
+        # Speculative decoding: KV slots a sampling step keeps free past its tokens for
+        # the proposer's draft steps (set by the engine from its proposer), and
+        # cumulative acceptance counters.
+        self.num_lookahead_tokens = 0
+        self.spec_num_drafts = 0
+        self.spec_num_draft_tokens = 0
+        self.spec_num_accepted_tokens = 0
+        self.spec_accepted_per_pos: list[int] = []
+        self._last_spec_k = 0.0
 
     # ------------------------------------------------------------------ intake
 
@@ -201,6 +222,7 @@ class Scheduler:
         preempted_ids: set[str] = set()
         placeholders = self._num_output_placeholders
         placeholder_added: set[str] = set()
+        spec_scheduled: dict[str, list[int]] = {}
 
         # Running requests: decodes and unfinished prefill chunks.
         i = 0
@@ -218,10 +240,22 @@ class Scheduler:
                 i += 1
                 continue
             num_new = min(num_new, token_budget)
+            # Speculative decoding: drafts after the known tokens, and KV slots past
+            # them for the proposer's own draft steps (only when this step samples).
+            num_spec = lookahead = 0
+            if num_new == request.num_tokens + num_placeholders - request.num_computed_tokens:
+                num_spec = self._num_schedulable_drafts(request, token_budget - num_new)
+                lookahead = min(
+                    self.num_lookahead_tokens,
+                    self.max_model_len - request.num_computed_tokens - num_new - num_spec,
+                )
             while True:
-                new_block_ids = kv.allocate_slots(request, num_new)
+                new_block_ids = kv.allocate_slots(request, num_new + num_spec + lookahead)
                 if new_block_ids is not None:
                     break
+                if num_spec or lookahead:  # drop the speculation before preempting anyone
+                    num_spec = lookahead = 0
+                    continue
                 victim = self._select_victim()
                 victim_index = self.running.index(victim)
                 del self.running[victim_index]
@@ -229,6 +263,7 @@ class Scheduler:
                     # Scheduled earlier in this step (priority policy): take it back.
                     # Blocks it registered for this step's KV will hold no KV.
                     token_budget += num_scheduled.pop(victim.request_id)
+                    spec_scheduled.pop(victim.request_id, None)
                     computed_before = cached_reqs.pop(victim.request_id).num_computed_tokens
                     kv.uncache_blocks(victim, computed_before)
                     if victim.request_id in placeholder_added:
@@ -250,6 +285,9 @@ class Scheduler:
                 start = max(request.num_computed_tokens, request.num_prompt_tokens)
                 cached.new_token_ids = request.all_token_ids[start:end]
             cached_reqs[request.request_id] = cached
+            if num_spec:
+                spec_scheduled[request.request_id] = request.spec_token_ids[:num_spec]
+                num_new += num_spec
             num_scheduled[request.request_id] = num_new
             token_budget -= num_new
             request.num_computed_tokens += num_new
@@ -283,7 +321,19 @@ class Scheduler:
                 if not chunked and num_new > token_budget:
                     break
                 num_new = min(num_new, token_budget)
-                new_block_ids = kv.allocate_slots(request, num_new, computed_blocks, num_computed)
+                lookahead = 0
+                if num_computed + num_new == request.num_tokens:  # it samples: room to draft
+                    lookahead = min(
+                        self.num_lookahead_tokens, self.max_model_len - request.num_tokens
+                    )
+                new_block_ids = kv.allocate_slots(
+                    request, num_new + lookahead, computed_blocks, num_computed
+                )
+                if new_block_ids is None and lookahead:
+                    lookahead = 0
+                    new_block_ids = kv.allocate_slots(
+                        request, num_new, computed_blocks, num_computed
+                    )
                 if new_block_ids is None:
                     break  # the head does not fit: nobody jumps ahead of it
                 self.waiting.pop()
@@ -327,7 +377,10 @@ class Scheduler:
             total_num_scheduled_tokens=total,
             finished_req_ids=finished_ids,
             preempted_req_ids=preempted_ids,
+            scheduled_spec_decode_tokens=spec_scheduled,
         )
+        if spec_scheduled:
+            self._last_spec_k = sum(map(len, spec_scheduled.values())) / len(spec_scheduled)
         if self.pipelined:
             for rid in ordered:
                 self._in_flight[rid] = self._in_flight.get(rid, 0) + 1
@@ -337,6 +390,23 @@ class Scheduler:
             if len(limits) > 16:  # outputs never passed to update_from_output
                 del limits[next(iter(limits))]
         return so
+
+    def _num_schedulable_drafts(self, request: Request, token_budget: int) -> int:
+        """How many of the request's drafts this step verifies: within the token budget
+        left, before max_model_len, and no more than can still become output (the
+        step yields up to num_drafts + 1 tokens)."""
+        if not request.spec_token_ids:
+            return 0
+        assert request.max_tokens is not None
+        return max(
+            min(
+                len(request.spec_token_ids),
+                token_budget,
+                self.max_model_len - request.num_tokens,
+                request.max_tokens - request.num_output_tokens - 1,
+            ),
+            0,
+        )
 
     def _finishes_with(self, request: Request, num_placeholders: int) -> bool:
         """Whether the request reaches max_tokens or max_model_len once its
@@ -365,6 +435,7 @@ class Scheduler:
     def _preempt(self, request: Request) -> None:
         """Preempt by recompute: drop the KV, restart from token 0 later."""
         self.kv_cache_manager.free(request)
+        request.spec_token_ids = []
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1
@@ -437,6 +508,13 @@ class Scheduler:
                 )
             i = index.get(rid)
             sampled = model_runner_output.sampled_token_ids[i] if i is not None else []
+            drafts = scheduler_output.scheduled_spec_decode_tokens.get(rid)
+            if drafts and sampled:
+                # Roll back over the rejected drafts: their KV slots are rewritten by
+                # the next step (the blocks stay; none of them is in the prefix cache).
+                num_accepted = len(sampled) - 1
+                request.num_computed_tokens -= len(drafts) - num_accepted
+                self._record_spec(request, len(drafts), num_accepted)
             if sampled and self.async_scheduling:
                 for _ in sampled:
                     self._remove_placeholder(rid)
@@ -446,6 +524,8 @@ class Scheduler:
                 new_token_ids.append(token_id)
                 if self._check_stop(request, token_id):
                     break
+            if i is not None and not request.is_finished():
+                request.spec_token_ids = model_runner_output.spec_token_ids.get(rid, [])
             if not new_token_ids:
                 continue  # a prefill chunk short of the end: nothing to report
             logprobs = model_runner_output.logprobs.get(rid)
@@ -460,6 +540,8 @@ class Scheduler:
                     finish_reason=request.get_finished_reason(),
                     stop_reason=request.stop_reason,
                     num_cached_tokens=max(request.num_cached_tokens, 0),
+                    num_draft_tokens=request.num_draft_tokens,
+                    num_accepted_tokens=request.num_accepted_tokens,
                     first_scheduled_time=request.first_scheduled_time,
                     num_preemptions=request.num_preemptions,
                 )
@@ -472,6 +554,18 @@ class Scheduler:
         if any_finished:
             self.running = [r for r in self.running if not r.is_finished()]
         return outputs
+
+    def _record_spec(self, request: Request, num_drafts: int, num_accepted: int) -> None:
+        request.num_draft_tokens += num_drafts
+        request.num_accepted_tokens += num_accepted
+        self.spec_num_drafts += 1
+        self.spec_num_draft_tokens += num_drafts
+        self.spec_num_accepted_tokens += num_accepted
+        per_pos = self.spec_accepted_per_pos
+        if len(per_pos) < num_drafts:
+            per_pos.extend([0] * (num_drafts - len(per_pos)))
+        for j in range(num_accepted):
+            per_pos[j] += 1
 
     def _add_prompt_logprobs(
         self,
@@ -568,6 +662,11 @@ class Scheduler:
             prefix_cache_hits=kv.prefix_cache_hits,
             num_preemptions=self.num_preemptions,
             num_scheduled_tokens=self._last_num_scheduled_tokens,
+            spec_num_drafts=self.spec_num_drafts,
+            spec_num_draft_tokens=self.spec_num_draft_tokens,
+            spec_num_accepted_tokens=self.spec_num_accepted_tokens,
+            spec_accepted_per_pos=list(self.spec_accepted_per_pos),
+            spec_k=self._last_spec_k,
         )
 
 

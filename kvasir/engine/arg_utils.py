@@ -4,6 +4,7 @@ and onto the frozen config dataclasses of ``kvasir.config``."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from dataclasses import dataclass, fields
 
@@ -15,6 +16,7 @@ from kvasir.config import (
     ModelConfig,
     ParallelConfig,
     SchedulerConfig,
+    SpeculativeConfig,
 )
 
 
@@ -50,6 +52,8 @@ class EngineArgs:
     fused_gemv: bool = True
     cpu_prepack: bool = True
     pdl: bool | None = None  # None: on unless KVASIR_PDL=0
+    # JSON text or a dict, as vLLM's --speculative-config
+    speculative_config: str | dict | SpeculativeConfig | None = None
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -153,6 +157,15 @@ class EngineArgs:
             help="programmatic dependent launch for the decode kernels on Hopper "
             "(default: on unless KVASIR_PDL=0)",
         )
+        s = parser.add_argument_group("speculative decoding")
+        s.add_argument(
+            "--speculative-config",
+            type=str,
+            default=None,
+            help='JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\'; methods: '
+            "ngram, draft_model (with model), self_spec (with num_layers), eagle and medusa "
+            '(with model); "num_speculative_tokens": "auto" adapts k per request and step',
+        )
         return parser
 
     @classmethod
@@ -210,7 +223,22 @@ class EngineArgs:
             enforce_eager=self.enforce_eager,
             cuda_graph_mixed_tokens=self.cuda_graph_mixed_tokens,
             async_scheduling=self.async_scheduling,
+            speculative_config=parse_speculative_config(self.speculative_config),
         )
+
+
+def parse_speculative_config(
+    value: str | dict | SpeculativeConfig | None,
+) -> SpeculativeConfig | None:
+    """``--speculative-config`` JSON text (or a dict, or a config) -> the config."""
+    if value is None or isinstance(value, SpeculativeConfig):
+        return value
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"speculative_config is not valid JSON ({e}): {value!r}") from None
+    return SpeculativeConfig.from_dict(value)  # type: ignore[arg-type]
 
 
 def _parse_partition(text: str | tuple[int, ...] | None) -> tuple[int, ...] | None:

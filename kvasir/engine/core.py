@@ -105,6 +105,17 @@ class EngineCore:
                     "(the pipeline keeps one step per stage in flight instead)"
                 )
             async_scheduling = False
+        spec = config.speculative_config
+        if spec is not None:
+            if pc.pipeline_parallel_size > 1 and spec.method != "ngram":
+                raise ValueError(
+                    f"speculative_config.method {spec.method!r} needs the whole model on "
+                    "one pipeline stage; with --pipeline-parallel-size > 1 use 'ngram'"
+                )
+            if async_scheduling:
+                # The accepted count of step N decides step N + 1's positions.
+                logger.info("speculative decoding: steps run without async scheduling")
+            async_scheduling = False
         config = replace(
             config,
             scheduler_config=replace(config.scheduler_config, max_model_len=max_len),
@@ -134,6 +145,8 @@ class EngineCore:
             pc.pipeline_parallel_size,
             kv_cache_config,
         )
+        if spec is not None:
+            self.scheduler.num_lookahead_tokens = spec.num_lookahead_tokens
         # Launched steps whose outputs have not been read back, oldest first: at most
         # one with async scheduling, one per pipeline stage with pipeline parallelism.
         self._in_flight: deque[tuple[SchedulerOutput, PendingOutput]] = deque()

@@ -45,6 +45,8 @@ class _ChildState:
         "num_sent_tokens",
         "num_sent_logprobs",
         "last_token_time",
+        "num_draft_tokens",
+        "num_accepted_tokens",
     )
 
     def __init__(
@@ -65,6 +67,8 @@ class _ChildState:
         self.num_sent_tokens = 0  # DELTA: token ids already reported
         self.num_sent_logprobs = 0  # DELTA: logprob positions already reported
         self.last_token_time: float | None = None
+        self.num_draft_tokens = 0
+        self.num_accepted_tokens = 0
 
 
 class _ParentState:
@@ -218,6 +222,11 @@ class OutputProcessor:
             metrics.num_preemptions = out.num_preemptions
         if out.num_cached_tokens > parent.num_cached_tokens:
             parent.num_cached_tokens = out.num_cached_tokens
+        if out.num_draft_tokens > child.num_draft_tokens:  # cumulative per sequence
+            child.num_draft_tokens = out.num_draft_tokens
+            child.num_accepted_tokens = out.num_accepted_tokens
+            metrics.num_draft_tokens = sum(c.num_draft_tokens for c in parent.children)
+            metrics.num_accepted_tokens = sum(c.num_accepted_tokens for c in parent.children)
         if out.new_token_ids:
             if metrics.first_token_time is None:
                 metrics.first_token_time = now

@@ -29,6 +29,8 @@ class FinishedRequestStats:
     decode_time: float | None
     ttft: float | None
     num_preemptions: int
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
 
     def to_log_dict(self) -> dict:
         """The structured (JSON) log record of this request."""
@@ -55,6 +57,17 @@ class FinishedRequestStats:
                 else None
             ),
             "num_preemptions": self.num_preemptions,
+            **(
+                {
+                    "spec_draft_tokens": self.num_draft_tokens,
+                    "spec_accepted_tokens": self.num_accepted_tokens,
+                    "spec_acceptance_rate": round(
+                        self.num_accepted_tokens / self.num_draft_tokens, 4
+                    ),
+                }
+                if self.num_draft_tokens
+                else {}
+            ),
         }
 
 
@@ -80,6 +93,8 @@ class _SeqState:
     first_token_time: float | None = None
     last_token_time: float | None = None
     num_preemptions: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
 
 
 class RequestStatsTracker:
@@ -108,6 +123,9 @@ class RequestStatsTracker:
             s.num_preemptions = max(s.num_preemptions, out.num_preemptions)
             if out.num_cached_tokens:
                 s.num_cached_tokens = out.num_cached_tokens
+            if out.num_draft_tokens:  # cumulative per sequence
+                s.num_draft_tokens = out.num_draft_tokens
+                s.num_accepted_tokens = out.num_accepted_tokens
             n = len(out.new_token_ids)
             if n:
                 if s.first_token_time is None:
@@ -150,4 +168,6 @@ class RequestStatsTracker:
             else s.last_token_time - first,
             ttft=None if first is None else first - s.arrival_time,
             num_preemptions=s.num_preemptions,
+            num_draft_tokens=s.num_draft_tokens,
+            num_accepted_tokens=s.num_accepted_tokens,
         )

@@ -46,6 +46,16 @@ class AsyncModelRunnerOutput:
         self._output: ModelRunnerOutput | None = None
         self.token_ids_np: np.ndarray | None = None
 
+    @classmethod
+    def completed(cls, output: ModelRunnerOutput) -> AsyncModelRunnerOutput:
+        """A step whose output is already on the host (speculative decoding)."""
+        handle = cls(
+            output.req_ids, np.zeros(0, dtype=np.int64), [], torch.empty(0, dtype=torch.int64),
+            None, output.prompt_logprobs, None, lambda _: None,
+        )  # fmt: skip
+        handle._output = output
+        return handle
+
     @property
     def ready(self) -> bool:
         return self._output is not None

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -45,6 +46,9 @@ from kvasir.worker.cuda_graph import CUDAGraphRunner
 from kvasir.worker.input_batch import InputBatch, to_device
 from kvasir.worker.input_buffers import InputBuffers, StepInputs
 from kvasir.worker.request_state import CachedRequestState
+
+if TYPE_CHECKING:
+    from kvasir.spec_decode.decoder import SpecDecoder
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +157,8 @@ class ModelRunner:
             linears = [m for m in self.model.modules() if isinstance(m, LinearBase)]
             warm_up_linears(linears, min(self.max_num_reqs, 64))
         self.sampler = Sampler()
+        self.spec_decoder: SpecDecoder | None = None
+        self.draft_kv_caches: list[torch.Tensor] = []
         pipelined = parallel.pp_size > 1
         self._forward = self._forward_pipelined if pipelined else self._forward_local
         self.kv_caches: list[torch.Tensor] = []
@@ -180,12 +186,20 @@ class ModelRunner:
         self._unread: list[AsyncModelRunnerOutput] = []  # launched, not yet read back
         self._sampling_cache: tuple[tuple[int, int], SamplingMetadata] | None = None
         self._batch_ids_cache: tuple[int, list[CachedRequestState], list[str]] | None = None
+        if config.speculative_config is not None:
+            from kvasir.spec_decode.decoder import SpecDecoder
+
+            self.spec_decoder = SpecDecoder(config.speculative_config, self)
 
     # ------------------------------------------------------------------ KV cache
     def kv_cache_specs(self) -> list[KVCacheSpec]:
         """One spec per attention layer this process holds, in the model's layer order
-        (``kv_caches[i]`` is the cache of ``kv_cache_specs()[i]``)."""
-        return kv_cache_sizing.kv_cache_specs(self.model, self.block_size, self.dtype)
+        (``kv_caches[i]`` is the cache of ``kv_cache_specs()[i]``), then the draft
+        proposer's (``draft_kv_caches``; same block table)."""
+        specs = kv_cache_sizing.kv_cache_specs(self.model, self.block_size, self.dtype)
+        if self.spec_decoder is not None:
+            specs += self.spec_decoder.proposer.kv_cache_specs()
+        return specs
 
     def kv_bytes_per_block(self) -> int:
         return bytes_per_block(self.kv_cache_specs())
@@ -205,6 +219,14 @@ class ModelRunner:
         self.kv_caches = kv_cache_sizing.allocate_kv_caches(
             kv_cache_config.layer_specs, num_blocks + 1, self.attn_backend_cls, self.device
         )
+        if self.spec_decoder is not None:
+            num_draft = len(self.spec_decoder.proposer.kv_cache_specs())
+            if num_draft:
+                self.kv_caches, self.draft_kv_caches = (
+                    self.kv_caches[:-num_draft],
+                    self.kv_caches[-num_draft:],
+                )
+            self.spec_decoder.proposer.bind_kv_caches(self.draft_kv_caches)
         self.num_blocks = num_blocks
         self.buffers.sink_block_id = num_blocks
         # A backend that reads host-side metadata (torch) cannot replay graphs.
@@ -242,6 +264,8 @@ class ModelRunner:
             st = self.requests.pop(rid, None)
             if st is not None and st.row >= 0:
                 ib.remove(st)
+            if self.spec_decoder is not None:
+                self.spec_decoder.remove(rid)
         for rid in sorted(so.preempted_req_ids):
             st = self.requests.get(rid)
             if st is not None and st.row >= 0:
@@ -283,6 +307,11 @@ class ModelRunner:
             if cached.new_token_ids:  # pipeline parallelism: sampled by the last stage
                 start = max(cached.num_computed_tokens, int(ib.num_prompt_tokens[row]))
                 ib.set_known_tokens(row, start, cached.new_token_ids)
+        # Drafts to verify: input tokens after the known ones (not known themselves).
+        for rid, drafts in so.scheduled_spec_decode_tokens.items():
+            row = reqs[rid].row
+            nk = int(ib.num_known_tokens[row])
+            ib.token_ids[row, nk : nk + len(drafts)] = drafts
 
     def _read_back(self, upto: AsyncModelRunnerOutput) -> None:
         """Read launched steps back, oldest first, through ``upto``; their sampled ids
@@ -308,8 +337,8 @@ class ModelRunner:
         """Queue one step on the device and return without waiting for it (None when
         nothing is scheduled). At most one earlier step may still be unread: its
         sampled ids are this step's decode inputs; anything older is read back first."""
-        if len(self._unread) > 1:
-            self._read_back(self._unread[-2])
+        if len(self._unread) > 1 or (self._unread and self.spec_decoder is not None):
+            self._read_back(self._unread[-1 if self.spec_decoder is not None else -2])
         self.buffers.wait_for_copies()  # before the pinned sources are rewritten
         self._update_states(so)
         if not so.num_scheduled_tokens:
@@ -338,6 +367,8 @@ class ModelRunner:
         sample_idx = np.nonzero(step.seq_lens >= ib.num_tokens[rows])[0]
         num_sampled = len(sample_idx)
         ib.num_computed_tokens[rows] = step.seq_lens
+        if self.spec_decoder is not None:
+            return self._spec_step(so, step, hidden, all_logits, sample_idx, prompt_lp)
         ib.prev_sample_index[: ib.num_reqs] = -1
         d = self.device
         sampled = torch.empty(0, dtype=torch.int64, device=d)
@@ -385,6 +416,33 @@ class ModelRunner:
         )
         self._unread.append(handle)
         return handle
+
+    def _spec_step(
+        self,
+        so: SchedulerOutput,
+        step: StepInputs,
+        hidden: torch.Tensor | None,
+        all_logits: torch.Tensor | None,
+        sample_idx: np.ndarray,
+        prompt_lp: dict[str, list[TokenLogprobs]],
+    ) -> AsyncModelRunnerOutput:
+        """Speculative decoding: verify, sample and propose (``SpecDecoder.sample``),
+        with the tokens on the host before returning (the next step's positions
+        depend on how many drafts were accepted)."""
+        assert self.spec_decoder is not None
+        self._prev_sampled = None
+        self.input_batch.prev_sample_index[: self.input_batch.num_reqs] = -1
+        if len(sample_idx):
+            out = self.spec_decoder.sample(
+                self, so, step, hidden, all_logits, sample_idx, prompt_lp
+            )
+        else:
+            out = ModelRunnerOutput(
+                req_ids=step.req_ids,
+                sampled_token_ids=[[] for _ in step.req_ids],
+                prompt_logprobs=prompt_lp,
+            )
+        return AsyncModelRunnerOutput.completed(out)
 
     def _forward_local(self, step: StepInputs) -> torch.Tensor | None:
         n = step.num_tokens
