@@ -226,13 +226,19 @@ class LlamaModel(nn.Module):
         kv_caches: list[torch.Tensor],  # this stage's layers x [2, num_blocks, bs, kvh, d]
         attn_metadata: AttentionMetadata,
         intermediate: IntermediateTensors | None = None,  # from the previous stage
+        num_layers: int | None = None,
     ) -> torch.Tensor | IntermediateTensors:
+        """``num_layers``: run only the first that many decoder layers, then the final
+        norm (a single-stage model; layer-skip self-speculation drafts so)."""
         if self.is_first_stage:
             hidden_states, residual = self.embed_tokens(input_ids), None
         else:
             assert intermediate is not None
             hidden_states, residual = intermediate
         layers = self.layers[self.start_layer : self.end_layer]
+        if num_layers is not None:
+            assert self.is_first_stage and self.is_last_stage
+            layers, kv_caches = layers[:num_layers], kv_caches[:num_layers]
         for layer, kv_cache in zip(layers, kv_caches, strict=True):
             hidden_states, residual = layer(
                 positions, hidden_states, residual, kv_cache, attn_metadata
@@ -270,8 +276,9 @@ class LlamaForCausalLM(nn.Module):
         kv_caches: list[torch.Tensor],
         attn_metadata: AttentionMetadata,
         intermediate: IntermediateTensors | None = None,
+        num_layers: int | None = None,
     ) -> torch.Tensor | IntermediateTensors:  # [num_tokens, hidden_size] on the last stage
-        return self.model(input_ids, positions, kv_caches, attn_metadata, intermediate)
+        return self.model(input_ids, positions, kv_caches, attn_metadata, intermediate, num_layers)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         # [num_tokens, hidden_size] -> [num_tokens, vocab_size] float32

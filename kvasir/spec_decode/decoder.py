@@ -66,6 +66,7 @@ class SpecDecoder:
 
     def remove(self, req_id: str) -> None:
         self._draft_probs.pop(req_id, None)
+        self.proposer.remove(req_id)
         if self.adaptive is not None:
             self.adaptive.remove(req_id)
 

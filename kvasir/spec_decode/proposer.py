@@ -76,5 +76,8 @@ class Proposer(ABC):
         """The caches of ``kv_cache_specs()``, allocated with the target's."""
         self.kv_caches = caches
 
+    def remove(self, req_id: str) -> None:  # noqa: B027 - most proposers keep no state
+        """The request finished: drop what the proposer keeps for it."""
+
     @abstractmethod
     def propose(self, inputs: ProposeInputs) -> Proposal: ...

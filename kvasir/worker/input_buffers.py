@@ -181,11 +181,15 @@ class InputBuffers:
         dense: bool,
         graph_sizes: GraphSizes | None,
         prev_sampled: torch.Tensor | None,
+        num_computed: np.ndarray | None = None,
     ) -> StepInputs:
         """Build and launch the copies of the batch ``rows`` (ascending) advancing by
-        ``num_sched`` tokens. ``graph_sizes``: the captured CUDA graphs (None: eager)."""
+        ``num_sched`` tokens. ``graph_sizes``: the captured CUDA graphs (None: eager).
+        ``num_computed``: where each row's query starts (default: its computed tokens;
+        a draft model's passes start where its own KV ends)."""
         n = len(rows)
-        num_computed = ib.num_computed_tokens[rows]
+        if num_computed is None:
+            num_computed = ib.num_computed_tokens[rows]
         seq_lens = num_computed + num_sched
         max_query_len = int(num_sched.max())
         cu = np.zeros(n + 1, dtype=np.int64)

@@ -139,3 +139,38 @@ def test_seeded_sampling_with_speculation_is_reproducible() -> None:
 def test_bad_speculative_config_is_refused_naming_the_field(spec, field: str) -> None:
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
         _tiny(spec)
+
+
+MODEL_PROPOSERS = [
+    {"method": "self_spec", "num_speculative_tokens": 3, "num_layers": 1},
+    {"method": "draft_model", "num_speculative_tokens": 3, "model": "tiny-llama",
+     "load_format": "dummy"},
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("spec", MODEL_PROPOSERS, ids=lambda s: s["method"])
+def test_model_proposers_greedy_crowded_batch_is_lossless(spec: dict, reference: dict) -> None:
+    prompts, params = _greedy_workload(0, 24)
+    llm = _tiny(spec, max_num_batched_tokens=64)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert _summary(outs) == _summary(reference["crowded"])
+    _assert_logprobs_close(outs, reference["crowded"])
+    sched = llm.llm_engine.engine_core.scheduler
+    assert sched.kv_cache_manager.usage == 0.0
+    assert sched.make_stats().spec_num_draft_tokens > 0
+
+
+def test_draft_identical_to_target_accepts_everything() -> None:
+    # The same dummy checkpoint and seed: the draft is the target, so greedy drafts
+    # are always the target's argmax.
+    spec = {"method": "draft_model", "num_speculative_tokens": 4, "model": "tiny-llama",
+            "load_format": "dummy"}  # fmt: skip
+    prompts, _ = _greedy_workload(3, 6)
+    params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    llm = _tiny(spec)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    ref = _tiny(None).generate(prompts, params, use_tqdm=False)
+    assert _summary(outs) == _summary(ref)
+    stats = llm.llm_engine.engine_core.scheduler.make_stats()
+    assert stats.spec_num_draft_tokens > 0
+    assert stats.spec_num_accepted_tokens == stats.spec_num_draft_tokens
