@@ -285,9 +285,9 @@ def build_draft_model_proposer(config: SpeculativeConfig, runner: ModelRunner) -
     arch = runner.arch_config
     if config.method == "self_spec":
         n = config.num_layers or max(arch.num_hidden_layers // 4, 1)
-        if n >= arch.num_hidden_layers:
+        if n > arch.num_hidden_layers:
             raise ValueError(
-                f"speculative_config.num_layers ({n}) must be smaller than the target's "
+                f"speculative_config.num_layers ({n}) must be at most the target's "
                 f"{arch.num_hidden_layers} decoder layers"
             )
         if runner.parallel.pp_size > 1:

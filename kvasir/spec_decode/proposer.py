@@ -67,6 +67,9 @@ class Proposer(ABC):
     # KV slots past a sampling step's tokens that ``propose`` writes.
     num_lookahead_tokens: int = 0
     name: str = ""
+    # True: ``ProposeInputs.hidden_states`` must be the target's (the runner then runs
+    # decode-only steps without the decode CUDA graphs, which return logits only).
+    needs_hidden_states: bool = False
 
     def kv_cache_specs(self) -> list[KVCacheSpec]:
         """Specs of the caches the proposer needs beside the target's (one block table)."""

@@ -493,6 +493,9 @@ class ModelRunner:
             ib.num_prompt_logprobs and any(s.needs_prompt_logprobs for s in states)
         ):
             graph_sizes = cg.graph_sizes
+            sd = self.spec_decoder
+            if sd is not None and sd.proposer.needs_hidden_states:
+                graph_sizes = graph_sizes._replace(decode=[])  # they return logits only
         return self.buffers.prepare(
             ib, rows, num_sched, states, req_ids, dense, graph_sizes, self._prev_sampled
         )

@@ -160,11 +160,19 @@ def test_model_proposers_greedy_crowded_batch_is_lossless(spec: dict, reference:
     assert sched.make_stats().spec_num_draft_tokens > 0
 
 
-def test_draft_identical_to_target_accepts_everything() -> None:
-    # The same dummy checkpoint and seed: the draft is the target, so greedy drafts
-    # are always the target's argmax.
-    spec = {"method": "draft_model", "num_speculative_tokens": 4, "model": "tiny-llama",
-            "load_format": "dummy"}  # fmt: skip
+IDENTICAL_DRAFTS = [
+    # The same dummy checkpoint and seed: the draft is the target.
+    {"method": "draft_model", "num_speculative_tokens": 4, "model": "tiny-llama",
+     "load_format": "dummy"},
+    # Every layer of the target (tiny-llama has 2): self-speculation drafts the target.
+    {"method": "self_spec", "num_speculative_tokens": 4, "num_layers": 2},
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("spec", IDENTICAL_DRAFTS, ids=lambda s: s["method"])
+def test_draft_identical_to_target_accepts_everything(spec: dict) -> None:
+    # Greedy drafts of a draft equal to the target are always the target's argmax: a
+    # draft KV cache that lagged or held a wrong token would show as a rejection.
     prompts, _ = _greedy_workload(3, 6)
     params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
     llm = _tiny(spec)
