@@ -178,23 +178,64 @@ class PrometheusMetrics:
             "Number of generation tokens processed.",
             _LEN_BUCKETS,
         )
+        # Speculative decoding (vLLM's names).
+        self.spec_num_drafts = counter(
+            "kvasir:spec_decode_num_drafts",
+            "Number of spec decoding drafts (requests that verified drafts in a step).",
+        )
+        self.spec_num_draft_tokens = counter(
+            "kvasir:spec_decode_num_draft_tokens", "Number of draft tokens."
+        )
+        self.spec_num_accepted_tokens = counter(
+            "kvasir:spec_decode_num_accepted_tokens", "Number of accepted tokens."
+        )
+        self._spec_per_pos = Counter(
+            "kvasir:spec_decode_num_accepted_tokens_per_pos",
+            "Accepted tokens per draft position.",
+            labels + ["position"],
+            registry=r,
+        )
+        self.spec_k = gauge(
+            "kvasir:spec_decode_num_speculative_tokens",
+            "Mean drafts per speculating request in the last step with drafts (the k chosen).",
+        )
+        self._last_per_pos: list[int] = []
         # The core reports cumulative counts; Prometheus counters take increments.
-        self._last_cumulative = (0, 0, 0)
+        self._last_cumulative = (0, 0, 0, 0, 0, 0)
 
     def record_scheduler_stats(self, stats: SchedulerStats) -> None:
         self.num_requests_running.set(stats.num_running_reqs)
         self.num_requests_waiting.set(stats.num_waiting_reqs)
         self.kv_cache_usage.set(stats.kv_cache_usage)
-        cur = (stats.prefix_cache_queries, stats.prefix_cache_hits, stats.num_preemptions)
-        for counter, new, old in zip(
-            (self.prefix_cache_queries, self.prefix_cache_hits, self.num_preemptions),
-            cur,
-            self._last_cumulative,
-            strict=False,
-        ):
+        cur = (
+            stats.prefix_cache_queries,
+            stats.prefix_cache_hits,
+            stats.num_preemptions,
+            stats.spec_num_drafts,
+            stats.spec_num_draft_tokens,
+            stats.spec_num_accepted_tokens,
+        )
+        counters = (
+            self.prefix_cache_queries,
+            self.prefix_cache_hits,
+            self.num_preemptions,
+            self.spec_num_drafts,
+            self.spec_num_draft_tokens,
+            self.spec_num_accepted_tokens,
+        )
+        for counter, new, old in zip(counters, cur, self._last_cumulative, strict=True):
             if new > old:
                 counter.inc(new - old)
         self._last_cumulative = cur
+        if stats.spec_accepted_per_pos:
+            last = self._last_per_pos
+            for pos, n in enumerate(stats.spec_accepted_per_pos):
+                prev = last[pos] if pos < len(last) else 0
+                if n > prev or pos >= len(last):
+                    self._spec_per_pos.labels(self._model_name, str(pos)).inc(max(n - prev, 0))
+            self._last_per_pos = list(stats.spec_accepted_per_pos)
+        if stats.spec_k:
+            self.spec_k.set(stats.spec_k)
         if stats.num_scheduled_tokens > 0:
             self.iteration_tokens.observe(stats.num_scheduled_tokens)
 
