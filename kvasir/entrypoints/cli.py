@@ -1,4 +1,4 @@
-"""``kvasir`` command line: generate, chat, serve, bench.
+"""``kvasir`` command line: generate, chat, serve, bench, plan.
 
 The command line decides what reaches the terminal: results (generated text, benchmark
 tables and their JSON summary line) are printed to stdout by each command; messages to
@@ -208,6 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
         bp = bsub.add_parser(name, help=(mod.__doc__ or name).strip().splitlines()[0])
         mod.add_cli_args(bp)
         bp.set_defaults(func=mod.main)
+
+    from kvasir.plan.cli import add_plan_parser
+
+    add_plan_parser(sub)
     return parser
 
 
