@@ -32,6 +32,9 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--compare", choices=["none", "hf"], default="none")
     p.add_argument("--output-json", type=str, default=None)
+    from kvasir.bench import spec
+
+    spec.add_cli_args(p)
 
 
 def _sync() -> None:
@@ -53,6 +56,10 @@ def main(args: argparse.Namespace) -> int:
     from kvasir.entrypoints.llm import LLM
     from kvasir.sampling_params import SamplingParams
 
+    if args.speculative_config:
+        from kvasir.bench import spec
+
+        return spec.main(args, concurrent=False)
     ea = EngineArgs.from_cli_args(args)
     kwargs = {k: v for k, v in vars(ea).items() if k != "model"}
     t_start = time.perf_counter()

@@ -36,6 +36,9 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
         help="padded-generate batch size for the CPU comparison (default: all)",
     )
     p.add_argument("--output-json", type=str, default=None)
+    from kvasir.bench import spec
+
+    spec.add_cli_args(p)
 
 
 def _range(spec: str) -> tuple[int, int]:
@@ -208,6 +211,10 @@ def main(args: argparse.Namespace) -> int:
     from kvasir.engine.arg_utils import EngineArgs
     from kvasir.entrypoints.llm import LLM
 
+    if args.speculative_config:
+        from kvasir.bench import spec
+
+        return spec.main(args, concurrent=True)
     ea = EngineArgs.from_cli_args(args)
     kwargs = {k: v for k, v in vars(ea).items() if k != "model"}
     llm = LLM(model=ea.model, **kwargs)

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 _PRIOR = 0.6  # acceptance assumed for a request with no history
 _EMA = 0.3  # weight of a step's observation
 _RELAX = 0.05  # pull of an idle request's estimate toward the mean per step
+_PROBE_EVERY = 16  # a request without drafts this many steps gets one
 
 
 @dataclass
@@ -71,19 +72,25 @@ class AdaptiveSpeculation:
     """Per-request acceptance estimates and the k each request gets in a step."""
 
     def __init__(
-        self, max_k: int, cost: StepCostModel | None = None, draft_cost: float = 0.0
+        self,
+        max_k: int,
+        cost: StepCostModel | None = None,
+        draft_cost: StepCostModel | None = None,
     ) -> None:
         self.max_k = max_k
         # Until the runner measures its own: a memory-bound step (cost barely grows).
         self.cost = cost or StepCostModel(1.0, 0.01)
-        self.draft_cost = draft_cost  # a draft position's cost, in target steps
+        # Seconds of one draft pass over a batch of n requests (None: free, n-gram).
+        self.draft_cost = draft_cost
         self.acceptance: dict[str, float] = {}
         self.mean = _PRIOR
         self.last_k: dict[str, int] = {}
+        self._idle: dict[str, int] = {}  # steps in a row without drafts
 
     def remove(self, req_id: str) -> None:
         self.acceptance.pop(req_id, None)
         self.last_k.pop(req_id, None)
+        self._idle.pop(req_id, None)
 
     def record(
         self,
@@ -125,14 +132,14 @@ class AdaptiveSpeculation:
         tokens = float(batch_size)  # every request yields one token without drafts
         num_tok = float(batch_size)
         max_depth = 0
-        base = self.cost(num_tok)
-        best_rate = tokens / base
+        draft_pass = self.draft_cost(batch_size) if self.draft_cost is not None else 0.0
+        best_rate = tokens / self.cost(num_tok)
         for flat in order.tolist():
             i, jj = divmod(flat, self.max_k)
             if ks[i] != jj:  # a request's drafts are taken in order
                 continue
-            depth = max(max_depth, jj + 1)
-            t = self.cost(num_tok + 1) + self.draft_cost * depth * base
+            depth = max(max_depth, jj + 1)  # draft passes the proposer will run
+            t = self.cost(num_tok + 1) + depth * draft_pass
             rate = (tokens + worth[i, jj]) / t
             if rate <= best_rate:
                 continue
@@ -141,6 +148,47 @@ class AdaptiveSpeculation:
             num_tok += 1
             max_depth = depth
             best_rate = rate
-        for st, k in zip(states, ks.tolist(), strict=True):
-            self.last_k[st.req_id] = k
+        for i, st in enumerate(states):
+            rid = st.req_id
+            if ks[i]:
+                self._idle[rid] = 0
+            else:
+                idle = self._idle.get(rid, 0) + 1
+                if idle >= _PROBE_EVERY:  # try again now and then: conditions change
+                    ks[i], idle = 1, 0
+                self._idle[rid] = idle
+            self.last_k[rid] = int(ks[i])
         return ks
+
+
+def calibrate(runner, proposer) -> tuple[StepCostModel, StepCostModel | None]:  # type: ignore[no-untyped-def]
+    """The target's step cost against flat-batch tokens, and a draft pass's against
+    requests, measured on the runner's own KV cache before any request arrives (one
+    request of n tokens at positions 0..n-1 in blocks 1..; nothing is cached yet)."""
+    bs = runner.block_size
+    cap = max(min(runner.max_num_tokens, runner.max_model_len, 64), 1)
+    sizes = tuple(n for n in (1, 2, 4, 8, 16, 32, 64) if n <= cap)
+
+    def prepare(n: int):  # type: ignore[no-untyped-def]
+        nb = -(-n // bs)
+        table = np.arange(1, nb + 1, dtype=np.int64)[None, :]
+        ids = np.zeros(n, dtype=np.int64)
+        return runner.buffers.prepare_prompts(ids, np.array([n]), table)
+
+    def target(n: int) -> None:
+        meta = prepare(n)
+        runner.model(runner.input_ids[:n], runner.positions[:n], runner.kv_caches, meta)
+
+    import torch
+
+    def sync() -> None:
+        if runner.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    with torch.inference_mode():
+        cost = StepCostModel.measure(lambda n: (target(n), sync()), sizes)
+        draft = None
+        forward = getattr(proposer, "_forward", None)
+        if forward is not None:
+            draft = StepCostModel.measure(lambda n: (forward(n, prepare(n)), sync()), sizes)
+    return cost, draft

@@ -60,6 +60,24 @@ class SpecDecoder:
         if config.adaptive:
             self.adaptive = AdaptiveSpeculation(self.k)
 
+    def calibrate(self, runner: ModelRunner) -> None:
+        """Adaptive speculation: measure the step-cost model on this device (once the
+        KV cache exists)."""
+        if self.adaptive is None:
+            return
+        from kvasir.spec_decode.adaptive import calibrate
+
+        cost, draft = calibrate(runner, self.proposer)
+        self.adaptive.cost, self.adaptive.draft_cost = cost, draft
+        logger.info(
+            "adaptive speculation: target step %.2f ms + %.3f ms/token%s",
+            cost.base * 1e3,
+            cost.per_token * 1e3,
+            ""
+            if draft is None
+            else f"; draft pass {draft.base * 1e3:.2f} ms + {draft.per_token * 1e3:.3f} ms/request",
+        )
+
     @property
     def num_lookahead_tokens(self) -> int:
         return self.config.num_lookahead_tokens

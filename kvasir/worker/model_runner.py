@@ -227,6 +227,7 @@ class ModelRunner:
                     self.kv_caches[-num_draft:],
                 )
             self.spec_decoder.proposer.bind_kv_caches(self.draft_kv_caches)
+            self.spec_decoder.calibrate(self)
         self.num_blocks = num_blocks
         self.buffers.sink_block_id = num_blocks
         # A backend that reads host-side metadata (torch) cannot replay graphs.
