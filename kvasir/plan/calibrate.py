@@ -1,13 +1,15 @@
 """``kvasir plan --calibrate``: measure this machine and add it to the catalogue.
 
-The rates are what kvasir's own kernels reach here (so the model's efficiency factors
-are 1 on a calibrated machine): ``kvasir.bench.hw.measure_ceilings`` (copy bandwidth,
-the dense matmul rate of the engine's path), the read bandwidth of a batch-1 linear
-layer built as the engine builds it (a GEMV over a weight far larger than the caches),
-and the fixed cost of each kind of call: a tiny linear, a tiny decode-attention group
-as the torch backend runs it, a tiny RMSNorm, and the engine's per-step and
-per-request host cost, timed on the 2-layer ``tiny-llama`` config whose compute is
-negligible.
+The rates are what kvasir's own kernels reach here, so the model's efficiency factors
+are 1 on a calibrated machine: ``kvasir.bench.hw.measure_ceilings`` (copy bandwidth and
+the dense matmul rate of the engine's path), then the engine's linear layers streaming
+their weights from memory at 1 to 256 rows, either for a model's own projection shapes
+(``--model``: Vidur-style operator profiling; the working set is the model's, one copy
+per layer) or for a generic table of widths, and the fixed costs: a decode-attention
+group as the torch backend runs it, and the engine's host cost per step, per request,
+per decoder layer and per layer and request, solved from decode steps of dummy models
+whose layers are tiny (2 and 16 layers, batch 1 and 32), so their time is fixed cost.
+On a GPU only the ceilings are measured (the factors of ``efficiency`` apply).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from collections.abc import Callable
 import torch
 
 from kvasir.plan.hardware import Hardware, KernelOverheads
+from kvasir.plan.model_spec import ModelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -53,14 +56,20 @@ def _engine_linear(weight: torch.Tensor) -> torch.nn.Module:
 
 @torch.inference_mode()
 def measure_gemv_bandwidth(
-    out_features: int = 8192, in_features: int = 2048, iters: int = 7
+    num_layers: int = 16, out_features: int = 4096, in_features: int = 2048
 ) -> float:
-    """GB/s of weight read by a batch-1 engine linear over a 64 MiB float32 weight."""
-    w = torch.randn(out_features, in_features)
-    layer = _engine_linear(w)
+    """GB/s of weight read by batch-1 engine linears, one pass over ``num_layers``
+    float32 weights of 32 MiB each (512 MiB together: past the last-level cache, as a
+    model's weights are), less each call's fixed cost."""
+    layers = [_engine_linear(torch.randn(out_features, in_features)) for _ in range(num_layers)]
     x = torch.randn(1, in_features)
-    t = _median_time(lambda: layer(x), iters)
-    return out_features * in_features * 4 / t / 1e9
+
+    def one_pass() -> None:
+        for layer in layers:
+            layer(x)
+
+    t = _median_time(one_pass, 5, 1)
+    return num_layers * out_features * in_features * 4 / t / 1e9
 
 
 @torch.inference_mode()
@@ -95,36 +104,145 @@ def measure_call_overheads(iters: int = 50) -> tuple[float, float, float]:
     return t_lin, t_attn, t_norm
 
 
-def measure_engine_overheads(num_steps: int = 48) -> tuple[float, float]:
-    """(per step, per request) host seconds of a decode step of the engine, from the
-    2-layer ``tiny-llama`` config at batch 1 and batch 16 (its model time is a few
-    tiny calls, subtracted by the caller's per-call costs)."""
+@torch.inference_mode()
+def measure_gemm_table(
+    ks: tuple[int, ...] = (512, 2048, 8192),
+    rows: tuple[int, ...] = (1, 4, 16, 64, 256),
+    n: int = 4096,
+    set_bytes: int = 256 << 20,
+) -> list[tuple[int, int, float]]:
+    """(K, rows, TFLOP/s) of the engine's linear streaming its weights: each K's rate
+    is one pass over a set of ``n x K`` float32 weights of ``set_bytes`` together (past
+    the caches, as a model's weights are), so a row of the table holds both the
+    bandwidth (few rows) and the arithmetic rate (many rows) at that width."""
+    out = []
+    for k in ks:
+        count = max(1, set_bytes // (n * k * 4))
+        layers = [_engine_linear(torch.randn(n, k)) for _ in range(count)]
+        for m in rows:
+            x = torch.randn(m, k)
+
+            def one_pass(x: torch.Tensor = x, layers: list = layers) -> None:
+                for layer in layers:
+                    layer(x)
+
+            t = _median_time(one_pass, 3, 1)
+            out.append((k, m, 2 * m * n * k * count / t / 1e12))
+        del layers
+    return out
+
+
+_TINY = {
+    "architectures": ["LlamaForCausalLM"],
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "vocab_size": 1024,
+    "max_position_embeddings": 2048,
+    "model_type": "llama",
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": False,
+}
+
+
+def _decode_step_seconds(config_path: str, batch: int, num_steps: int) -> float:
+    """Mean decode step of the engine on a dummy model (fresh prompts, greedy)."""
     from kvasir.entrypoints.llm import LLM
     from kvasir.sampling_params import SamplingParams
 
-    llm = LLM(model="tiny-llama", load_format="dummy", max_model_len=512, kv_cache_gb=0.05)
+    llm = LLM(model=config_path, load_format="dummy", max_model_len=512, kv_cache_gb=0.05)
     core = llm.llm_engine.engine_core
-
-    def run(batch: int) -> float:
+    try:
         prompts = [[10 + i + j for j in range(8)] for i in range(batch)]
         sp = SamplingParams(temperature=0.0, max_tokens=num_steps + 1, ignore_eos=True)
         one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
-        core.reset_prefix_cache()
-        t1 = _median_time(lambda: llm.generate(prompts, one, use_tqdm=False), 3, 1)
-        core.reset_prefix_cache()
-        tn = _median_time(lambda: llm.generate(prompts, sp, use_tqdm=False), 3, 1)
-        return (tn - t1) / num_steps
 
-    s1, s16 = run(1), run(16)
-    core.shutdown()
-    per_req = max((s16 - s1) / 15, 0.0)
-    return max(s1 - per_req, 0.0), per_req
+        def gen(p: SamplingParams) -> None:
+            core.reset_prefix_cache()
+            llm.generate(prompts, p, use_tqdm=False)
+
+        t1 = _median_time(lambda: gen(one), 3, 1)
+        tn = _median_time(lambda: gen(sp), 3, 1)
+    finally:
+        core.shutdown()
+    return (tn - t1) / num_steps
 
 
-def calibrate(device: str = "auto") -> Hardware:
-    """Measure this machine (the CPU, or the first CUDA GPU when asked or present)."""
+def _stream_bandwidth(shaped: list) -> float:
+    """GB/s of float32 weights read by the batch-1 rows of ``measure_model_gemms``:
+    2 FLOPs per weight, so bytes/s = 4 x (FLOP/s) / 2, weighted by each shape's size."""
+    ones = [(n * k, t) for n, k, m, t in shaped if m == 1]
+    weights = sum(w for w, _ in ones)
+    seconds = sum(w / t for w, t in ones)  # proportional to the time of one pass
+    return 2 * weights / seconds * 1e12 / 1e9
+
+
+def measure_engine_overheads(num_steps: int = 24) -> tuple[float, float, float, float]:
+    """(per step, per request, per decoder layer, per layer and request) host seconds
+    of the engine's decode steps, from dummy models whose layers are tiny (hidden 64)
+    with 2 and 16 layers, each at batch 1 and 32. Their roofline time is negligible,
+    so what their steps take is fixed cost; four runs, four unknowns."""
+    import json
+    import os
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        paths = {}
+        for layers in (2, 16):
+            path = os.path.join(d, f"tiny-{layers}.json")
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump({**_TINY, "num_hidden_layers": layers}, f)
+            paths[layers] = path
+        t = {(n, b): _decode_step_seconds(paths[n], b, num_steps) for n in (2, 16) for b in (1, 32)}
+    layer_s = max((t[16, 1] - t[2, 1]) / 14, 0.0)
+    layer_req_s = max(((t[16, 32] - t[2, 32]) / 14 - layer_s) / 31, 0.0)
+    request_s = max((t[2, 32] - t[2, 1]) / 31 - 2 * layer_req_s, 0.0)
+    step_s = max(t[2, 1] - 2 * layer_s - request_s - 2 * layer_req_s, 0.0)
+    return step_s, request_s, layer_s, layer_req_s
+
+
+@torch.inference_mode()
+def measure_model_gemms(spec: ModelSpec, rows: tuple[int, ...] = (1, 4, 16, 64, 256)) -> list:
+    """[N, K, rows, TFLOP/s] of each projection shape of ``spec`` (one rank, float32),
+    each timed streaming as many copies as the model has layers with it, so the working
+    set is the model's own, as in a real step (Vidur-style operator profiling)."""
+    from kvasir.plan.config import PlanConfig
+    from kvasir.plan.roofline import StepShape, step_operators
+
+    ops = step_operators(spec, PlanConfig(), "cpu", StepShape.decode(1, 1))
+    shapes: dict[tuple[int, int], int] = {}
+    for op in ops:
+        if op.kind == "gemm" and "n" in op.extra and op.name != "moe_experts":
+            key = (int(op.extra["n"]), int(op.extra["k"]))
+            shapes[key] = shapes.get(key, 0) + op.count
+    sets = {key: [_engine_linear(torch.randn(*key)) for _ in range(c)] for key, c in shapes.items()}
+    out = []
+    for m in rows:
+        for (n, k), layers in sets.items():
+            x = torch.randn(m, k)
+
+            def one_pass(x: torch.Tensor = x, layers: list = layers) -> None:
+                for layer in layers:
+                    layer(x)
+
+            t = _median_time(one_pass, 3, 1)
+            out.append((n, k, m, 2 * m * n * k * len(layers) / t / 1e12))
+    return out
+
+
+def calibrate(
+    device: str = "auto", threads: int | None = None, model: ModelSpec | None = None
+) -> Hardware:
+    """Measure this machine (the CPU, or the first CUDA GPU when asked or present).
+    ``threads``: CPU threads to measure with (default: torch's, as the engine runs);
+    ``model``: also profile that model's projection shapes."""
     from kvasir.bench.hw import measure_ceilings
     from kvasir.plan.efficiency import measurement
+
+    if threads is not None:
+        torch.set_num_threads(threads)
 
     dev = torch.device(
         "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
@@ -159,13 +277,18 @@ def calibrate(device: str = "auto") -> Hardware:
             ),
             extra={"copy_bandwidth_gbs": ceil.copy_bandwidth_gbs},
         )
-    gemv = measure_gemv_bandwidth()
-    t_lin, t_attn, t_norm = measure_call_overheads()
-    step_s, req_s = measure_engine_overheads()
-    # tiny-llama's own decode step: 2 layers x (4 linears, attention, 2 norms, a few
-    # elementwise calls) + the LM head and final norm; what remains is the host's.
-    model_calls = 2 * (4 * t_lin + t_attn + 4 * t_norm) + t_lin + t_norm
-    step_s = max(step_s - model_calls, 0.0)
+    if model is not None:
+        # The model's own projections: their rates, and the bandwidth of the batch-1
+        # pass over them (bytes streamed per second).
+        shaped = measure_model_gemms(model)
+        table: list = []
+        gemv = _stream_bandwidth(shaped)
+    else:
+        shaped = []
+        table = measure_gemm_table()
+        gemv = measure_gemv_bandwidth()
+    _, t_attn, _ = measure_call_overheads()
+    step_s, req_s, layer_s, layer_req_s = measure_engine_overheads()
     import os
 
     threads = torch.get_num_threads()
@@ -174,7 +297,7 @@ def calibrate(device: str = "auto") -> Hardware:
         kind="cpu",
         description=f"{platform.processor() or platform.machine()} CPU, {threads} threads "
         f"(calibrated {when})",
-        peak_tflops={"fp32": ceil.matmul_tflops},
+        peak_tflops={"fp32": max([ceil.matmul_tflops] + [r[-1] for r in table + shaped])},
         memory_gib=_host_memory_gib(),
         memory_bandwidth_gbs=gemv,
         cache_mb=0,
@@ -190,14 +313,17 @@ def calibrate(device: str = "auto") -> Hardware:
         source_date=when,
         calibrated=True,
         overheads=KernelOverheads(
-            gemm_s=t_lin,
             attention_s=t_attn,
-            elementwise_s=t_norm,
             step_s=step_s,
             request_s=req_s,
+            layer_s=layer_s,
+            layer_request_s=layer_req_s,
             source="measured by kvasir plan --calibrate",
         ),
         extra={
+            "gemm_tflops_by_k_rows": table,
+            "gemm_tflops_by_shape": shaped,
+            "profiled_model": model.name if model is not None else None,
             "copy_bandwidth_gbs": ceil.copy_bandwidth_gbs,
             "matmul_dtype": ceil.matmul_dtype,
             "threads": threads,

@@ -33,6 +33,12 @@ def add_plan_parser(sub: Any) -> None:
     """Register ``kvasir plan`` on the top-level subparsers ``sub``."""
     p = sub.add_parser("plan", help="predict latency, throughput, memory and cost (roofline model)")
     p.add_argument("--calibrate", action="store_true", help="measure this machine and add it")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads to calibrate with")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="with --calibrate: also profile this model's projection shapes",
+    )
     p.add_argument("--list-hardware", action="store_true", help="print the catalogue")
     p.add_argument("--calibration-file", default=None, help="where the calibration is kept")
     p.add_argument("--json", action="store_true", help="one JSON object on the last line")
@@ -159,6 +165,13 @@ def _add_verify(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-len", default=d.input_len)
     p.add_argument("--output-len", default=d.output_len)
     p.add_argument("--recalibrate", action="store_true", help="calibrate even if calibrated")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for the calibration and the benchmarks (OMP_NUM_THREADS); one "
+        "thread is steadier on a machine shared with other work",
+    )
     p.add_argument("--load-format", default="auto", help="dummy: random weights of --model")
 
 
@@ -516,9 +529,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     if args.hardware in (None, "this-machine", "calibrated", "local"):
         hw = None if args.recalibrate else load_calibrated(args.calibration_file)
+        spec = load_model_spec(args.model)
+        if hw is not None and (
+            (args.threads is not None and hw.extra.get("threads") != args.threads)
+            or hw.extra.get("profiled_model") != spec.name
+        ):
+            hw = None  # calibrated with another thread count, or for another model
         if hw is None:
             logger.info("calibrating this machine first")
-            hw = calibrate()
+            hw = calibrate(threads=args.threads, model=spec)
             save_calibrated(hw, args.calibration_file)
     else:
         hw = get_hardware(args.hardware, args.calibration_file)
@@ -533,7 +552,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
         input_len=args.input_len,
         output_len=args.output_len,
     )
-    rows = verify(args.model, spec, cfg, hw, settings, dummy=args.load_format == "dummy")
+    rows = verify(
+        args.model, spec, cfg, hw, settings, dummy=args.load_format == "dummy", threads=args.threads
+    )
     result = {**_context(spec, cfg, hw), "results": rows}
     _emit(args, result, f"{spec.name} on {hw.description}\n"
           + _table(rows, ["metric", "predicted", "measured", "unit", "error"]))  # fmt: skip
@@ -543,8 +564,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from kvasir.plan.calibrate import calibrate
     from kvasir.plan.hardware import save_calibrated
+    from kvasir.plan.model_spec import load_model_spec
 
-    hw = calibrate()
+    spec = load_model_spec(args.model) if args.model else None
+    hw = calibrate(threads=args.threads, model=spec)
     path = save_calibrated(hw, args.calibration_file)
     d = hw.as_dict()
     _emit(args, {"calibration_file": path, **d},

@@ -16,6 +16,7 @@ against the web when written (the tool was built offline): check a price before 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -36,6 +37,11 @@ class KernelOverheads:
     elementwise_s: float = 0.0
     step_s: float = 0.0
     request_s: float = 0.0  # per request in the step (batch building, sampling, output)
+    # Per decoder layer, whatever its operators' sizes (the calls of a layer and the
+    # Python between them); when set, the per-call costs above count only the calls a
+    # layer makes beyond one of each (more decode groups, one per prompt chunk).
+    layer_s: float = 0.0
+    layer_request_s: float = 0.0  # per decoder layer per request (decode groups, gathers)
     source: str = ""
 
 
@@ -88,6 +94,60 @@ class Hardware:
     @property
     def memory_bytes(self) -> int:
         return int(self.memory_gib * (1 << 30))
+
+    def _shape_rate(self, rows: int, k: int, n: int | None) -> float | None:
+        """From ``extra["gemm_tflops_by_shape"]`` ([N, K, rows, TFLOP/s] measured for a
+        model's own projections, ``--calibrate --model``): log-interpolated in rows."""
+        pts = sorted(
+            (float(m), float(t)) for nn, kk, m, t in self.extra.get("gemm_tflops_by_shape", [])
+            if kk == k and nn == n
+        )  # fmt: skip
+        if not pts:
+            return None
+        x = min(max(float(rows), pts[0][0]), pts[-1][0])
+        for (m0, t0), (m1, t1) in zip(pts, pts[1:]):
+            if m0 <= x <= m1:
+                w = (math.log(x) - math.log(m0)) / (math.log(m1) - math.log(m0))
+                return (t0 + w * (t1 - t0)) * 1e12
+        return pts[0][1] * 1e12
+
+    def gemm_rate(
+        self, dtype: str, rows: int | None, k: int | None = None, n: int | None = None
+    ) -> float | None:
+        """FLOP/s of a GEMM of ``rows`` rows, inner size ``k`` and ``n`` outputs streaming
+        its weights, from a calibrated machine's measured tables: the model's own shape
+        if it was profiled, else ``extra["gemm_tflops_by_k_rows"]`` (bilinear in log K
+        and log rows, clamped at its edges); None without one."""
+        if rows is None or k is None:
+            return None
+        shaped = self._shape_rate(rows, k, n)
+        if shaped is not None:
+            return shaped
+        table = self.extra.get("gemm_tflops_by_k_rows")
+        if not table:
+            return None
+        grid: dict[float, dict[float, float]] = {}
+        for kk, m, t in table:
+            grid.setdefault(float(kk), {})[float(m)] = float(t)
+        ks = sorted(grid)
+
+        def interp(xs: list[float], x: float) -> tuple[float, float, float]:
+            x = min(max(x, xs[0]), xs[-1])
+            for a, b in zip(xs, xs[1:]):
+                if a <= x <= b:
+                    return a, b, (math.log(x) - math.log(a)) / (math.log(b) - math.log(a))
+            return xs[0], xs[0], 0.0
+
+        def at_k(kk: float) -> float:
+            ms = sorted(grid[kk])
+            a, b, w = interp(ms, float(rows))
+            return grid[kk][a] + w * (grid[kk][b] - grid[kk][a]) if b != a else grid[kk][a]
+
+        if len(ks) == 1:
+            return at_k(ks[0]) * 1e12
+        k0, k1, wk = interp(ks, float(k))
+        r0, r1 = at_k(k0), at_k(k1)
+        return (r0 + wk * (r1 - r0)) * 1e12
 
     def peak(self, dtype: str) -> float:
         """FLOP/s of ``dtype`` GEMMs; a dtype without its own units runs at the next

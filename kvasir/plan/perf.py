@@ -21,7 +21,7 @@ from kvasir.plan.config import PlanConfig
 from kvasir.plan.efficiency import Efficiency, efficiency_for
 from kvasir.plan.hardware import Hardware
 from kvasir.plan.model_spec import ModelSpec, load_model_spec
-from kvasir.plan.roofline import Operator, StepShape, step_operators
+from kvasir.plan.roofline import Operator, StepShape, stage_layer_range, step_operators
 
 # Per-hop latency of a collective step (NCCL's small-message all-reduce over NVLink
 # takes ~10-20 us at 8 GPUs; PCIe hops are slower). An assumption, not a kvasir
@@ -81,6 +81,11 @@ def allreduce_time(message_bytes: float, n: int, bw: float, latency: float, algo
     return min(ring, tree)
 
 
+def _ridge(hw: Hardware, dtype: str) -> float:
+    """FLOPs per byte where the datasheet roofline turns from memory to compute."""
+    return hw.peak(dtype) / (hw.memory_bandwidth_gbs * 1e9)
+
+
 def op_time(op: Operator, hw: Hardware, eff: Efficiency, cfg: PlanConfig) -> OpTime:
     ov = eff.overheads
     if op.kind == "comm":
@@ -93,8 +98,20 @@ def op_time(op: Operator, hw: Hardware, eff: Efficiency, cfg: PlanConfig) -> OpT
         )
         return OpTime(op, t, "comm")
     bw = hw.memory_bandwidth_gbs * 1e9
+    calls = op.calls
+    if ov.layer_s:  # one call of each per layer is in the per-layer cost
+        calls = max(op.calls - op.count, 0) if op.kind == "attention" else 0
+        if op.name.endswith("_decode") and ov.layer_request_s:
+            calls = 0  # the decode groups' calls are in the per-request cost
     if op.kind == "gemm":
-        rate, mem, fixed = hw.peak(op.dtype) * eff.gemm_compute, bw * eff.gemm_memory, ov.gemm_s
+        measured = hw.gemm_rate(
+            op.dtype, op.extra.get("rows"), op.extra.get("k"), op.extra.get("n")
+        )
+        if measured is not None:  # a calibrated table: the time of the streaming GEMM
+            t = op.flops / measured + calls * ov.gemm_s
+            return OpTime(op, t, "memory" if op.intensity < _ridge(hw, op.dtype) else "compute")
+        rate = hw.peak(op.dtype) * eff.gemm_compute
+        mem, fixed = bw * eff.gemm_memory, ov.gemm_s
     elif op.kind == "attention":
         rate = hw.peak(op.dtype) * eff.attention_compute
         mem, fixed = bw * eff.attention_memory, ov.attention_s
@@ -102,7 +119,7 @@ def op_time(op: Operator, hw: Hardware, eff: Efficiency, cfg: PlanConfig) -> OpT
         rate = hw.peak(op.dtype) * eff.attention_compute
         mem, fixed = bw * eff.elementwise_memory, ov.elementwise_s
     tc, tm = op.flops / rate, op.bytes / mem
-    to = op.calls * fixed
+    to = calls * fixed
     roof = max(tc, tm)
     bound = "overhead" if to > roof else ("compute" if tc >= tm else "memory")
     return OpTime(op, roof + to, bound)
@@ -125,7 +142,10 @@ def step_time(
             first_ops = times
         device = sum(t.seconds for t in times if t.bound != "comm")
         comm = sum(t.seconds for t in times if t.bound == "comm")
-        host = eff.overheads.step_s + eff.overheads.request_s * shape.num_reqs
+        ov = eff.overheads
+        start, end = stage_layer_range(spec.num_layers, cfg.pipeline_parallel_size, stage)
+        per_layer = ov.layer_s + ov.layer_request_s * shape.num_reqs
+        host = ov.step_s + ov.request_s * shape.num_reqs + per_layer * (end - start)
         stages.append(device / eff.busy_fraction + comm + host)
     return StepTime(sum(stages), tuple(stages), first_ops)
 

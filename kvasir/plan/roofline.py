@@ -125,7 +125,16 @@ def _gemm(
 ) -> Operator:
     flops = 2.0 * rows * k * n * count
     byts = (k * n * wb + rows * (k + n) * ab) * count
-    return Operator(name, "gemm", flops, byts, dtype, count, count, extra=extra)
+    return Operator(
+        name,
+        "gemm",
+        flops,
+        byts,
+        dtype,
+        count,
+        count,
+        extra={"rows": rows, "k": k, "n": n, **extra},
+    )
 
 
 def _elementwise(

@@ -69,13 +69,17 @@ def _engine_flags(model: str | None, cfg: PlanConfig, dummy: bool) -> list[str]:
     return flags
 
 
-def _run_bench(args: list[str]) -> tuple[dict, int | None]:
-    """Run ``kvasir bench ...``; (its JSON summary, the usable KV blocks it logged)."""
+def _run_bench(args: list[str], threads: int | None = None) -> tuple[dict, int | None]:
+    """Run ``kvasir bench ...``; (its JSON summary, the usable KV blocks it logged).
+    ``threads``: OMP_NUM_THREADS of the benchmark process (None: inherited)."""
+    env = dict(os.environ)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "result.json")
         cmd = [sys.executable, "-m", "kvasir.entrypoints.cli", "bench", *args, "--output-json", out]
         logger.info("running: %s", " ".join(cmd[2:]))
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             tail = (proc.stderr or proc.stdout)[-2000:]
             raise RuntimeError(f"`kvasir bench {args[0]}` failed ({proc.returncode}):\n{tail}")
@@ -123,6 +127,7 @@ def verify(
     hw: Hardware,
     settings: VerifySettings,
     dummy: bool = False,
+    threads: int | None = None,
 ) -> list[dict]:
     """Predicted vs measured, one row per metric: error = predicted / measured - 1."""
     pred = predict(spec, cfg, hw, settings)
@@ -137,7 +142,8 @@ def verify(
             str(settings.latency_output_len),
             "--num-iters",
             str(settings.latency_num_iters),
-        ]
+        ],
+        threads,
     )
     thr, _ = _run_bench(
         [
@@ -151,7 +157,8 @@ def verify(
             settings.output_len,
             "--workload-seed",
             str(settings.workload_seed),
-        ]
+        ],
+        threads,
     )
     measured = {
         "decode_tok_s_batch1": lat["decode_tok_s"],
