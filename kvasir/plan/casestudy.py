@@ -60,8 +60,8 @@ def _steady_shape(batch: int, prompt_len: int, output_len: int, prefix_hit: floa
     chunks = [(prompt_len - past, past)] * (new // max(prompt_len - past, 1))
     rest = new - sum(n for n, _ in chunks)
     if rest > 0:
-        chunks.append((rest, past))
-    return StepShape((ctx,) * batch, tuple(chunks))
+        chunks.append((rest, past))  # a part of a prompt: it samples nothing yet
+    return StepShape((ctx,) * batch, tuple(chunks), num_partial_chunks=1 if rest > 0 else 0)
 
 
 def serving_point(

@@ -31,6 +31,7 @@ class MambaSpec:
     dt_rank: int = 0  # v1
     num_heads: int = 0  # v2
     n_groups: int = 1  # v2
+    inner_norms: bool = False  # Jamba: RMSNorms on dt, B and C inside the mixer
 
     def in_proj_out(self) -> int:
         if self.version == 1:
@@ -49,6 +50,8 @@ class MambaSpec:
             p += self.d_inner * (self.dt_rank + 2 * self.d_state)  # x_proj
             p += self.dt_rank * self.d_inner + self.d_inner  # dt_proj + bias
             p += self.d_inner * self.d_state + self.d_inner  # A_log, D
+            if self.inner_norms:
+                p += self.dt_rank + 2 * self.d_state
         else:
             p += 3 * self.num_heads + self.d_inner  # A_log, D, dt_bias; gated norm
         return p + self.d_inner * hidden  # out_proj
@@ -246,6 +249,7 @@ def _mamba_spec(cfg: Mapping[str, Any], model_type: str, hidden: int) -> MambaSp
             d_state=int(cfg.get("state_size", cfg.get("mamba_d_state", 16))),
             d_conv=int(cfg.get("conv_kernel", cfg.get("mamba_d_conv", 4))),
             dt_rank=int(dt_rank),
+            inner_norms=model_type == "jamba",
         )
     return None
 

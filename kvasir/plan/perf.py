@@ -183,7 +183,9 @@ def prefill_time(
     t, done = 0.0, 0
     while done < prompt_len:
         n = min(chunk, prompt_len - done)
-        t += step_time(spec, cfg, hw, StepShape((), ((n, done),) * batch), eff).seconds
+        partial = 0 if done + n >= prompt_len else batch
+        shape = StepShape((), ((n, done),) * batch, num_partial_chunks=partial)
+        t += step_time(spec, cfg, hw, shape, eff).seconds
         done += n
     return t
 

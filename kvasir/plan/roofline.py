@@ -37,12 +37,17 @@ class StepShape:
     decode_context_lens: tuple[int, ...] = ()
     prefill_chunks: tuple[tuple[int, int], ...] = ()
     num_spec_tokens: int = 0  # per decode row: draft tokens verified with it
+    # Chunks that stop short of their prompt's end: they sample nothing, so the runner
+    # computes no logits for them.
+    num_partial_chunks: int = 0
 
     def __post_init__(self) -> None:
         if any(c < 1 for c in self.decode_context_lens):
             raise ValueError("decode context lengths must be >= 1")
         if any(n < 1 or c < 0 for n, c in self.prefill_chunks):
             raise ValueError("prefill chunks need >= 1 new token and >= 0 computed")
+        if not 0 <= self.num_partial_chunks <= len(self.prefill_chunks):
+            raise ValueError("num_partial_chunks must be in [0, number of chunks]")
 
     @property
     def num_decode(self) -> int:
@@ -52,6 +57,13 @@ class StepShape:
     def num_tokens(self) -> int:
         per_decode = 1 + self.num_spec_tokens
         return self.num_decode * per_decode + sum(n for n, _ in self.prefill_chunks)
+
+    @property
+    def num_sampled_rows(self) -> int:
+        """Rows the LM head and sampler see: every decode row and its drafts, and each
+        chunk that completes its prompt."""
+        finals = len(self.prefill_chunks) - self.num_partial_chunks
+        return self.num_decode * (1 + self.num_spec_tokens) + finals
 
     @property
     def num_reqs(self) -> int:
@@ -235,11 +247,7 @@ def step_operators(
             )
         )
     if stage == pp - 1:
-        rows = (
-            shape.num_reqs * (1 + shape.num_spec_tokens)
-            if shape.num_spec_tokens
-            else shape.num_reqs
-        )
+        rows = shape.num_sampled_rows
         v = spec.vocab_size // tp if spec.vocab_size % tp == 0 else math.ceil(spec.vocab_size / tp)
         ops.append(_elementwise("final_norm", 5.0 * rows * h, 4.0 * rows * h * ab, adt, 1))
         ops.append(_gemm("lm_head", rows, h, v, wb, ab, gdt, 1))

@@ -110,7 +110,10 @@ def chunk_size_study(
         done, t, steps = 0, 0.0, 0
         while done < prompt_len:
             n = min(per_chunk, prompt_len - done)
-            shape = StepShape((context_len,) * num_decodes, ((n, done),))
+            partial = 0 if done + n >= prompt_len else 1
+            shape = StepShape(
+                (context_len,) * num_decodes, ((n, done),), num_partial_chunks=partial
+            )
             t += step_time(spec, cfg, hw, shape).seconds
             done += n
             steps += 1

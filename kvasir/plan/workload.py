@@ -247,7 +247,10 @@ def _simulate_group(
                 "the KV cache cannot hold a single request of this workload: "
                 f"{usable} blocks of {bs} tokens"
             )
-        shape = StepShape(tuple(decode_ctx), tuple(chunks), k if decode_ctx else 0)
+        partial = sum(
+            1 for x, n in scheduled if x.generated == 0 and x.computed + n < x.prompt_to_compute
+        )
+        shape = StepShape(tuple(decode_ctx), tuple(chunks), k if decode_ctx else 0, partial)
         st = step_time(spec, cfg, hw, shape, eff)
         dt = st.seconds if pp == 1 else st.pipelined_period * pp
         if k and decode_ctx:
