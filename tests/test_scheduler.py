@@ -74,11 +74,32 @@ class _RunnerReq:
         return self.sigs[pos]
 
 
-class FakeRunner:
-    """Keeps per-request state from scheduler diffs, like a real model runner."""
+def _draft(tokens: list[int], k: int) -> list[int]:
+    """A fake proposer's k drafts after ``tokens``: each right (the next token of the
+    sequence so far, drafts included) unless a hash of the sequence says otherwise."""
+    seq, out = list(tokens), []
+    for _ in range(k):
+        t = next_token(seq)
+        if hash((len(seq), tuple(seq[-3:]))) % 3 == 0:
+            t = (t + 1) % VOCAB  # a wrong guess
+        out.append(t)
+        seq.append(t)
+    return out
 
-    def __init__(self, block_size: int, dedup_prompt_logprobs: bool = False) -> None:
+
+class FakeRunner:
+    """Keeps per-request state from scheduler diffs, like a real model runner.
+
+    With ``spec_k`` it also speculates: a request's scheduled drafts are the last
+    tokens of its step (their KV is written with the drafts' signatures), verified
+    against ``next_token`` (the longest matching prefix plus one token, as greedy
+    verification does), and each sampling request gets ``spec_k`` new drafts."""
+
+    def __init__(
+        self, block_size: int, dedup_prompt_logprobs: bool = False, spec_k: int = 0
+    ) -> None:
         self.block_size = block_size
+        self.spec_k = spec_k
         # Like kvasir's ModelRunner: remember across preemptions which prompt positions
         # already got logprobs and do not send them again.
         self.dedup_prompt_logprobs = dedup_prompt_logprobs
@@ -114,29 +135,41 @@ class FakeRunner:
         assert not scheduled & so.preempted_req_ids
         # Write every scheduled token's KV first (the attention backend contract) ...
         written: set[int] = set()
+        spec = so.scheduled_spec_decode_tokens
+        assert not spec or self.spec_k, "drafts scheduled without speculation"
+        sigs: dict[str, list[int]] = {}  # request -> signature of every position read
         for rid, n in so.num_scheduled_tokens.items():
             r = self.reqs[rid]
-            assert n >= 1 and r.num_computed + n <= len(r.tokens)
+            drafts = spec.get(rid, [])
+            seq = r.tokens + drafts
+            if drafts:  # after every known token: the step's last len(drafts) tokens
+                assert r.num_computed + n == len(seq)
+            assert n >= 1 and r.num_computed + n <= len(seq)
             assert 0 not in r.block_ids and len(r.block_ids) * self.block_size >= r.num_computed + n
+            sig = [r.sig(p) for p in range(min(r.num_computed + n, len(r.tokens)))]
+            for p in range(len(r.tokens), r.num_computed + n):
+                sig.append(hash((sig[-1] if sig else 0, seq[p])))
+            sigs[rid] = sig
             for pos in range(r.num_computed, r.num_computed + n):
                 slot = self._slot(r, pos)
                 assert slot not in written, "two tokens of one step share a KV slot"
                 written.add(slot)
-                self.kv[slot] = r.sig(pos)
+                self.kv[slot] = sig[pos]
                 block_id = slot // self.block_size
                 if pos % self.block_size == self.block_size - 1:
-                    self.block_content[block_id] = (rid, tuple(r.tokens[: pos + 1]))
+                    self.block_content[block_id] = (rid, tuple(seq[: pos + 1]))
                 elif pos % self.block_size == 0:
                     self.block_content.pop(block_id, None)
         # ... then read: the whole context must be exactly this request's prefix.
         req_ids, sampled = [], []
         logprobs: dict = {}
         prompt_logprobs: dict = {}
+        spec_out: dict[str, list[int]] = {}
         for rid, n in so.num_scheduled_tokens.items():
             r = self.reqs[rid]
             c = r.num_computed
             for pos in range(c + n):
-                assert self.kv.get(self._slot(r, pos)) == r.sig(pos), f"{rid}: bad KV at {pos}"
+                assert self.kv.get(self._slot(r, pos)) == sigs[rid][pos], f"{rid}: bad KV at {pos}"
             if r.sp.prompt_logprobs is not None:
                 start = c + 1
                 if self.dedup_prompt_logprobs:
@@ -147,15 +180,24 @@ class FakeRunner:
                     prompt_logprobs[rid] = [[(r.tokens[p], -p / 10, 1)] for p in positions]
             r.num_computed = c + n
             req_ids.append(rid)
-            if c + n == len(r.tokens):
-                tok = next_token(r.tokens)
-                r.tokens.append(tok)
-                sampled.append([tok])
+            drafts = spec.get(rid, [])
+            if c + n == len(r.tokens) + len(drafts):
+                new: list[int] = []
+                for d in drafts:  # accept while the draft is the model's own token
+                    if d != next_token(r.tokens + new):
+                        break
+                    new.append(d)
+                r.num_computed -= len(drafts) - len(new)  # the rejected drafts' KV is stale
+                new.append(next_token(r.tokens + new))
+                r.tokens.extend(new)
+                sampled.append(new)
                 if r.sp.logprobs is not None:
-                    logprobs[rid] = [[(tok, -0.5, 1)]]
+                    logprobs[rid] = [[(tok, -0.5, 1)] for tok in new]
+                if self.spec_k:
+                    spec_out[rid] = _draft(r.tokens, self.spec_k)
             else:
                 sampled.append([])
-        return ModelRunnerOutput(req_ids, sampled, logprobs, prompt_logprobs)
+        return ModelRunnerOutput(req_ids, sampled, logprobs, prompt_logprobs, spec_out)
 
 
 def check_cached_blocks(sched: Scheduler, runner: FakeRunner, salts: dict) -> None:
@@ -210,11 +252,13 @@ def drive(
     mid_step_aborts: dict[int, list[str]] | None = None,
     max_steps: int = 3000,
     dedup_prompt_logprobs: bool = False,
+    spec_k: int = 0,
 ) -> Trace:
     """Run until idle. ``aborts`` happen before ``schedule()``, ``mid_step_aborts``
-    between ``schedule()`` and ``update_from_output()``."""
+    between ``schedule()`` and ``update_from_output()``. ``spec_k``: the fake runner
+    speculates that many drafts per request."""
     arrivals, aborts, mid_step_aborts = arrivals or {}, aborts or {}, mid_step_aborts or {}
-    runner = FakeRunner(sched.block_size, dedup_prompt_logprobs)
+    runner = FakeRunner(sched.block_size, dedup_prompt_logprobs, spec_k)
     trace = Trace()
     salts = {r.request_id: r.cache_salt for reqs in arrivals.values() for r in reqs}
     last_event = max([*arrivals, *aborts, *mid_step_aborts, 0])
@@ -706,14 +750,37 @@ def workloads(draw: st.DrawFn) -> dict:
                 abort_mid=draw(st.booleans()),
             )
         )
-    return dict(cfg=cfg, specs=specs, dedup=draw(st.booleans()))
+    return dict(
+        cfg=cfg,
+        specs=specs,
+        dedup=draw(st.booleans()),
+        spec_k=draw(st.integers(1, 4)),
+        lookahead=draw(st.integers(0, 4)),
+    )
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(workloads())
 def test_random_workloads(w: dict) -> None:
+    _run_random_workload(w, speculate=False)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(workloads())
+def test_random_workloads_with_speculation(w: dict) -> None:
+    """Drafts (some wrong) verified and rolled back, lookahead slots: outputs are the
+    stand-alone reference, no block leaks or is freed twice (check_invariants, drive),
+    and no block holding unverified drafts is ever in the prefix cache
+    (check_cached_blocks)."""
+    stats = _run_random_workload(w, speculate=True)
+    assert stats.spec_num_accepted_tokens <= stats.spec_num_draft_tokens
+
+
+def _run_random_workload(w: dict, speculate: bool):  # type: ignore[no-untyped-def]
     cfg = w["cfg"]
     sched = make_sched(**cfg)
+    if speculate:
+        sched.num_lookahead_tokens = w["lookahead"]
     usable = cfg["num_blocks"] - 1
     arrivals: dict[int, list[Request]] = {}
     aborts: dict[int, list[str]] = {}
@@ -751,7 +818,10 @@ def test_random_workloads(w: dict) -> None:
             (mid_aborts if spec["abort_mid"] else aborts).setdefault(step, []).append(spec["rid"])
             aborted.add(spec["rid"])
 
-    trace = drive(sched, arrivals, aborts, mid_aborts, dedup_prompt_logprobs=w["dedup"])
+    trace = drive(
+        sched, arrivals, aborts, mid_aborts, dedup_prompt_logprobs=w["dedup"],
+        spec_k=w["spec_k"] if speculate else 0,
+    )  # fmt: skip
 
     kv_tokens = usable * cfg["block_size"]
     for req in admitted:
@@ -782,6 +852,7 @@ def test_random_workloads(w: dict) -> None:
         firsts = [rid for rid in firsts if rid in trace.first_new_step]
         steps = [trace.first_new_step[rid] for rid in firsts]
         assert steps == sorted(steps)
+    return sched.make_stats()
 
 
 # ---------------------------------------------------------------- pipeline parallelism

@@ -121,6 +121,17 @@ def test_decode_batch_split_into_length_groups() -> None:
 
 
 @pytest.mark.parametrize("num_heads,num_kv_heads", GQA_SHAPES)
+def test_speculative_verify_batch(num_heads: int, num_kv_heads: int) -> None:
+    # 1 + k query tokens over cached prefixes of very different lengths (several
+    # length groups, queries padded to the longest), beside decodes, a fresh prompt and
+    # a query just past the batched limit (looped).
+    lens = [3, 700, 5, 9, 650, 2, 40, 8, 720, 6, 4, 30, 690, 7, 1, 12]
+    reqs = [(c, 1 + i % 5) for i, c in enumerate(lens)] + [(0, 6), (50, 18), (17, 17)]
+    out, ref, *_ = run_case(reqs, num_heads, num_kv_heads, 64, block_size=16)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads", GQA_SHAPES)
 def test_mixed_batch_with_several_decode_rows(num_heads: int, num_kv_heads: int) -> None:
     # Decode rows (batched together) interleaved with prefill chunks (looped).
     reqs = [(7, 1), (0, 5), (20, 1), (13, 9), (33, 1), (15, 1)]

@@ -53,12 +53,23 @@ def _attend(
 
 @dataclass
 class DecodeGroup:
-    """Single-token requests of similar context length, attended in one batched call."""
+    """Requests with few query tokens (decodes, and the 1 + k tokens a speculative
+    step verifies) of similar context length, attended in one batched call. Queries
+    are padded to the group's longest, ``max_q``: padded slot j of request i repeats
+    its last query row and is never written back."""
 
-    rows: torch.Tensor  # [g] int64: each request's query row in the flat batch
-    mask: torch.Tensor  # [g, max_len] bool: position < seq_len
+    rows: torch.Tensor  # [g * max_q] int64: query row in the flat batch of every slot
+    mask: torch.Tensor  # [g, max_q, max_len] bool: key position may be attended
     blocks: torch.Tensor  # [g * max_len / block_size] int64: cache block of every span
     stale: torch.Tensor  # [n] int64: gathered positions past their request's length
+    max_q: int = 1
+    valid: torch.Tensor | None = None  # [t] padded slots that are real queries (max_q > 1)
+    out_rows: torch.Tensor | None = None  # [t] their flat-batch rows
+
+
+# Requests with up to this many query tokens attend batched (a speculative verify step
+# has 1 + k); longer ones (prefill chunks) loop one request at a time.
+MAX_BATCHED_QUERY = 17
 
 
 # Padding a decode batch to its longest context costs gather + attention work on every
@@ -90,13 +101,14 @@ def _length_groups(seq_lens: list[int]) -> list[list[int]]:
 
 
 def decode_groups(metadata: AttentionMetadata, block_size: int) -> list[DecodeGroup]:
-    """The step's single-token requests in length groups, with their gather blocks and
-    masks (``block_size``: the KV cache's). Derived once per step by the builder and
-    shared by every layer."""
+    """The step's requests with at most ``MAX_BATCHED_QUERY`` query tokens that attend
+    to a cached prefix, in length groups, with their gather blocks and masks
+    (``block_size``: the KV cache's). Derived once per step by the builder and shared
+    by every layer."""
     device = metadata.block_table.device
     qsl = metadata.query_start_loc_cpu.tolist()
     seq_lens = metadata.seq_lens_cpu.tolist()
-    singles = [i for i in range(metadata.num_reqs) if qsl[i + 1] - qsl[i] == 1]
+    singles = [i for i in range(metadata.num_reqs) if is_batched_query(qsl, seq_lens, i)]
     groups = []
     for members in _length_groups([seq_lens[i] for i in singles]):
         reqs = [singles[j] for j in members]
@@ -116,9 +128,32 @@ def decode_groups(metadata: AttentionMetadata, block_size: int) -> list[DecodeGr
         # and every padded one while its first block is still partial.
         stale = ~mask & ((positions < own_end) | (lens < block_size))
         stale = torch.nonzero(stale.view(-1)).squeeze(1)
-        rows = torch.tensor([qsl[i] for i in reqs], device=device)
-        groups.append(DecodeGroup(rows, mask, table.view(-1), stale))
+        q_lens = [qsl[i + 1] - qsl[i] for i in reqs]
+        max_q = max(q_lens)
+        if max_q == 1:
+            rows = torch.tensor([qsl[i] for i in reqs], device=device)
+            groups.append(DecodeGroup(rows, mask[:, None, :], table.view(-1), stale))
+            continue
+        # Query j of request i sits at position seq_len - q_len + j: keys up to it.
+        slot_j = torch.arange(max_q, device=device)[None, :]  # [1, max_q]
+        ql = torch.tensor(q_lens, device=device)[:, None]  # [g, 1]
+        start = torch.tensor([qsl[i] for i in reqs], device=device)[:, None]
+        rows = start + torch.minimum(slot_j, ql - 1)  # [g, max_q]
+        q_pos = lens - ql + torch.minimum(slot_j, ql - 1)  # [g, max_q]
+        full_mask = mask[:, None, :] & (positions[:, None, :] <= q_pos[:, :, None])
+        valid = torch.nonzero((slot_j < ql).view(-1)).squeeze(1)
+        out_rows = (start + slot_j).view(-1).index_select(0, valid)
+        groups.append(
+            DecodeGroup(rows.view(-1), full_mask, table.view(-1), stale, max_q, valid, out_rows)
+        )
     return groups
+
+
+def is_batched_query(qsl: list[int], seq_lens: list[int], i: int) -> bool:
+    """Whether request ``i`` attends in a ``DecodeGroup``: a decode, or a short query
+    over a cached prefix (a fresh short prompt takes the causal path without a gather)."""
+    q_len = qsl[i + 1] - qsl[i]
+    return q_len == 1 or (1 < q_len <= MAX_BATCHED_QUERY and seq_lens[i] > q_len)
 
 
 @dataclass
@@ -170,7 +205,7 @@ def _decode_attention(
     block_size, num_kv_heads, head_dim = kv_cache.shape[2:]
     assert metadata.block_size == block_size, "decode groups built for another block size"
     for g in metadata.decode_groups:
-        num_reqs, max_len = g.mask.shape
+        num_reqs, max_q, max_len = g.mask.shape
         key = kv_cache[0].index_select(0, g.blocks)  # [g * blocks, block_size, kvh, d]
         value = kv_cache[1].index_select(0, g.blocks)
         if g.stale.numel():
@@ -182,12 +217,27 @@ def _decode_attention(
         # head's query rows (plain SDPA, measured faster on the CPU than SDPA's
         # enable_gqa: benchmarks/RESULTS.md, "Measurements that used to live in docstrings").
         num_heads = query.shape[1]
-        q = query.index_select(0, g.rows).float()  # [g, num_heads, head_dim]
-        q = q.view(num_reqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
+        group = num_heads // num_kv_heads
+        q = query.index_select(0, g.rows).float()  # [g * max_q, num_heads, head_dim]
+        if max_q == 1:
+            q = q.view(num_reqs, num_kv_heads, group, head_dim)
+            attn_mask = g.mask[:, :, None, :]  # [g, 1, 1, max_len]
+        else:
+            # [g, max_q, kvh, group, d] -> [g, kvh, group * max_q, d]; mask to match.
+            q = q.view(num_reqs, max_q, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
+            q = q.reshape(num_reqs, num_kv_heads, group * max_q, head_dim)
+            attn_mask = g.mask[:, None, None].expand(num_reqs, 1, group, max_q, max_len)
+            attn_mask = attn_mask.reshape(num_reqs, 1, group * max_q, max_len)
         o = torch.nn.functional.scaled_dot_product_attention(
             q, key.float().transpose(1, 2), value.float().transpose(1, 2),
-            attn_mask=g.mask[:, None, None, :], scale=scale,
+            attn_mask=attn_mask, scale=scale,
         )  # fmt: skip
+        if max_q > 1:
+            o = o.view(num_reqs, num_kv_heads, group, max_q, head_dim).permute(0, 3, 1, 2, 4)
+            o = o.reshape(num_reqs * max_q, num_heads, head_dim)
+            assert g.valid is not None and g.out_rows is not None
+            out.index_copy_(0, g.out_rows, o.index_select(0, g.valid).to(out.dtype))
+            continue
         # index_copy_, not out[rows] = ...: advanced-index assignment is slower (RESULTS.md).
         out.index_copy_(0, g.rows, o.reshape(num_reqs, num_heads, head_dim).to(out.dtype))
 
@@ -209,8 +259,8 @@ def _prefill_attention(
     for i in range(metadata.num_reqs):
         start, end = query_start_loc[i], query_start_loc[i + 1]
         q_len, seq_len = end - start, seq_lens[i]
-        if q_len <= 1:
-            continue  # none, or a decode row (_decode_attention)
+        if q_len == 0 or is_batched_query(query_start_loc, seq_lens, i):
+            continue  # none, or attended in a decode group (_decode_attention)
         if fresh is not None and seq_len == q_len:
             k, v = fresh[0][None, start:end], fresh[1][None, start:end]
             o = _attend(query[None, start:end], k, v, None, scale, is_causal=True)
@@ -250,9 +300,9 @@ def paged_attention_ref(
 
 @register_backend("torch")
 class TorchAttentionBackend(AttentionBackend):
-    """Reference backend in plain torch: correct everywhere, fast nowhere. Single-token
-    rows (decodes) run batched, in groups of similar context length; requests with
-    several query tokens loop one by one. Reads ``TorchAttentionMetadata`` (its
+    """Reference backend in plain torch: correct everywhere, fast nowhere. Decodes and
+    short queries over a cached prefix (speculative verification) run batched, in
+    groups of similar context length; longer ones (prefill chunks) loop one by one. Reads ``TorchAttentionMetadata`` (its
     builder's decode groups)."""
 
     @classmethod

@@ -338,16 +338,14 @@ def build_draft_model_proposer(config: SpeculativeConfig, runner: ModelRunner) -
 
 def _check_same_tokenizer(target: ModelConfig, draft: ModelConfig) -> None:
     """Both checkpoints' tokenizers map the same strings to the same ids (where both
-    can be loaded: dummy configs have none)."""
+    have one: dummy configs and bare weight directories have none)."""
     if "dummy" in (target.load_format, draft.load_format):
         return
-    from kvasir.tokenizer import get_tokenizer
+    from kvasir.models.loader import load_tokenizer
 
-    try:
-        a = get_tokenizer(target.tokenizer or target.model)
-        b = get_tokenizer(draft.tokenizer or draft.model)
-    except Exception:  # noqa: BLE001 - a model without a loadable tokenizer: vocab checked
-        return
+    a, b = load_tokenizer(target), load_tokenizer(draft)
+    if a is None or b is None:
+        return  # nothing to compare beyond the vocabulary size and EOS ids
     va, vb = a.get_vocab(), b.get_vocab()
     if va != vb:
         diff = sorted(set(va.items()) ^ set(vb.items()))[:3]
