@@ -77,7 +77,7 @@ def _add_common(p: argparse.ArgumentParser, verify: bool = False) -> None:
     g.add_argument("--calibration-file", default=argparse.SUPPRESS)
     g.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
     g.add_argument("--plot", default=None, metavar="OUT.png")
-    c = g.add_argument_group("deployment (the engine's flags)")
+    c = p.add_argument_group("deployment (the engine's flags)")
     c.add_argument("--tensor-parallel-size", "--tp", "-tp", type=int, default=1)
     c.add_argument("--pipeline-parallel-size", "--pp", "-pp", type=int, default=1)
     c.add_argument("--dtype", default="auto")
