@@ -191,14 +191,8 @@ def training_sequences(target: Target, cfg: TrainDraftConfig) -> list[np.ndarray
         assert target.tokenizer is not None, "chat data needs the model's tokenizer"
         lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
         picks = rng.permutation(len(lines))[: cfg.num_sequences]
-        prompts = [
-            list(
-                target.tokenizer.apply_chat_template(
-                    [{"role": "user", "content": lines[j]}], add_generation_prompt=True
-                )
-            )
-            for j in picks.tolist()
-        ]
+        tok = target.tokenizer
+        prompts = [chat_prompt_ids(tok, lines[j]) for j in picks.tolist()]
         return _generate(target, cfg, prompts, stop_at_eos=True)
     ids = corpus_token_ids(target, text)
     prompt_len = cfg.seq_len - cfg.generate_tokens if cfg.generate_tokens else cfg.seq_len
@@ -211,6 +205,14 @@ def training_sequences(target: Target, cfg: TrainDraftConfig) -> list[np.ndarray
     if not cfg.generate_tokens:
         return chunks
     return _generate(target, cfg, [c.tolist() for c in chunks], stop_at_eos=False)
+
+
+def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, message: str) -> list[int]:
+    """Token ids of ``message`` as one user turn under the model's chat template."""
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": message}], add_generation_prompt=True, tokenize=False
+    )
+    return list(tokenizer.encode(str(text), add_special_tokens=False))
 
 
 def _generate(
