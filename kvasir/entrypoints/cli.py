@@ -1,4 +1,4 @@
-"""``kvasir`` command line: generate, chat, serve, bench, plan.
+"""``kvasir`` command line: generate, chat, serve, bench, plan, top.
 
 The command line decides what reaches the terminal: results (generated text, benchmark
 tables and their JSON summary line) are printed to stdout by each command; messages to
@@ -212,6 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     from kvasir.plan.cli import add_plan_parser
 
     add_plan_parser(sub)
+
+    from kvasir.observability.top import add_top_parser
+
+    add_top_parser(sub)
     return parser
 
 
