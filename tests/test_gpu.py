@@ -264,3 +264,50 @@ def test_mixed_graphs_with_short_max_model_len(tmp_path) -> None:
     assert replays["mixed"] >= len(prompts)
     for a, b in zip(outs[False], outs[True]):
         _assert_parted_at_near_tie(a, b, 1e-3)  # float32: only a near-tie may part them
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"method": "draft_model", "num_speculative_tokens": 4},
+        {"method": "self_spec", "num_speculative_tokens": 3, "num_layers": 2},
+        {"method": "ngram", "num_speculative_tokens": 4},
+    ],
+    ids=lambda s: s["method"],
+)
+def test_speculative_decoding_on_the_gpu(tmp_path, spec: dict) -> None:
+    """Verification through the mixed-step graphs, the Triton rejection sampler and the
+    draft model's own decode graphs: greedy tokens as without speculation (up to a
+    near-tie), and a draft equal to the target (same checkpoint) accepts almost all."""
+    from kvasir import LLM, SamplingParams
+
+    path = _save_tiny(tmp_path, "llama")
+    if spec["method"] == "draft_model":
+        spec = {**spec, "model": path}
+    rng = random.Random(2)
+    chunks = [[rng.randrange(1024) for _ in range(rng.randint(2, 9))] for _ in range(12)]
+    prompts = [(c * 8)[: rng.randint(8, 60)] for c in chunks]
+    sp = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True, logprobs=2)
+    outs = {}
+    for label, cfg in (("plain", None), ("spec", spec)):
+        llm = LLM(model=path, dtype="float32", max_model_len=1024, gpu_memory_utilization=0.3,
+                  speculative_config=cfg, log=False)  # fmt: skip
+        core = llm.llm_engine.engine_core
+        outs[label] = llm.generate(prompts, sp, use_tqdm=False)
+        if cfg is not None:
+            stats = core.scheduler.make_stats()
+            assert stats.spec_num_draft_tokens > 0
+            assert core.runner.cuda_graph.num_replays["mixed"] > 0  # verify steps
+            if spec["method"] != "ngram":  # the draft is the target: nearly all accepted
+                assert stats.spec_num_accepted_tokens >= 0.9 * stats.spec_num_draft_tokens
+            if spec["method"] == "draft_model":
+                assert core.runner.spec_decoder.proposer.num_graph_replays > 0
+            sampled = llm.generate(
+                prompts, SamplingParams(temperature=0.8, seed=3, max_tokens=16), use_tqdm=False
+            )
+            assert all(len(o.outputs[0].token_ids) > 0 for o in sampled)
+        del llm, core
+        gc.collect()
+        torch.cuda.empty_cache()
+    for a, b in zip(outs["spec"], outs["plain"]):
+        _assert_parted_at_near_tie(a.outputs[0], b.outputs[0], 1e-3)

@@ -30,6 +30,7 @@ from kvasir.core.kv_cache_spec import KVCacheSpec
 from kvasir.layers.sampler import argmax_rows, compute_probs, exponential_race
 from kvasir.spec_decode.proposer import Proposal, ProposeInputs, Proposer
 from kvasir.worker import kv_cache_sizing
+from kvasir.worker.input_buffers import GraphSizes
 
 if TYPE_CHECKING:
     from kvasir.layers.sampler import SamplingMetadata
@@ -61,6 +62,9 @@ class DraftModelProposer(Proposer):
         self._computed: dict[str, tuple[CachedRequestState, int]] = {}
         # Request id -> (its known tokens when it last drafted, drafts it got).
         self._drafted: dict[str, tuple[int, int]] = {}
+        # Decode batch size -> (CUDA graph of a one-token draft pass, its logits).
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.num_graph_replays = 0
 
     def kv_cache_specs(self) -> list[KVCacheSpec]:
         if self.shares_kv:
@@ -132,8 +136,7 @@ class DraftModelProposer(Proposer):
             act_rows = inputs.rows[active]
             p = inputs.num_tokens[active] + j - 1  # the previous draft's position
             ib.token_ids[act_rows, p] = drafts[active, j - 1]  # scratch: not known tokens
-            hidden_a = self._run(act_rows, p, p + 1)
-            logits_a = self.model.compute_logits(hidden_a)  # type: ignore[operator]
+            logits_a = self._decode_logits(act_rows, p)
             tok_a, q_a = self._draw(logits_a, _subset(md, active))
             drafts[active, j] = tok_a.cpu().numpy()
             if q is not None:
@@ -151,6 +154,45 @@ class DraftModelProposer(Proposer):
             pad = self.k - draft_probs.shape[1]
             draft_probs = torch.nn.functional.pad(draft_probs, (0, 0, 0, pad))
         return Proposal(drafts, num_drafts, draft_probs)
+
+    # ------------------------------------------------------------------ CUDA graphs
+    def capture_graphs(self, sizes: list[int], pool, stream) -> None:  # type: ignore[no-untyped-def]
+        """Capture one-token draft passes at the target's decode batch sizes, on the
+        runner's buffers (padding rows write the sink block, as the target's graphs
+        do); called by the runner's ``CUDAGraphRunner`` inside its capture."""
+        r = self.runner
+        for size in reversed(sizes):
+            meta = r.buffers.prepare_capture(size, mixed=False, max_seq_len=r.max_model_len)
+            for _ in range(2):  # warm-up: Triton compilation off-graph
+                self.model.compute_logits(self._forward(size, meta))  # type: ignore[operator]
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool, stream=stream):
+                logits = self.model.compute_logits(self._forward(size, meta))  # type: ignore[operator]
+            self._graphs[size] = (g, logits)
+
+    def _decode_logits(self, rows: np.ndarray, positions: np.ndarray) -> torch.Tensor:
+        """Logits [n, V] of one draft token per row at ``positions`` (the input token
+        is in the batch's token_ids): a captured graph when one fits, else eager."""
+        r = self.runner
+        n = len(rows)
+        size = next((s for s in sorted(self._graphs) if s >= n), None)
+        if size is None:
+            return self.model.compute_logits(self._run(rows, positions, positions + 1))  # type: ignore[operator, no-any-return]
+        order = np.argsort(rows, kind="stable")
+        b_rows = rows[order]
+        r.buffers.wait_for_copies()
+        states, req_ids = r._batch_ids(b_rows, False)
+        step = r.buffers.prepare(
+            r.input_batch, b_rows, np.ones(n, dtype=np.int64), states, req_ids, False,
+            GraphSizes([size], []), None, num_computed=positions[order],
+        )  # fmt: skip
+        assert step.graph_size == size
+        graph, logits = self._graphs[size]
+        graph.replay()
+        self.num_graph_replays += 1
+        inverse = np.empty(n, dtype=np.int64)
+        inverse[order] = np.arange(n)
+        return logits[:n].index_select(0, torch.from_numpy(inverse).to(logits.device))
 
     def _run(self, rows: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> torch.Tensor:
         """Draft forward over positions [starts[i], ends[i]) of each row, in passes of at

@@ -79,6 +79,10 @@ class Proposer(ABC):
         """The caches of ``kv_cache_specs()``, allocated with the target's."""
         self.kv_caches = caches
 
+    def capture_graphs(self, sizes: list[int], pool, stream) -> None:  # type: ignore[no-untyped-def]  # noqa: B027
+        """Capture the proposer's own CUDA graphs (decode batch ``sizes``) with the
+        target's, in its graph pool and capture stream. Default: none."""
+
     def remove(self, req_id: str) -> None:  # noqa: B027 - most proposers keep no state
         """The request finished: drop what the proposer keeps for it."""
 

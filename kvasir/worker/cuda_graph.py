@@ -126,6 +126,8 @@ class CUDAGraphRunner:
                     h = r.model(ids, pos, r.kv_caches, meta)
                     self.logits[size] = r.model.compute_logits(h)
                 self.graphs[size] = g
+            if r.spec_decoder is not None:  # the draft model's one-token passes
+                r.spec_decoder.proposer.capture_graphs(self.sizes, self.pool, stream)
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
         self.capture_time = time.perf_counter() - t0
