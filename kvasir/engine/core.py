@@ -34,6 +34,7 @@ from kvasir.core.outputs import (
 from kvasir.core.request import Request
 from kvasir.core.scheduler import Scheduler
 from kvasir.engine.messages import EngineCoreRequest
+from kvasir.engine.step_stats import StepStats, make_step_stats
 from kvasir.executor.base import PendingOutput
 
 logger = logging.getLogger(__name__)
@@ -87,7 +88,9 @@ class EngineCore:
     its owner must fail every in-flight request (the server exits non-zero).
     """
 
-    def __init__(self, config: EngineConfig, log: bool = True) -> None:
+    def __init__(
+        self, config: EngineConfig, log: bool = True, kv_cache_metrics_sample: float = 0.0
+    ) -> None:
         from kvasir.distributed import validate_parallel_config
         from kvasir.executor.base import get_executor_cls
         from kvasir.models.loader import load_arch_config
@@ -152,6 +155,14 @@ class EngineCore:
         self._in_flight: deque[tuple[SchedulerOutput, PendingOutput]] = deque()
         self._max_in_flight = 2 if async_scheduling else self.executor.max_concurrent_batches
         self._num_kept = self._max_in_flight - 1
+        # The last step's timings (read by core_proc and shipped with its outputs).
+        self.last_step_stats: StepStats | None = None
+        self._kv_sampler = None
+        if kv_cache_metrics_sample > 0:
+            from kvasir.metrics.kv_residency import KVBlockResidencySampler
+
+            pool = self.scheduler.kv_cache_manager.block_pool
+            self._kv_sampler = KVBlockResidencySampler(pool, kv_cache_metrics_sample, time.time())
         self.startup_time = time.perf_counter() - t0
         self.model_info = ModelInfo(
             model_name=config.model_config.served_model_name or config.model_config.model,
@@ -205,12 +216,30 @@ class EngineCore:
         if self._max_in_flight > 1:
             return self._step_pipelined()
         if not self.scheduler.has_unfinished_requests():
+            self.last_step_stats = None
             return self._take_aborted(), self.scheduler.make_stats()
+        start, t0 = time.time(), time.perf_counter()
         so = self.scheduler.schedule()
+        t1 = time.perf_counter()
         # Even an empty step goes to the runner: it drops finished requests' state.
         mro = self.executor.execute_model(so)
+        t2 = time.perf_counter()
         outputs = self._take_aborted() + self.scheduler.update_from_output(so, mro)
+        self._record_step(so, start, t1 - t0, t2 - t1, time.perf_counter() - t2)
         return outputs, self.scheduler.make_stats()
+
+    def _record_step(
+        self,
+        so: SchedulerOutput | None,
+        start: float,
+        schedule_s: float,
+        execute_s: float,
+        update_s: float,
+    ) -> None:
+        st = make_step_stats(self.scheduler, so, start, schedule_s, execute_s, update_s)
+        if self._kv_sampler is not None:
+            self._kv_sampler.sample(start, st)
+        self.last_step_stats = st
 
     def _step_pipelined(self) -> tuple[list[EngineCoreOutput], SchedulerStats]:
         """Launch step N + 1, then read back the oldest launched steps until
@@ -219,10 +248,15 @@ class EngineCore:
         with pipeline parallelism. A step with nothing to launch reads one back."""
         sched = self.scheduler
         so, launched = None, None
+        start, t0 = time.time(), time.perf_counter()
+        schedule_s = 0.0
         if sched.has_unfinished_requests():
             so = sched.schedule()
+            schedule_s = time.perf_counter() - t0
             # Even an empty step goes to the runner: it drops finished requests' state.
             launched = self.executor.execute_model_async(so)
+        execute_s = time.perf_counter() - t0 - schedule_s
+        update_s = 0.0
         outputs = self._take_aborted()
         if launched is not None:
             assert so is not None
@@ -232,10 +266,16 @@ class EngineCore:
             num_kept = max(len(self._in_flight) - 1, 0)
         while len(self._in_flight) > num_kept:
             prev_so, prev = self._in_flight.popleft()
-            outputs += sched.update_from_output(prev_so, prev.get_output())
+            t1 = time.perf_counter()
+            mro = prev.get_output()
+            t2 = time.perf_counter()
+            outputs += sched.update_from_output(prev_so, mro)
+            execute_s += t2 - t1
+            update_s += time.perf_counter() - t2
         if so is not None and launched is None:
             empty = ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
             outputs += sched.update_from_output(so, empty)
+        self._record_step(so, start, schedule_s, execute_s, update_s)
         return outputs, sched.make_stats()
 
     def _take_aborted(self) -> list[EngineCoreOutput]:

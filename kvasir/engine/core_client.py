@@ -76,18 +76,20 @@ class EngineCoreClient:
         config: EngineConfig,
         on_dead: Callable[[int | None], None],
         log_level: str = "INFO",
+        kv_cache_metrics_sample: float = 0.0,
     ) -> EngineCoreClient:
         """Spawn the core and wait until the model is loaded. Raises RuntimeError with
-        the core's message if start-up fails."""
+        the core's message if start-up fails. ``kv_cache_metrics_sample`` > 0 samples
+        that fraction of KV blocks for residency metrics (``kvasir.metrics.kv_residency``)."""
         self = cls(config, on_dead)
         try:
-            await self._spawn(log_level)
+            await self._spawn(log_level, kv_cache_metrics_sample)
         except BaseException:
             self.shutdown(timeout=0.5)  # still loading: nothing to finish
             raise
         return self
 
-    async def _spawn(self, log_level: str) -> None:
+    async def _spawn(self, log_level: str, kv_cache_metrics_sample: float = 0.0) -> None:
         ctx = multiprocessing.get_context("spawn")
         self.proc = ctx.Process(
             target=run_engine_core,
@@ -98,6 +100,7 @@ class EngineCoreClient:
                 self.output_addr,
                 os.getpid(),
                 log_level,
+                kv_cache_metrics_sample,
             ),
             daemon=True,
         )

@@ -25,6 +25,7 @@ import msgspec
 
 from kvasir.core.outputs import EngineCoreOutput, SchedulerStats
 from kvasir.engine.messages import EngineCoreAbort, EngineCoreRequest
+from kvasir.engine.step_stats import StepStats
 
 if TYPE_CHECKING:
     from kvasir.engine.core import EngineCore
@@ -58,6 +59,7 @@ class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True):
     scheduler_stats: SchedulerStats | None = None
     rejected: list[RejectedRequest] = []
     timestamp: float = 0.0
+    step_stats: StepStats | None = None  # the step's timings (None: nothing ran)
 
 
 class EngineCoreHandshake(msgspec.Struct, omit_defaults=True):
@@ -96,14 +98,14 @@ class EngineCoreProc:
         self._rejected: list[RejectedRequest] = []
         self._shutdown = False
 
-    def start(self, config_bytes: bytes) -> bool:
+    def start(self, config_bytes: bytes, kv_cache_metrics_sample: float = 0.0) -> bool:
         """Load the model and send the handshake (or the start-up error)."""
         from kvasir.config import EngineConfig
         from kvasir.engine.core import EngineCore
 
         try:
             config = msgspec.msgpack.decode(config_bytes, type=EngineConfig)
-            self.core = EngineCore(config)
+            self.core = EngineCore(config, kv_cache_metrics_sample=kv_cache_metrics_sample)
             hs = EngineCoreHandshake(model_info=msgspec.msgpack.encode(self.core.model_info))
         except Exception as e:  # reported to the server, which exits with the message
             logger.error("engine core failed to start:\n%s", traceback.format_exc())
@@ -163,7 +165,7 @@ class EngineCoreProc:
             # once with fresh stats, so the server's gauges still move.
             outputs, stats = core.step()
             rejected, self._rejected = self._rejected, []
-            msg = EngineCoreOutputs(outputs, stats, rejected, time.time())
+            msg = EngineCoreOutputs(outputs, stats, rejected, time.time(), core.last_step_stats)
             self.output_socket.send(self._encoder.encode(msg), copy=False)
 
     def close(self) -> None:
@@ -177,7 +179,12 @@ class EngineCoreProc:
 
 
 def run_engine_core(
-    config_bytes: bytes, input_addr: str, output_addr: str, parent_pid: int, log_level: str
+    config_bytes: bytes,
+    input_addr: str,
+    output_addr: str,
+    parent_pid: int,
+    log_level: str,
+    kv_cache_metrics_sample: float = 0.0,
 ) -> None:
     """Process entry point: load the model, handshake, serve until shutdown.
 
@@ -190,7 +197,7 @@ def run_engine_core(
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     proc = EngineCoreProc(input_addr, output_addr, parent_pid)
-    if not proc.start(config_bytes):
+    if not proc.start(config_bytes, kv_cache_metrics_sample):
         proc.close()
         sys.exit(1)
     try:
