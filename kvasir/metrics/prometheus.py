@@ -11,6 +11,8 @@ from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE  # noqa: F401 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from kvasir.core.outputs import SchedulerStats
+from kvasir.engine.step_stats import PREEMPTION_REASONS, StepStats
+from kvasir.metrics.http import HttpMetrics
 from kvasir.metrics.stats import FinishedRequestStats, IterationStats
 
 _TTFT_BUCKETS = [
@@ -83,15 +85,43 @@ _LATENCY_BUCKETS = [
 ]
 _TOKEN_BUCKETS = [1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
 _LEN_BUCKETS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000]
+# Engine steps: a CPU decode step is ~10 ms, a GPU one ~1-30 ms, a long prefill ~1 s.
+_STEP_BUCKETS = [
+    0.0001,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+]
+_BATCH_REQ_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
+# KV-block residency: seconds to hours.
+_RESIDENCY_BUCKETS = [0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 600, 1800, 3600, 7200]
 FINISH_REASONS = ("stop", "length", "abort")
 
 
 class PrometheusMetrics:
     """The server's metric set. ``record_*`` are called from the output handler."""
 
-    def __init__(self, model_name: str, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        model_name: str,
+        registry: CollectorRegistry | None = None,
+        tenant_metrics: bool = False,
+        max_tenant_labels: int = 100,
+    ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        self.http = HttpMetrics(model_name, r, tenant_metrics, max_tenant_labels)
         labels = ["model_name"]
 
         def gauge(name: str, doc: str) -> Gauge:
@@ -119,9 +149,14 @@ class PrometheusMetrics:
         self.prefix_cache_hits = counter(
             "kvasir:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens."
         )
-        self.num_preemptions = counter(
-            "kvasir:num_preemptions", "Cumulative number of preemptions from the engine."
+        # vLLM's name plus a reason label (kvasir.engine.step_stats.PREEMPTION_REASONS).
+        preemptions = Counter(
+            "kvasir:num_preemptions",
+            "Cumulative number of preemptions from the engine.",
+            labels + ["reason"],
+            registry=r,
         )
+        self.num_preemptions = {x: preemptions.labels(model_name, x) for x in PREEMPTION_REASONS}
         self.prompt_tokens = counter("kvasir:prompt_tokens", "Number of prefill tokens processed.")
         self.generation_tokens = counter(
             "kvasir:generation_tokens", "Number of generation tokens processed."
@@ -201,7 +236,55 @@ class PrometheusMetrics:
         )
         self._last_per_pos: list[int] = []
         # The core reports cumulative counts; Prometheus counters take increments.
-        self._last_cumulative = (0, 0, 0, 0, 0, 0)
+        self._last_cumulative = (0, 0, 0, 0, 0)
+        # Per engine step (kvasir.engine.step_stats.StepStats).
+        self.step_duration = hist(
+            "kvasir:engine_step_duration_seconds",
+            "Histogram of engine step duration (schedule + execute + update) in seconds.",
+            _STEP_BUCKETS,
+        )
+        self.schedule_duration = hist(
+            "kvasir:engine_schedule_duration_seconds",
+            "Histogram of time the scheduler spent per engine step in seconds.",
+            _STEP_BUCKETS,
+        )
+        self.execute_duration = hist(
+            "kvasir:engine_execute_duration_seconds",
+            "Histogram of model execution time per engine step in seconds.",
+            _STEP_BUCKETS,
+        )
+        self.batch_num_requests = hist(
+            "kvasir:iteration_num_requests",
+            "Histogram of number of requests per engine step.",
+            _BATCH_REQ_BUCKETS,
+        )
+        self.tpot = hist(
+            "kvasir:request_time_per_output_token_seconds",
+            "Histogram of time_per_output_token_seconds per request.",
+            _ITL_BUCKETS,
+        )
+        self.kv_block_lifetime = hist(
+            "kvasir:kv_block_lifetime_seconds",
+            "Sampled KV-cache block lifetime from allocation to eviction (--kv-cache-metrics).",
+            _RESIDENCY_BUCKETS,
+        )
+        self.kv_block_idle_before_evict = hist(
+            "kvasir:kv_block_idle_before_evict_seconds",
+            "Sampled idle time of a cached KV block from its last use to its eviction.",
+            _RESIDENCY_BUCKETS,
+        )
+        self.kv_block_reuse_gap = hist(
+            "kvasir:kv_block_reuse_gap_seconds",
+            "Sampled time between a cached KV block's release and its next prefix hit.",
+            _RESIDENCY_BUCKETS,
+        )
+        # Goodput: finished requests within --slo-ttft-ms and --slo-tpot-ms.
+        self.request_goodput = counter(
+            "kvasir:request_goodput",
+            "Requests that finished (stop or length) within the TTFT and TPOT SLOs.",
+        )
+        self.slo_ttft_s: float | None = None
+        self.slo_tpot_s: float | None = None
 
     def record_scheduler_stats(self, stats: SchedulerStats) -> None:
         self.num_requests_running.set(stats.num_running_reqs)
@@ -210,7 +293,6 @@ class PrometheusMetrics:
         cur = (
             stats.prefix_cache_queries,
             stats.prefix_cache_hits,
-            stats.num_preemptions,
             stats.spec_num_drafts,
             stats.spec_num_draft_tokens,
             stats.spec_num_accepted_tokens,
@@ -218,7 +300,6 @@ class PrometheusMetrics:
         counters = (
             self.prefix_cache_queries,
             self.prefix_cache_hits,
-            self.num_preemptions,
             self.spec_num_drafts,
             self.spec_num_draft_tokens,
             self.spec_num_accepted_tokens,
@@ -238,6 +319,21 @@ class PrometheusMetrics:
             self.spec_k.set(stats.spec_k)
         if stats.num_scheduled_tokens > 0:
             self.iteration_tokens.observe(stats.num_scheduled_tokens)
+
+    def record_step(self, st: StepStats) -> None:
+        self.step_duration.observe(st.schedule_s + st.execute_s + st.update_s)
+        self.schedule_duration.observe(st.schedule_s)
+        self.execute_duration.observe(st.execute_s)
+        if st.num_reqs:
+            self.batch_num_requests.observe(st.num_reqs)
+        for reason in st.preemption_reasons:
+            self.num_preemptions[reason].inc()
+        for x in st.kv_block_lifetimes:
+            self.kv_block_lifetime.observe(x)
+        for x in st.kv_block_idle_before_evict:
+            self.kv_block_idle_before_evict.observe(x)
+        for x in st.kv_block_reuse_gaps:
+            self.kv_block_reuse_gap.observe(x)
 
     def record_iteration(self, it: IterationStats) -> None:
         if it.num_prompt_tokens:
@@ -265,6 +361,14 @@ class PrometheusMetrics:
                 self.decode_time.observe(f.decode_time)
             self.request_prompt_tokens.observe(f.num_prompt_tokens)
             self.request_generation_tokens.observe(f.num_generation_tokens)
+            tpot = f.tpot
+            if tpot is not None:
+                self.tpot.observe(tpot)
+            if f.finish_reason in ("stop", "length") and f.ttft is not None:
+                ok_ttft = self.slo_ttft_s is None or f.ttft <= self.slo_ttft_s
+                ok_tpot = self.slo_tpot_s is None or tpot is None or tpot <= self.slo_tpot_s
+                if ok_ttft and ok_tpot:
+                    self.request_goodput.inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -31,6 +31,20 @@ class FinishedRequestStats:
     num_preemptions: int
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
+    # Engine-side timestamps (time.time() of the core's output batches) for traces.
+    first_scheduled_time: float | None = None
+    first_token_engine_time: float | None = None
+    last_token_engine_time: float | None = None
+    finished_time: float = 0.0  # server wall clock when the server saw it finish
+    # (engine time, reason) of each preemption the core reported.
+    preemptions: list[tuple[float, str]] = field(default_factory=list)
+
+    @property
+    def tpot(self) -> float | None:
+        """Mean time per output token after the first (decode time / (tokens - 1))."""
+        if self.decode_time is None or self.num_generation_tokens < 2:
+            return None
+        return self.decode_time / (self.num_generation_tokens - 1)
 
     def to_log_dict(self) -> dict:
         """The structured (JSON) log record of this request."""
@@ -51,11 +65,7 @@ class FinishedRequestStats:
             "ttft_ms": ms(self.ttft),
             "prefill_ms": ms(self.prefill_time),
             "decode_ms": ms(self.decode_time),
-            "tpot_ms": ms(
-                self.decode_time / (self.num_generation_tokens - 1)
-                if self.decode_time is not None and self.num_generation_tokens > 1
-                else None
-            ),
+            "tpot_ms": ms(self.tpot),
             "num_preemptions": self.num_preemptions,
             **(
                 {
@@ -95,6 +105,9 @@ class _SeqState:
     num_preemptions: int = 0
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
+    first_token_engine_time: float | None = None
+    last_token_engine_time: float | None = None
+    preemptions: list[tuple[float, str]] | None = None
 
 
 class RequestStatsTracker:
@@ -112,8 +125,21 @@ class RequestStatsTracker:
     def __len__(self) -> int:
         return len(self._seqs)
 
-    def update(self, outputs: list[EngineCoreOutput], now: float) -> IterationStats:
+    def record_preemptions(self, request_ids: list[str], reasons: list[str], when: float) -> None:
+        """Preemptions the core reported for a step (kept for the requests' traces)."""
+        for rid, reason in zip(request_ids, reasons, strict=True):
+            s = self._seqs.get(rid)
+            if s is not None:
+                if s.preemptions is None:
+                    s.preemptions = []
+                s.preemptions.append((when, reason))
+
+    def update(
+        self, outputs: list[EngineCoreOutput], now: float, engine_time: float | None = None
+    ) -> IterationStats:
+        """``engine_time``: when the core sent these outputs (default ``now``)."""
         it = IterationStats()
+        et = now if engine_time is None else engine_time
         for out in outputs:
             s = self._seqs.get(out.request_id)
             if s is None:  # aborted by us after the core produced this output
@@ -130,12 +156,14 @@ class RequestStatsTracker:
             if n:
                 if s.first_token_time is None:
                     s.first_token_time = now
+                    s.first_token_engine_time = et
                     it.time_to_first_tokens.append(now - s.arrival_time)
                     it.num_prompt_tokens += s.num_prompt_tokens
                 else:
                     assert s.last_token_time is not None
                     it.inter_token_latencies.append(now - s.last_token_time)
                 s.last_token_time = now
+                s.last_token_engine_time = et
                 s.num_generation_tokens += n
                 it.num_generation_tokens += n
             if out.finish_reason is not None:
@@ -170,4 +198,9 @@ class RequestStatsTracker:
             num_preemptions=s.num_preemptions,
             num_draft_tokens=s.num_draft_tokens,
             num_accepted_tokens=s.num_accepted_tokens,
+            first_scheduled_time=sched,
+            first_token_engine_time=s.first_token_engine_time,
+            last_token_engine_time=s.last_token_engine_time,
+            finished_time=now,
+            preemptions=s.preemptions or [],
         )

@@ -34,7 +34,13 @@ def test_metrics_move_with_traffic(server: ServerProc, http) -> None:
         "kvasir:kv_cache_usage_perc",
         "kvasir:prefix_cache_queries_total",
         "kvasir:prefix_cache_hits_total",
-        "kvasir:num_preemptions_total",
+        'kvasir:num_preemptions_total{reason="kv_cache_full"}',
+        'kvasir:num_preemptions_total{reason="priority"}',
+        "kvasir:engine_step_duration_seconds_count",
+        "kvasir:engine_schedule_duration_seconds_count",
+        "kvasir:iteration_num_requests_count",
+        "kvasir:request_time_per_output_token_seconds_count",
+        "kvasir:request_goodput_total",
         "kvasir:prompt_tokens_total",
         "kvasir:generation_tokens_total",
         'kvasir:request_success_total{finished_reason="stop"}',
@@ -89,6 +95,21 @@ def test_metrics_move_with_traffic(server: ServerProc, http) -> None:
     assert after["kvasir:num_requests_waiting"] == 0
     e2e_bucket_inf = 'kvasir:e2e_request_latency_seconds_bucket{le="+Inf"}'
     assert delta(e2e_bucket_inf) == 2
+    # Engine steps: each one timed, its batch size observed (one request per step here).
+    steps = delta("kvasir:engine_step_duration_seconds_count")
+    assert steps >= delta("kvasir:iteration_tokens_total_count") >= 5
+    assert delta("kvasir:iteration_num_requests_sum") == delta(
+        "kvasir:iteration_num_requests_count"
+    )
+    assert (
+        0
+        < delta("kvasir:engine_schedule_duration_seconds_sum")
+        < delta("kvasir:engine_step_duration_seconds_sum")
+    )
+    assert delta("kvasir:request_time_per_output_token_seconds_count") == 2
+    # Every HTTP answer by endpoint and status.
+    assert delta('kvasir:http_requests_total{endpoint="/v1/completions",status="200"}') == 2
+    assert delta('kvasir:http_requests_total{endpoint="/tokenize",status="200"}') == 1
 
     # One JSON log line per finished request, with its timings.
     deadline = time.monotonic() + 5

@@ -15,6 +15,7 @@ from kvasir.core.outputs import EngineCoreOutput, SchedulerStats
 from kvasir.engine.async_llm import RequestOutputCollector, _merge_delta
 from kvasir.engine.core_proc import EngineCoreOutputs, RejectedRequest
 from kvasir.engine.messages import EngineCoreRequest
+from kvasir.engine.step_stats import StepStats
 from kvasir.entrypoints.openai.errors import _loc_to_param
 from kvasir.metrics.prometheus import PrometheusMetrics
 from kvasir.metrics.stats import RequestStatsTracker
@@ -57,7 +58,15 @@ def test_prometheus_counters_from_cumulative_stats() -> None:
     text = m.render().decode()
     assert 'kvasir:prefix_cache_queries_total{model_name="m"} 130.0' in text
     assert 'kvasir:prefix_cache_hits_total{model_name="m"} 56.0' in text
-    assert 'kvasir:num_preemptions_total{model_name="m"} 1.0' in text
+    # Preemptions come per step, with their reason (StepStats), not from the totals.
+    assert 'kvasir:num_preemptions_total{model_name="m",reason="kv_cache_full"} 0.0' in text
+    m.record_step(StepStats(0.0, 0.001, 0.01, 0.001, 2, 64, ["a", "b"], ["priority"] * 2))
+    m.record_step(StepStats(0.0, 0.001, 0.01, 0.001, 1, 1, ["c"], ["kv_cache_full"]))
+    text = m.render().decode()
+    assert 'kvasir:num_preemptions_total{model_name="m",reason="kv_cache_full"} 1.0' in text
+    assert 'kvasir:num_preemptions_total{model_name="m",reason="priority"} 2.0' in text
+    assert 'kvasir:engine_step_duration_seconds_sum{model_name="m"} 0.024' in text
+    assert 'kvasir:iteration_num_requests_sum{model_name="m"} 3.0' in text
     assert 'kvasir:num_requests_running{model_name="m"} 0.0' in text
     assert 'kvasir:iteration_tokens_total_count{model_name="m"} 1.0' in text
     assert 'kvasir:iteration_tokens_total_sum{model_name="m"} 64.0' in text
