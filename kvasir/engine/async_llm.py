@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvasir.config import EngineConfig
 from kvasir.engine.core import ModelInfo
@@ -26,6 +26,9 @@ from kvasir.metrics.prometheus import PrometheusMetrics
 from kvasir.metrics.stats import FinishedRequestStats, RequestStatsTracker
 from kvasir.outputs import CompletionOutput, RequestOutput
 from kvasir.sampling_params import RequestOutputKind, SamplingParams
+
+if TYPE_CHECKING:
+    from kvasir.observability.tracing import RequestTrace, Tracing
 
 logger = logging.getLogger(__name__)
 request_logger = logging.getLogger("kvasir.requests")
@@ -114,8 +117,14 @@ class AsyncLLM:
         model_info: ModelInfo,
         metrics: PrometheusMetrics,
         log_requests_json: bool = False,
+        tracing: Tracing | None = None,
     ) -> None:
         self.config = config
+        self.served_model_name = model_info.model_name
+        self.tracing = tracing
+        # Per API request, only for requests that are traced / carry a tenant.
+        self._traces: dict[str, tuple[RequestTrace, float]] = {}
+        self._tenants: dict[str, str] = {}
         self.tokenizer = tokenizer
         self.model_info = model_info
         self.metrics = metrics
@@ -143,8 +152,18 @@ class AsyncLLM:
         log_requests_json: bool = False,
         log_level: str = "INFO",
         served_model_name: str | None = None,
+        *,
+        tracing: Tracing | None = None,
+        tenant_metrics: bool = False,
+        max_tenant_labels: int = 100,
+        kv_cache_metrics_sample: float = 0.0,
+        slo_ttft_s: float | None = None,
+        slo_tpot_s: float | None = None,
     ) -> AsyncLLM:
-        """Spawn the engine core, wait for the model to load, start routing outputs."""
+        """Spawn the engine core, wait for the model to load, start routing outputs.
+        ``tracing``: export request traces; ``tenant_metrics``: per-tenant counters;
+        ``kv_cache_metrics_sample``: sampled KV-block residency (0: off); ``slo_*``:
+        the thresholds of ``kvasir:request_goodput``."""
         holder: list[AsyncLLM] = []
 
         def on_dead(exitcode: int | None) -> None:
@@ -153,10 +172,15 @@ class AsyncLLM:
                     EngineDeadError(f"the engine core process died (exit code {exitcode})")
                 )
 
-        core = await EngineCoreClient.start(config, on_dead, log_level)
+        core = await EngineCoreClient.start(config, on_dead, log_level, kv_cache_metrics_sample)
         assert core.model_info is not None
         name = served_model_name or core.model_info.model_name
-        self = cls(config, tokenizer, core.model_info, PrometheusMetrics(name), log_requests_json)
+        metrics = PrometheusMetrics(
+            name, tenant_metrics=tenant_metrics, max_tenant_labels=max_tenant_labels
+        )
+        metrics.slo_ttft_s, metrics.slo_tpot_s = slo_ttft_s, slo_tpot_s
+        self = cls(config, tokenizer, core.model_info, metrics, log_requests_json, tracing)
+        self.served_model_name = name
         self.core = core
         holder.append(self)
         self._output_task = asyncio.create_task(self._output_handler(), name="kvasir-outputs")
@@ -196,10 +220,14 @@ class AsyncLLM:
         arrival_time: float | None = None,
         priority: int = 0,
         cache_salt: str | None = None,
+        trace_span: Any = None,
+        tenant: str | None = None,
     ) -> AsyncGenerator[RequestOutput, None]:
         """Outputs of one request until it finishes; closing the generator early (a
         client that went away) aborts it in the core. Raises ValueError (bad input,
-        naming the parameter), RequestRejectedError or EngineDeadError."""
+        naming the parameter), RequestRejectedError or EngineDeadError.
+        ``trace_span``: the request's server span (its engine spans become children);
+        ``tenant``: the label its tokens are counted under."""
         if self.dead_error is not None:
             raise self.dead_error
         assert self.core is not None
@@ -220,6 +248,14 @@ class AsyncLLM:
             queue=collector,
         )
         self._collectors[request_id] = collector
+        if trace_span is not None and self.tracing is not None:
+            trace_span.set_attribute("gen_ai.response.id", request_id)
+            tr = self.tracing.begin(
+                trace_span, self.served_model_name, params, len(p.prompt_token_ids)
+            )
+            self._traces[request_id] = (tr, arrival)
+        if tenant is not None:
+            self._tenants[request_id] = tenant
         for i, cid in enumerate(p.child_request_ids):
             self._parent_of[cid] = request_id
             self.stats.add_request(
@@ -240,6 +276,8 @@ class AsyncLLM:
 
     def _forget(self, request_id: str, child_ids: list[str]) -> None:
         self._collectors.pop(request_id, None)
+        self._traces.pop(request_id, None)
+        self._tenants.pop(request_id, None)
         for cid in child_ids:
             self._parent_of.pop(cid, None)
 
@@ -275,7 +313,7 @@ class AsyncLLM:
                 self._handle_batch(batch)
                 for start in range(_OUTPUT_CHUNK, len(batch.outputs), _OUTPUT_CHUNK):
                     await asyncio.sleep(0)
-                    self._route(batch.outputs[start : start + _OUTPUT_CHUNK])
+                    self._route(batch.outputs[start : start + _OUTPUT_CHUNK], batch.timestamp)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # a bug here must not leave requests hanging forever
@@ -293,15 +331,22 @@ class AsyncLLM:
             collector = self._collectors.get(parent)
             if collector is not None:
                 collector.put_nowait(RequestRejectedError(rej.message, rej.queue_full))
-        self._route(batch.outputs[:_OUTPUT_CHUNK])
+        st = batch.step_stats
+        if st is not None:
+            self.metrics.record_step(st)
+            if st.preempted_req_ids:
+                self.stats.record_preemptions(
+                    st.preempted_req_ids, st.preemption_reasons, st.start_time
+                )
+        self._route(batch.outputs[:_OUTPUT_CHUNK], batch.timestamp)
         if batch.scheduler_stats is not None:
             self.metrics.record_scheduler_stats(batch.scheduler_stats)
 
-    def _route(self, outputs: list) -> None:
+    def _route(self, outputs: list, engine_time: float | None = None) -> None:
         if not outputs:
             return
         now = time.time()
-        it = self.stats.update(outputs, now)
+        it = self.stats.update(outputs, now, engine_time or None)
         processed = self.output_processor.process_outputs(outputs)
         if processed.reqs_to_abort:
             # Stop strings are matched here, after detokenisation: stop those in the core.
@@ -315,7 +360,22 @@ class AsyncLLM:
         self.metrics.record_finished(finished)
         self._log_finished(finished)
 
+    def _observe_finished(self, finished: list[FinishedRequestStats]) -> None:
+        """Traces and tenant counters of finished sequences (only requests that have
+        them: nothing per request with tracing and tenant metrics off)."""
+        for f in finished:
+            tr = self._traces.get(f.parent_id)
+            if tr is not None:
+                tr[0].seq_finished(f, tr[1])
+            tenant = self._tenants.get(f.parent_id)
+            if tenant is not None:
+                self.metrics.http.record_tokens(
+                    tenant, f.num_prompt_tokens, f.num_generation_tokens
+                )
+
     def _log_finished(self, finished: list[FinishedRequestStats]) -> None:
+        if self._traces or self._tenants:
+            self._observe_finished(finished)
         if self.log_requests_json:
             for f in finished:
                 request_logger.info(json.dumps(f.to_log_dict()))

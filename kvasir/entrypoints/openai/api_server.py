@@ -30,6 +30,7 @@ from kvasir.entrypoints.openai.middleware import (
     ServerMiddleware,
     ServerState,
 )
+from kvasir.entrypoints.openai.observability import ObservabilityMiddleware
 from kvasir.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -199,6 +200,14 @@ def build_app(state: ServerState, ctx: ServingContext) -> FastAPI:
 
     app.openapi = openapi  # type: ignore[method-assign]
     app.add_middleware(ServerMiddleware, state=state)
+    # Outermost: sees (and counts) the 401/413/503 answers of ServerMiddleware too.
+    app.add_middleware(
+        ObservabilityMiddleware,
+        http_metrics=engine.metrics.http,
+        tracing=engine.tracing,
+        model_name=ctx.served_model_name,
+        tenant_header=state.extra.get("tenant_header", "x-tenant-id"),
+    )
     return app
 
 
@@ -245,6 +254,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="one JSON log line per finished request with its timings",
     )
     g.add_argument("--disable-uvicorn-access-log", action="store_true")
+    _add_observability_args(parser)
     g.add_argument(
         "--uvicorn-log-level",
         default="info",
@@ -252,6 +262,70 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     EngineArgs.add_cli_args(parser)
     return parser
+
+
+def _add_observability_args(parser: argparse.ArgumentParser) -> None:
+    o = parser.add_argument_group("observability")
+    o.add_argument(
+        "--otlp-traces-endpoint",
+        default=None,
+        help="send OpenTelemetry traces over OTLP to this URL (default: "
+        "$OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or $OTEL_EXPORTER_OTLP_ENDPOINT; none: off)",
+    )
+    o.add_argument(
+        "--otlp-traces-protocol",
+        default=None,
+        choices=["grpc", "http/protobuf"],
+        help="OTLP transport (default: $OTEL_EXPORTER_OTLP_TRACES_PROTOCOL, "
+        "$OTEL_EXPORTER_OTLP_PROTOCOL or grpc)",
+    )
+    o.add_argument(
+        "--otlp-service-name",
+        default=None,
+        help="service.name of the traces (default: $OTEL_SERVICE_NAME or kvasir)",
+    )
+    o.add_argument(
+        "--enable-tenant-metrics",
+        action="store_true",
+        help="count requests and tokens per tenant (the --tenant-header value, else a "
+        "digest of the API key the request carried)",
+    )
+    o.add_argument("--tenant-header", default="x-tenant-id", help="header naming the tenant")
+    o.add_argument(
+        "--max-tenant-labels",
+        type=int,
+        default=100,
+        help="distinct tenant labels at most; later tenants count as __other__",
+    )
+    o.add_argument(
+        "--kv-cache-metrics",
+        action="store_true",
+        help="sampled KV-block lifetime, idle-before-evict and reuse-gap histograms",
+    )
+    o.add_argument(
+        "--kv-cache-metrics-sample",
+        type=float,
+        default=0.01,
+        help="fraction of KV blocks sampled with --kv-cache-metrics",
+    )
+    o.add_argument(
+        "--gpu-metrics-interval",
+        type=float,
+        default=5.0,
+        help="seconds between NVML samples of kvasir:gpu_* (0: off)",
+    )
+    o.add_argument(
+        "--slo-ttft-ms",
+        type=float,
+        default=1000.0,
+        help="TTFT threshold of kvasir:request_goodput",
+    )
+    o.add_argument(
+        "--slo-tpot-ms",
+        type=float,
+        default=100.0,
+        help="TPOT threshold of kvasir:request_goodput",
+    )
 
 
 def run_server(args: argparse.Namespace) -> int:

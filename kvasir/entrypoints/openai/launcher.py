@@ -143,8 +143,25 @@ async def serve(args: argparse.Namespace) -> int:
         if args.model is not None and args.model != args.model_tag:
             raise ValueError(f"model given twice: {args.model_tag!r} and --model {args.model!r}")
         args.model = args.model_tag
+    from kvasir.metrics.gpu import GpuMetricsCollector
+    from kvasir.observability.tracing import TracingConfig, init_tracing
+
     engine_args = EngineArgs.from_cli_args(args)
     served = _served_model_name(args)
+    if args.kv_cache_metrics and not 0 < args.kv_cache_metrics_sample <= 1:
+        raise ValueError(
+            f"--kv-cache-metrics-sample must be in (0, 1], got {args.kv_cache_metrics_sample}"
+        )
+    if args.max_tenant_labels < 1:
+        raise ValueError(f"--max-tenant-labels must be >= 1, got {args.max_tenant_labels}")
+    if args.gpu_metrics_interval < 0:
+        raise ValueError(f"--gpu-metrics-interval must be >= 0, got {args.gpu_metrics_interval}")
+    # Before the model loads: a missing OpenTelemetry package is a start-up error.
+    tracing = init_tracing(
+        TracingConfig.from_flags(
+            args.otlp_traces_endpoint, args.otlp_traces_protocol, args.otlp_service_name
+        )
+    )
     engine_args.served_model_name = served
     config = engine_args.create_engine_config()
     sock = _bind(args.host, args.port)
@@ -156,11 +173,22 @@ async def serve(args: argparse.Namespace) -> int:
         tokenizer,
         log_requests_json=args.log_requests_json,
         served_model_name=served,
+        tracing=tracing,
+        tenant_metrics=args.enable_tenant_metrics,
+        max_tenant_labels=args.max_tenant_labels,
+        kv_cache_metrics_sample=args.kv_cache_metrics_sample if args.kv_cache_metrics else 0.0,
+        slo_ttft_s=args.slo_ttft_ms / 1000.0,
+        slo_tpot_s=args.slo_tpot_ms / 1000.0,
     )
+    gpu_metrics = None
+    if args.gpu_metrics_interval > 0:
+        gpu_metrics = GpuMetricsCollector(served, args.gpu_metrics_interval)
+        if not gpu_metrics.start(engine.metrics.registry):
+            gpu_metrics = None
     state = ServerState(
         api_key=args.api_key or None,
         max_request_body_bytes=args.max_request_body_bytes,
-        extra={"started": int(time.time())},
+        extra={"started": int(time.time()), "tenant_header": args.tenant_header},
     )
     app = build_app(state, ServingContext(engine, served, args.retry_after))
     uv_config = uvicorn.Config(
@@ -185,6 +213,10 @@ async def serve(args: argparse.Namespace) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         await engine.shutdown()
+        if gpu_metrics is not None:
+            gpu_metrics.stop()
+        if tracing is not None:
+            tracing.provider.shutdown()  # flushes the spans still batched
         sock.close()
     logger.info("exit %d", drainer.exit_code)
     return drainer.exit_code

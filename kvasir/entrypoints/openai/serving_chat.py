@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from kvasir.engine.async_llm import EngineDeadError, RequestRejectedError
 from kvasir.entrypoints.openai.errors import OpenAIError, bad_request
+from kvasir.entrypoints.openai.observability import observation, tokenize_span
 from kvasir.entrypoints.openai.protocol import ChatCompletionRequest, ChatMessage
 from kvasir.entrypoints.openai.serving_common import (
     SSE_DONE,
@@ -151,14 +152,22 @@ class OpenAIServingChat:
             req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         )
         rename = {"max_tokens": max_name, "prompt": "messages"}
-        prompt_ids = self._render(req)
+        obs = observation(raw_request)
+        with tokenize_span(ctx.engine.tracing, obs):
+            prompt_ids = self._render(req)
         check_length(ctx, len(prompt_ids), max_tokens, "messages", max_name)
         k = (req.top_logprobs or 0) if req.logprobs else None
         params = make_sampling_params(req, max_tokens, k, req.stream, rename=rename)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         gen = ctx.engine.generate(
-            prompt_ids, params, request_id, priority=req.priority, cache_salt=req.cache_salt
+            prompt_ids,
+            params,
+            request_id,
+            priority=req.priority,
+            cache_salt=req.cache_salt,
+            trace_span=obs.span,
+            tenant=obs.tenant,
         )
         try:
             (first,) = await until_disconnect(first_outputs([gen]), raw_request)

@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from kvasir.engine.async_llm import EngineDeadError, RequestRejectedError
 from kvasir.entrypoints.openai.errors import OpenAIError, bad_request, from_value_error
+from kvasir.entrypoints.openai.observability import observation, tokenize_span
 from kvasir.entrypoints.openai.protocol import CompletionRequest
 from kvasir.entrypoints.openai.serving_common import (
     PARAM_NAMES,
@@ -94,20 +95,22 @@ class OpenAIServingCompletion:
         prompts = _prompt_list(req.prompt)
         texts: list[str] = []
         prompt_ids: list[list[int]] = []
-        for i, p in enumerate(prompts):
-            try:
-                text, ids = engine.input_processor.tokenize(p)
-            except ValueError as e:
-                err = from_value_error(e, PARAM_NAMES)
-                if len(prompts) > 1 and err.param == "prompt":
-                    err.param = f"prompt[{i}]"
-                raise err from None
-            check_length(ctx, len(ids), req.max_tokens, "prompt", "max_tokens")
-            prompt_ids.append(ids)
-            if req.echo:
-                if text is None:  # token ids: echo their text (none without a tokenizer)
-                    text = engine.tokenizer.decode(ids) if engine.tokenizer is not None else ""
-                texts.append(text)
+        obs = observation(raw_request)
+        with tokenize_span(engine.tracing, obs):
+            for i, p in enumerate(prompts):
+                try:
+                    text, ids = engine.input_processor.tokenize(p)
+                except ValueError as e:
+                    err = from_value_error(e, PARAM_NAMES)
+                    if len(prompts) > 1 and err.param == "prompt":
+                        err.param = f"prompt[{i}]"
+                    raise err from None
+                check_length(ctx, len(ids), req.max_tokens, "prompt", "max_tokens")
+                prompt_ids.append(ids)
+                if req.echo:
+                    if text is None:  # token ids: echo their text (none without a tokenizer)
+                        text = engine.tokenizer.decode(ids) if engine.tokenizer is not None else ""
+                    texts.append(text)
         prompt_logprobs = req.prompt_logprobs
         if req.echo and req.logprobs is not None:
             prompt_logprobs = max(req.logprobs, prompt_logprobs or 0)
@@ -125,6 +128,8 @@ class OpenAIServingCompletion:
                 arrival_time=arrival,
                 priority=req.priority,
                 cache_salt=req.cache_salt,
+                trace_span=obs.span,
+                tenant=obs.tenant,
             )
             for i, ids in enumerate(prompt_ids)
         ]
