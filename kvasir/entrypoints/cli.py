@@ -209,6 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
         mod.add_cli_args(bp)
         bp.set_defaults(func=mod.main)
 
+    from kvasir.spec_decode.train import add_train_draft_parser
+
+    add_train_draft_parser(sub)
+
     from kvasir.plan.cli import add_plan_parser
 
     add_plan_parser(sub)
