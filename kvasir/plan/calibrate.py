@@ -170,6 +170,25 @@ def _decode_step_seconds(config_path: str, batch: int, num_steps: int) -> float:
     return (tn - t1) / num_steps
 
 
+@torch.inference_mode()
+def measure_elementwise_bandwidth(num_tokens: int = 2048, hidden: int = 1024) -> float:
+    """GB/s of the minimum traffic (as the roofline counts it) of the engine's own
+    elementwise layers over a prompt-sized batch: RMSNorm with the residual add (read x
+    and residual, write both) and SiLU-and-mul (read gate and up, write their product).
+    Framework ops make several passes, so this is well under the copy bandwidth."""
+    from kvasir.layers.activation import silu_and_mul
+    from kvasir.layers.layernorm import RMSNorm
+
+    norm = RMSNorm(hidden)
+    x, r = torch.randn(num_tokens, hidden), torch.randn(num_tokens, hidden)
+    t_norm = _median_time(lambda: norm(x, r), 5)
+    inter = 3 * hidden
+    gate_up = torch.randn(num_tokens, 2 * inter)
+    t_act = _median_time(lambda: silu_and_mul(gate_up), 5)
+    moved = 4 * num_tokens * hidden * 4 + 3 * num_tokens * inter * 4
+    return moved / (t_norm + t_act) / 1e9
+
+
 def _stream_bandwidth(shaped: list) -> float:
     """GB/s of float32 weights read by the batch-1 rows of ``measure_model_gemms``:
     2 FLOPs per weight, so bytes/s = 4 x (FLOP/s) / 2, weighted by each shape's size."""
@@ -288,6 +307,7 @@ def calibrate(
         table = measure_gemm_table()
         gemv = measure_gemv_bandwidth()
     _, t_attn, _ = measure_call_overheads()
+    elementwise = measure_elementwise_bandwidth()
     step_s, req_s, layer_s, layer_req_s = measure_engine_overheads()
     import os
 
@@ -321,6 +341,7 @@ def calibrate(
             source="measured by kvasir plan --calibrate",
         ),
         extra={
+            "elementwise_gbs": elementwise,
             "gemm_tflops_by_k_rows": table,
             "gemm_tflops_by_shape": shaped,
             "profiled_model": model.name if model is not None else None,
@@ -328,6 +349,46 @@ def calibrate(
             "matmul_dtype": ceil.matmul_dtype,
             "threads": threads,
         },
+    )
+
+
+def mean_calibration(a: Hardware, b: Hardware) -> Hardware:
+    """Two calibrations of this machine averaged (rates, bandwidths, fixed costs and
+    the measured GEMM tables point by point): the machine a benchmark between them saw,
+    when other work on a shared machine makes it drift."""
+    from dataclasses import replace
+
+    def avg(x: object, y: object) -> object:
+        if (
+            isinstance(x, bool)
+            or not isinstance(x, (int, float))
+            or not isinstance(y, (int, float))
+        ):
+            return x
+        return (x + y) / 2
+
+    def rows(tx: list, ty: list) -> list:
+        by = {tuple(r[:-1]): r[-1] for r in ty}
+        return [[*r[:-1], (r[-1] + by[tuple(r[:-1])]) / 2] for r in tx if tuple(r[:-1]) in by]
+
+    extra = dict(a.extra)
+    for key in ("gemm_tflops_by_shape", "gemm_tflops_by_k_rows"):
+        if a.extra.get(key) and b.extra.get(key):
+            extra[key] = rows(list(a.extra[key]), list(b.extra[key]))
+    for key in ("elementwise_gbs", "copy_bandwidth_gbs"):
+        if key in a.extra and key in b.extra:
+            extra[key] = avg(a.extra[key], b.extra[key])
+    ov = a.overheads
+    if ov is not None and b.overheads is not None:
+        fields = ("gemm_s", "attention_s", "elementwise_s", "step_s", "request_s", "layer_s",
+                  "layer_request_s")  # fmt: skip
+        ov = replace(ov, **{f: avg(getattr(ov, f), getattr(b.overheads, f)) for f in fields})
+    return replace(
+        a,
+        peak_tflops={k: (v + b.peak_tflops.get(k, v)) / 2 for k, v in a.peak_tflops.items()},
+        memory_bandwidth_gbs=(a.memory_bandwidth_gbs + b.memory_bandwidth_gbs) / 2,
+        overheads=ov,
+        extra=extra,
     )
 
 

@@ -166,6 +166,13 @@ def _add_verify(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-len", default=d.output_len)
     p.add_argument("--recalibrate", action="store_true", help="calibrate even if calibrated")
     p.add_argument(
+        "--calibrate-each",
+        action="store_true",
+        help="calibrate again after each benchmark and predict each for the mean of the "
+        "calibrations around it (a machine shared with other work)",
+    )
+    p.add_argument("--prefill-len", type=int, default=0, help="also time one long prompt")
+    p.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -527,9 +534,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from kvasir.plan.validate import validate
     from kvasir.plan.verify import VerifySettings, verify
 
-    if args.hardware in (None, "this-machine", "calibrated", "local"):
+    spec = load_model_spec(args.model)
+    calibrated = args.hardware in (None, "this-machine", "calibrated", "local")
+    if calibrated:
         hw = None if args.recalibrate else load_calibrated(args.calibration_file)
-        spec = load_model_spec(args.model)
         if hw is not None and (
             (args.threads is not None and hw.extra.get("threads") != args.threads)
             or hw.extra.get("profiled_model") != spec.name
@@ -541,7 +549,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
             save_calibrated(hw, args.calibration_file)
     else:
         hw = get_hardware(args.hardware, args.calibration_file)
-    spec = load_model_spec(args.model)
     cfg = plan_config(args)
     validate(spec, cfg, hw)
     settings = VerifySettings(
@@ -551,9 +558,22 @@ def cmd_verify(args: argparse.Namespace) -> int:
         num_prompts=args.num_prompts,
         input_len=args.input_len,
         output_len=args.output_len,
+        prefill_len=args.prefill_len,
     )
+
+    def again():  # noqa: ANN202
+        logger.info("calibrating again")
+        return calibrate(threads=args.threads, model=spec)
+
     rows = verify(
-        args.model, spec, cfg, hw, settings, dummy=args.load_format == "dummy", threads=args.threads
+        args.model,
+        spec,
+        cfg,
+        hw,
+        settings,
+        dummy=args.load_format == "dummy",
+        threads=args.threads,
+        recalibrate=again if calibrated and args.calibrate_each else None,
     )
     result = {**_context(spec, cfg, hw), "results": rows}
     _emit(args, result, f"{spec.name} on {hw.description}\n"

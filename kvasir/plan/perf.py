@@ -118,7 +118,9 @@ def op_time(op: Operator, hw: Hardware, eff: Efficiency, cfg: PlanConfig) -> OpT
     else:  # elementwise, ssm, sampler: bandwidth-bound kernels
         rate = hw.peak(op.dtype) * eff.attention_compute
         mem, fixed = bw * eff.elementwise_memory, ov.elementwise_s
-    tc, tm = op.flops / rate, op.bytes / mem
+        if hw.extra.get("elementwise_gbs"):  # calibrated: what the engine's layers reach
+            mem = float(hw.extra["elementwise_gbs"]) * 1e9
+    tc, tm = op.flops / rate, op.traffic / mem
     to = calls * fixed
     roof = max(tc, tm)
     bound = "overhead" if to > roof else ("compute" if tc >= tm else "memory")

@@ -90,7 +90,14 @@ class Operator:
     count: int = 1  # layers (or calls) it is summed over
     calls: int = 1  # kernel launches / framework calls in total
     message_bytes: float = 0.0  # comm: bytes of one collective's message
+    # What the implementation moves, where that is more than the minimum ``bytes``
+    # (kvasir's torch backend gathers K/V into a copy before attending); None: bytes.
+    moved_bytes: float | None = None
     extra: dict = field(default_factory=dict)
+
+    @property
+    def traffic(self) -> float:
+        return self.bytes if self.moved_bytes is None else self.moved_bytes
 
     @property
     def intensity(self) -> float:
@@ -209,8 +216,19 @@ def step_operators(
             if n_layers:
                 ops.extend(
                     _attention_ops(
-                        kind, shape, heads, kvh, d, ab, kvb, adt, window, n_layers, backend
-                    )
+                        kind,
+                        shape,
+                        heads,
+                        kvh,
+                        d,
+                        ab,
+                        kvb,
+                        adt,
+                        window,
+                        n_layers,
+                        backend,
+                        cfg.block_size,
+                    )  # fmt: skip
                 )
         ops.append(_gemm("o_proj", t, qs, h, wb, ab, gdt, na))
     if n_mamba:
@@ -281,6 +299,7 @@ def _attention_ops(
     window: int | None,
     n_layers: int,
     backend: str,
+    block_size: int,
 ) -> list[Operator]:
     ops = []
     kv_token = 2 * kvh * d * kvb
@@ -288,13 +307,19 @@ def _attention_ops(
     if shape.decode_context_lens:
         pairs = 0.0
         kv_tokens = 0
+        padded = 0
         for c in shape.decode_context_lens:
             keys = min(c + shape.num_spec_tokens, window) if window else c + shape.num_spec_tokens
             pairs += keys * q_rows
             kv_tokens += keys
+            padded += -(-keys // block_size) * block_size
         flops = 4.0 * d * heads * pairs
-        byts = 1.0 * kv_tokens * kv_token + shape.num_decode * q_rows * 2 * heads * d * ab
+        qo = shape.num_decode * q_rows * 2 * heads * d * ab
+        byts = 1.0 * kv_tokens * kv_token + qo
         calls = decode_groups(shape.num_decode) if backend == "torch" else 2  # split + reduce
+        # The torch backend gathers whole blocks into a copy (read + write) that SDPA
+        # then reads: three passes over the padded K/V. Triton reads the pages once.
+        moved = 3.0 * padded * kv_token + qo if backend == "torch" else None
         ops.append(
             Operator(
                 f"{kind}_decode",
@@ -304,16 +329,22 @@ def _attention_ops(
                 adt,
                 n_layers,
                 calls * n_layers,
+                moved_bytes=None if moved is None else moved * n_layers,
             )
         )
     if shape.prefill_chunks:
         pairs = 0.0
         byts = 0.0
+        moved = 0.0
         for q, past in shape.prefill_chunks:
             pairs += attention_pairs(q, past, window)
             keys = min(past + q, (window or past + q) + q)
             tiles = math.ceil(q / _ATTN_QUERY_TILE)
             byts += keys * kv_token * tiles + 2 * q * heads * d * ab
+            # torch: a fresh prompt attends to its own K/V; a later chunk gathers its
+            # request's blocks first (read + write, then read)
+            gathered = 3 * -(-keys // block_size) * block_size if past else keys
+            moved += gathered * kv_token + 2 * q * heads * d * ab
         calls = len(shape.prefill_chunks) if backend == "torch" else 1
         ops.append(
             Operator(
@@ -324,6 +355,7 @@ def _attention_ops(
                 adt,
                 n_layers,
                 calls * n_layers,
+                moved_bytes=moved * n_layers if backend == "torch" else None,
             )
         )
     return ops

@@ -16,13 +16,14 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from kvasir.plan.config import PlanConfig
 from kvasir.plan.hardware import Hardware
-from kvasir.plan.memory import capacity
+from kvasir.plan.memory import capacity, resolve_max_model_len
 from kvasir.plan.model_spec import ModelSpec
-from kvasir.plan.perf import predict_latency
+from kvasir.plan.perf import predict_latency, prefill_time
 from kvasir.plan.workload import Request, simulate
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class VerifySettings:
     input_len: str = "16:128"
     output_len: str = "16:64"
     workload_seed: int = 0
+    prefill_len: int = 0  # also time one prompt of this many tokens (bench --prefill-len)
 
 
 def _engine_flags(model: str | None, cfg: PlanConfig, dummy: bool) -> list[str]:
@@ -104,20 +106,33 @@ def workload_lengths(settings: VerifySettings, vocab_size: int) -> list[tuple[in
     return [(len(p), o) for p, o in work]
 
 
-def predict(
+def predict_latency_metrics(
     spec: ModelSpec, cfg: PlanConfig, hw: Hardware, settings: VerifySettings
 ) -> dict[str, tuple[float, str]]:
-    """metric -> (predicted value, unit) for what ``verify`` measures."""
+    """metric -> (predicted value, unit) for what ``kvasir bench latency`` measures."""
     cap = capacity(spec, cfg, hw)
     lat = predict_latency(spec, cfg, hw, settings.latency_input_len, settings.latency_output_len)
-    reqs = [Request(0.0, p, o) for p, o in workload_lengths(settings, spec.vocab_size)]
-    sim = simulate(spec, cfg, hw, reqs, cap.num_blocks or 10**9)
-    return {
+    out = {
         "decode_tok_s_batch1": (lat.decode_tok_s, "tok/s"),
         "ttft_ms_batch1": (lat.ttft_s * 1e3, "ms"),
-        f"throughput_{settings.num_prompts}_requests": (sim.output_tok_s, "output tok/s"),
         "kv_usable_blocks": (float(cap.usable_blocks), "blocks"),
     }
+    if settings.prefill_len:
+        # the bench clamps the prompt to max_model_len - 1 (its one new token must fit)
+        n = min(settings.prefill_len, resolve_max_model_len(spec, cfg) - 1)
+        out["prefill_s"] = (prefill_time(spec, cfg, hw, n), f"s ({n}-token prompt)")
+    return out
+
+
+def predict_throughput_metrics(
+    spec: ModelSpec, cfg: PlanConfig, hw: Hardware, settings: VerifySettings
+) -> dict[str, tuple[float, str]]:
+    """metric -> (predicted value, unit) for ``kvasir bench throughput``: its own
+    requests through the scheduler model."""
+    cap = capacity(spec, cfg, hw)
+    reqs = [Request(0.0, p, o) for p, o in workload_lengths(settings, spec.vocab_size)]
+    sim = simulate(spec, cfg, hw, reqs, cap.num_blocks or 10**9)
+    return {f"throughput_{settings.num_prompts}_requests": (sim.output_tok_s, "output tok/s")}
 
 
 def verify(
@@ -128,23 +143,31 @@ def verify(
     settings: VerifySettings,
     dummy: bool = False,
     threads: int | None = None,
+    recalibrate: Callable[[], Hardware] | None = None,
 ) -> list[dict]:
-    """Predicted vs measured, one row per metric: error = predicted / measured - 1."""
-    pred = predict(spec, cfg, hw, settings)
+    """Predicted vs measured, one row per metric: error = predicted / measured - 1.
+    ``recalibrate``: on a machine shared with other work, whose load drifts within
+    minutes, measure it again after each benchmark; each benchmark is then predicted
+    for the mean of the calibrations before and after it (``hw`` is the one before the
+    latency benchmark)."""
+    from kvasir.plan.calibrate import mean_calibration
+
     flags = _engine_flags(model, cfg, dummy)
-    lat, blocks = _run_bench(
-        [
-            "latency",
-            *flags,
-            "--input-len",
-            str(settings.latency_input_len),
-            "--output-len",
-            str(settings.latency_output_len),
-            "--num-iters",
-            str(settings.latency_num_iters),
-        ],
-        threads,
-    )
+    lat_args = [
+        "latency",
+        *flags,
+        "--input-len",
+        str(settings.latency_input_len),
+        "--output-len",
+        str(settings.latency_output_len),
+        "--num-iters",
+        str(settings.latency_num_iters),
+    ]
+    if settings.prefill_len:
+        lat_args += ["--prefill-len", str(settings.prefill_len)]
+    lat, blocks = _run_bench(lat_args, threads)
+    between = recalibrate() if recalibrate is not None else hw
+    pred = predict_latency_metrics(spec, cfg, mean_calibration(hw, between), settings)
     thr, _ = _run_bench(
         [
             "throughput",
@@ -160,9 +183,12 @@ def verify(
         ],
         threads,
     )
+    after = recalibrate() if recalibrate is not None else between
+    pred.update(predict_throughput_metrics(spec, cfg, mean_calibration(between, after), settings))
     measured = {
         "decode_tok_s_batch1": lat["decode_tok_s"],
         "ttft_ms_batch1": lat["ttft_ms"],
+        "prefill_s": lat.get("prefill_s"),
         f"throughput_{settings.num_prompts}_requests": thr["output_tok_s"],
         "kv_usable_blocks": float(blocks) if blocks is not None else None,
     }
@@ -172,7 +198,7 @@ def verify(
         rows.append(
             {
                 "metric": metric,
-                "predicted": round(p, 3),
+                "predicted": round(p, 4),
                 "measured": m,
                 "unit": unit,
                 "error": round(p / m - 1, 4) if m else None,
