@@ -19,6 +19,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -358,7 +359,7 @@ def mean_calibration(a: Hardware, b: Hardware) -> Hardware:
     when other work on a shared machine makes it drift."""
     from dataclasses import replace
 
-    def avg(x: object, y: object) -> object:
+    def avg(x: Any, y: Any) -> Any:
         if (
             isinstance(x, bool)
             or not isinstance(x, (int, float))
