@@ -332,6 +332,17 @@ def cmd_latency(args: argparse.Namespace) -> int:
     result = {**_context(spec, cfg, hw), "input_len": args.input_len, "output_len": args.output_len,
               "batch_size": args.batch_size, **lat.as_dict()}  # fmt: skip
     rows = [{"metric": k, "value": v} for k, v in lat.as_dict().items()]
+    if args.plot:
+        from kvasir.plan.efficiency import efficiency_for
+        from kvasir.plan.perf import step_time
+        from kvasir.plan.plots import roofline_plot
+        from kvasir.plan.roofline import StepShape
+
+        ctx = args.input_len + args.output_len // 2
+        st = step_time(spec, cfg, hw, StepShape.decode(args.batch_size, ctx))
+        title = f"{spec.name} on {hw.name}: decode step, batch {args.batch_size}, context {ctx}"
+        roofline_plot(st, hw, cfg, efficiency_for(hw), args.plot, title)
+        result["plot"] = args.plot
     _emit(args, result, f"{spec.name} on {hw.name}\n" + _table(rows))
     return 0
 
@@ -387,6 +398,23 @@ def cmd_capacity(args: argparse.Namespace) -> int:
         d["max_batch_at_seq_len"] = cap.max_batch(args.seq_len)
         d["seq_len"] = args.seq_len
     result = {**_context(spec, cfg, hw), **d}
+    if args.plot:
+        from kvasir.plan.memory import GIB, kv_bytes_per_seq
+        from kvasir.plan.plots import lines_plot
+
+        lens = [2**i for i in range(8, 18) if 2**i <= cap.max_model_len] or [cap.max_model_len]
+        series = {
+            f"batch {b}": (
+                [float(n) for n in lens],
+                [b * kv_bytes_per_seq(spec, cfg, hw.kind, n) / GIB for n in lens],
+            )
+            for b in (1, 8, 32, 128)
+        }
+        budget = cap.kv_budget_bytes * cfg.world_size / GIB
+        series["KV budget (all ranks)"] = ([float(n) for n in lens], [budget] * len(lens))
+        lines_plot(series, args.plot, "sequence length (tokens)", "KV cache (GiB, all ranks)",
+                   f"{spec.name} on {hw.name}: KV memory", logy=True)  # fmt: skip
+        result["plot"] = args.plot
     _emit(
         args,
         result,
@@ -430,13 +458,37 @@ def cmd_tco(args: argparse.Namespace) -> int:
     d["users_per_deployment"] = users_per_deployment(
         sim.output_tok_s, t.utilization, args.tokens_per_user_per_day
     )
+    from dataclasses import replace as _replace
+
+    from kvasir.plan.tco import tco as _tco
+
+    utils = [0.1, 0.2, 0.4, 0.6, 0.8, 1.0]
+    sens = [_tco(_replace(t, utilization=u), sim.output_tok_s) for u in utils]
+    d["sensitivity"] = [
+        {"utilization": u, "on_prem_usd_per_mtok": r.on_prem_usd_per_mtok,
+         "reserved_usd_per_mtok": r.reserved_usd_per_mtok,
+         "on_demand_usd_per_mtok": r.on_demand_usd_per_mtok}
+        for u, r in zip(utils, sens)
+    ]  # fmt: skip
     result = {
         **_context(spec, cfg, hw),
         "utilization": t.utilization,
         "num_accelerators": t.num_accelerators,
         **d,
     }
-    flat = {k: v for k, v in d.items() if not isinstance(v, dict)}
+    if args.plot:
+        from kvasir.plan.plots import lines_plot
+
+        xs = [u * 100 for u in utils]
+        series = {"on premises": (xs, [r.on_prem_usd_per_mtok for r in sens])}
+        if sens[0].reserved_usd_per_mtok:
+            series["reserved"] = (xs, [r.reserved_usd_per_mtok or 0.0 for r in sens])
+        if sens[0].on_demand_usd_per_mtok:
+            series["on demand"] = (xs, [r.on_demand_usd_per_mtok or 0.0 for r in sens])
+        lines_plot(series, args.plot, "utilisation (%)", "$ per million output tokens",
+                   f"{spec.name} on {t.num_accelerators} x {hw.name}", logy=True)  # fmt: skip
+        result["plot"] = args.plot
+    flat = {k: v for k, v in d.items() if not isinstance(v, (dict, list))}
     _emit(args, result, f"{spec.name} on {t.num_accelerators} x {hw.name} (output tokens)\n"
           + _table([{"field": k, "value": v} for k, v in flat.items()]))  # fmt: skip
     return 0
@@ -473,6 +525,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
         **_context(spec, cfg, get_hardware(args.hardware_list.split(",")[0])),
         "results": rows,
     }
+    if args.plot:
+        from kvasir.plan.plots import bar_plot
+
+        fit = [r for r in rows if r["fits"]]
+        bar_plot([r["hardware"] for r in fit], [r["out_tok_s"] for r in fit], args.plot,
+                 "output tokens/s", f"{spec.name}, {cfg.world_size} device(s) per replica")  # fmt: skip
+        result["plot"] = args.plot
     _emit(args, result, _table(rows, ["hardware", "fits", "ttft_ms", "tpot_ms", "out_tok_s", "kv_tokens",
                                       "usd_per_mtok_on_prem", "usd_per_mtok_on_demand"]))  # fmt: skip
     return 0

@@ -70,6 +70,8 @@ def test_latency_throughput_tco_compare_study(capsys) -> None:  # noqa: ANN001
         "--input-len", "512", "--output-len", "128", "--num-accelerators", "8",
     )  # fmt: skip
     assert tco["on_prem_usd_per_mtok"] > 0 and tco["on_demand_usd_per_mtok"] > 0
+    sens = [r["on_prem_usd_per_mtok"] for r in tco["sensitivity"]]
+    assert sens == sorted(sens, reverse=True)  # fixed costs spread over more tokens
     cmp_ = _json(
         capsys, "compare", "--model", "llama-3.1-70b", "--tp", "4", "--num-prompts", "32",
         "--input-len", "512", "--output-len", "64", "--hardware-list", "h100-sxm,l4,mi300x",
