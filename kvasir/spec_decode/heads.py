@@ -199,13 +199,19 @@ def _eagle_weights(path: str) -> dict[str, torch.Tensor]:
         # The target's head and EAGLE-1's absent layer-0 input norm: not ours to load.
         if name == "lm_head.weight" or name == "layers.0.input_layernorm.weight":
             continue
+        if name == "d2t":  # EAGLE-3's draft vocabulary: target id = draft id + d2t[id]
+            name, tensor = "token_map", torch.arange(len(tensor)) + tensor.long()
         out[name] = tensor
     return out
 
 
-def load_eagle_head(config: SpeculativeConfig, runner: ModelRunner) -> EagleHead:
+def load_eagle_head(
+    config: SpeculativeConfig, runner: ModelRunner
+) -> tuple[EagleHead, torch.Tensor | None]:
     """The EAGLE head of ``config.model`` for ``runner``'s target, on its device and
-    dtype; ValueError naming ``speculative_config.model`` when it does not fit."""
+    dtype, and its draft vocabulary (``token_map``: the target ids its LM head scores;
+    None: all of them); ValueError naming ``speculative_config.model`` when it does
+    not fit."""
     from kvasir.models.loader import process_weights_after_loading
     from kvasir.models.loader.hf_config import load_hf_arch_config
 
@@ -227,6 +233,16 @@ def load_eagle_head(config: SpeculativeConfig, runner: ModelRunner) -> EagleHead
             f"{_FIELD} {config.model!r}: fc.weight has shape {tuple(fc.shape)}, the target's "
             f"hidden size {target.hidden_size} needs {(target.hidden_size, 2 * target.hidden_size)}"
         )
+    token_map = weights.pop("token_map", None)
+    if token_map is not None:
+        token_map = token_map.long().flatten()
+        bad = token_map.numel() == 0 or int(token_map.min()) < 0
+        if bad or int(token_map.max()) >= target.vocab_size or runner.parallel.tp_size > 1:
+            why = "needs tensor_parallel_size 1" if not bad else "holds ids outside it"
+            raise ValueError(
+                f"{_FIELD} {config.model!r}: token_map (the draft vocabulary) {why} "
+                f"(target vocabulary {target.vocab_size})"
+            )
     embed = weights.get("embed_tokens.weight")
     vocab = arch.vocab_size if embed is None else int(embed.shape[0])
     if vocab != target.vocab_size:
@@ -253,7 +269,9 @@ def load_eagle_head(config: SpeculativeConfig, runner: ModelRunner) -> EagleHead
     except ValueError as e:
         raise ValueError(f"{_FIELD} {config.model!r}: {e}") from e
     process_weights_after_loading(head)
-    return head.eval()
+    if token_map is not None:
+        token_map = token_map.to(runner.device)
+    return head.eval(), token_map
 
 
 class EagleProposer(Proposer):
@@ -273,12 +291,42 @@ class EagleProposer(Proposer):
     name = "eagle"
     needs_hidden_states = True
 
-    def __init__(self, config: SpeculativeConfig, runner: ModelRunner, head: EagleHead) -> None:
+    def __init__(
+        self,
+        config: SpeculativeConfig,
+        runner: ModelRunner,
+        head: EagleHead,
+        token_map: torch.Tensor | None = None,
+    ) -> None:
         self.k = config.k
         self.num_lookahead_tokens = config.num_lookahead_tokens
         self.runner = runner
         self.head = head
         self.kv_caches: list[torch.Tensor] = []
+        # A draft vocabulary: the target LM head's rows of those ids only.
+        self.token_map = token_map
+        self._lm_rows: torch.Tensor | None = None
+        if token_map is not None:
+            weight = runner.model.lm_head.weight  # type: ignore[union-attr]
+            self._lm_rows = weight.detach().index_select(0, token_map).contiguous()
+
+    def _draw(
+        self, features: torch.Tensor, md: SamplingMetadata
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Draft tokens from the head's predicted features (and their distribution
+        over the target's vocabulary for random requests): through the target's LM
+        head, or only its draft-vocabulary rows (zero probability elsewhere)."""
+        if self._lm_rows is None:
+            return draw(self.runner.model.compute_logits(features), md)  # type: ignore[operator]
+        assert self.token_map is not None
+        logits = features.to(self._lm_rows.dtype) @ self._lm_rows.T  # [S, draft vocab]
+        tok, q = draw(logits, md)
+        tok = self.token_map.index_select(0, tok)
+        if q is not None:
+            vocab = self.runner.arch_config.vocab_size
+            full = torch.zeros(q.shape[0], vocab, dtype=q.dtype, device=q.device)
+            q = full.index_copy_(1, self.token_map, q)
+        return tok, q
 
     def kv_cache_specs(self) -> list[KVCacheSpec]:
         r = self.runner
@@ -365,8 +413,7 @@ class EagleProposer(Proposer):
         pick = torch.tensor([where.get(row, 0) for row in inputs.rows.tolist()])
         feats = feats_last.index_select(0, pick.to(feats_last.device))  # [S, hidden]
         md = inputs.sampling_metadata
-        compute_logits = r.model.compute_logits
-        tok, q = draw(compute_logits(feats), md)  # type: ignore[operator]
+        tok, q = self._draw(feats, md)
         drafts[:, 0] = tok.cpu().numpy()
         probs_steps = [q] if q is not None else []
         for j in range(1, k):
@@ -381,7 +428,7 @@ class EagleProposer(Proposer):
                 inputs.rows[active], p, p + 1, drafts[active, j - 1], feats.index_select(0, act)
             )
             feats = feats.index_copy(0, act, out)
-            tok_a, q_a = draw(compute_logits(out), _subset(md, active))  # type: ignore[operator]
+            tok_a, q_a = self._draw(out, _subset(md, active))
             drafts[active, j] = tok_a.cpu().numpy()
             if q is not None:
                 full = torch.zeros_like(probs_steps[0])
@@ -571,12 +618,13 @@ def build_head_proposer(config: SpeculativeConfig, runner: ModelRunner) -> Propo
     if runner.parallel.pp_size > 1:
         raise ValueError(f"speculative_config.method {config.method!r} needs one pipeline stage")
     if config.method == "eagle":
-        head = load_eagle_head(config, runner)
+        head, token_map = load_eagle_head(config, runner)
         logger.info(
-            "EAGLE head %s: %d layer(s), hidden %d", config.model,
+            "EAGLE head %s: %d layer(s), hidden %d, draft vocabulary %d", config.model,
             head.config.num_hidden_layers, head.config.hidden_size,
+            runner.arch_config.vocab_size if token_map is None else len(token_map),
         )  # fmt: skip
-        return EagleProposer(config, runner, head)
+        return EagleProposer(config, runner, head, token_map)
     heads = load_medusa_heads(config, runner)
     logger.info("Medusa heads %s: %d heads", config.model, len(heads.lm_heads))
     return MedusaProposer(config, heads)

@@ -64,6 +64,10 @@ class TrainDraftConfig:
     # EAGLE: the distribution loss on at most this many random positions per batch (0:
     # all); its full-vocabulary logits dominate the cost of a step for a large vocabulary.
     ce_tokens: int = 0
+    # EAGLE: > 0 saves a draft vocabulary (``token_map``) of the target tokens most
+    # frequent in the training data; the head's LM head then scores only those, which
+    # makes a draft pass far cheaper where the vocabulary dominates (small models).
+    draft_vocab: int = 0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -469,7 +473,10 @@ def train_draft(cfg: TrainDraftConfig) -> TrainResult:
         result.losses.append(float(loss.detach()))
         if step % 20 == 0 or step == cfg.steps - 1:
             logger.info("train-draft: step %d/%d loss %.4f", step + 1, cfg.steps, result.losses[-1])
-    save_heads(module, cfg, target.arch)
+    extra = {}
+    if cfg.method == "eagle" and cfg.draft_vocab:
+        extra["token_map"] = frequent_tokens(seqs, cfg.draft_vocab, target.arch.vocab_size)
+    save_heads(module, cfg, target.arch, extra)
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -521,8 +528,22 @@ def _medusa_loss(
     return total
 
 
-def save_heads(module: nn.Module, cfg: TrainDraftConfig, arch: ModelArchConfig) -> None:
-    """Write ``config.json`` and ``model.safetensors`` in the published format."""
+def frequent_tokens(seqs: list[np.ndarray], n: int, vocab_size: int) -> torch.Tensor:
+    """The ``n`` token ids most frequent in ``seqs`` (ties: lower id), ascending; ids
+    never seen fill the rest in id order when fewer than ``n`` were seen."""
+    counts = np.bincount(np.concatenate(seqs), minlength=vocab_size)
+    order = np.lexsort((np.arange(vocab_size), -counts))[: min(n, vocab_size)]
+    return torch.from_numpy(np.sort(order).astype(np.int64))
+
+
+def save_heads(
+    module: nn.Module,
+    cfg: TrainDraftConfig,
+    arch: ModelArchConfig,
+    extra: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Write ``config.json`` and ``model.safetensors`` in the published format
+    (``extra``: tensors saved beside the weights, e.g. an EAGLE ``token_map``)."""
     from safetensors.torch import save_file
 
     os.makedirs(cfg.out, exist_ok=True)
@@ -539,6 +560,7 @@ def save_heads(module: nn.Module, cfg: TrainDraftConfig, arch: ModelArchConfig) 
             "base_model_name_or_path": cfg.model,
         }
         tensors = {n: p.detach().float().contiguous() for n, p in module.state_dict().items()}
+    tensors.update(extra or {})
     with open(os.path.join(cfg.out, "config.json"), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
     save_file(tensors, os.path.join(cfg.out, "model.safetensors"))
@@ -563,7 +585,7 @@ def add_train_draft_parser(subparsers: Any) -> argparse.ArgumentParser:
         ("steps", int), ("lr", float), ("seq_len", int), ("batch_size", int),
         ("num_heads", int), ("num_layers", int), ("num_sequences", int),
         ("generate_tokens", int), ("ce_weight", float), ("feature_noise", float),
-        ("ce_tokens", int), ("seed", int),
+        ("ce_tokens", int), ("draft_vocab", int), ("seed", int),
     ):  # fmt: skip
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=d[name].default)
     p.add_argument("--chat", action="store_true", help="corpus lines are user messages")

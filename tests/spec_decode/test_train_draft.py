@@ -40,13 +40,13 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _train(tmp: Path, method: str, steps: int, corpus: Path, capsys) -> str:  # type: ignore[no-untyped-def]
-    out = tmp / f"{method}-{steps}"
+def _train(tmp: Path, method: str, steps: int, corpus: Path, capsys, *extra: str) -> str:  # type: ignore[no-untyped-def]
+    out = tmp / f"{method}-{steps}{'-'.join(extra)}"
     args = _parse(
         ["train-draft", "--method", method, "--model", "tiny-llama", "--load-format", "dummy",
          "--corpus", str(corpus), "--out", str(out), "--steps", str(steps), "--lr", "1e-2",
          "--seq-len", "64", "--generate-tokens", "48", "--num-sequences", "32",
-         "--batch-size", "8", "--num-heads", "3"]
+         "--batch-size", "8", "--num-heads", "3", *extra]
     )  # fmt: skip
     assert args.func is run_train_draft
     assert args.func(args) == 0
@@ -81,6 +81,40 @@ def test_train_draft_eagle_beats_untrained_heads(tmp_path: Path, capsys) -> None
     trained = _acceptance("eagle", _train(tmp_path, "eagle", 100, corpus, capsys), corpus)
     print(f"acceptance: untrained {untrained:.3f}, trained {trained:.3f}")
     assert trained > max(1.5 * untrained, untrained + 0.05), (trained, untrained)
+
+
+def test_eagle_draft_vocabulary_is_lossless_and_drafts_within_it(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    # --draft-vocab: the head's LM head scores only the 96 tokens most frequent in the
+    # training data (token_map); drafts come from those, verification stays lossless,
+    # and sampled requests get a distribution that is zero outside them.
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(_TEXT)
+    out = _train(tmp_path, "eagle", 60, corpus, capsys, "--draft-vocab", "96")
+    token_map = load_file(str(Path(out) / "model.safetensors"))["token_map"]
+    assert token_map.shape == (96,) and bool((token_map[1:] > token_map[:-1]).all())
+    prompts = [list(b"First Citizen"), list(b"All: Speak"), list(b"You are all")]
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    base = dict(model="tiny-llama", load_format="dummy", max_model_len=128, log=False)
+    ref = LLM(**base).generate(prompts, params, use_tqdm=False)  # type: ignore[arg-type]
+    spec = {"method": "eagle", "model": out, "num_speculative_tokens": 3}
+    llm = LLM(speculative_config=spec, **base)
+    got = llm.generate(prompts, params, use_tqdm=False)  # type: ignore[arg-type]
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in ref]
+    stats = llm.llm_engine.engine_core.scheduler.make_stats()
+    assert stats.spec_num_accepted_tokens > 0
+    proposer = llm.llm_engine.engine_core.runner.spec_decoder.proposer
+    feats = torch.randn(4, 64)
+    md = llm.llm_engine.engine_core.runner._sampling_metadata(np.zeros(0, dtype=np.int64), False)
+    from dataclasses import replace
+
+    md = replace(md, all_greedy=False, all_random=True, temperature=torch.ones(4))
+    tok, q = proposer._draw(feats, md)
+    allowed = set(token_map.tolist())
+    assert set(tok.tolist()) <= allowed
+    assert q is not None and torch.allclose(q.sum(1), torch.ones(4))
+    outside = torch.ones(q.shape[1], dtype=torch.bool)
+    outside[token_map] = False
+    assert float(q[:, outside].abs().max()) == 0.0
 
 
 def test_train_draft_medusa_runs_end_to_end(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
@@ -131,7 +165,7 @@ def test_trained_eagle_equals_the_engines_eagle_head(tmp_path: Path) -> None:
             p.add_(torch.randn_like(p) * (0.3 if "norm" in name else 0.05))
     cfg = TrainDraftConfig(method="eagle", model="tiny-llama", corpus="-", out=str(tmp_path))
     save_heads(train_head, cfg, target.arch)
-    head = load_eagle_head(
+    head, _ = load_eagle_head(
         SpeculativeConfig(method="eagle", model=str(tmp_path)),
         _engine_runner(target),  # type: ignore[arg-type]
     )
