@@ -182,3 +182,19 @@ def test_draft_identical_to_target_accepts_everything(spec: dict) -> None:
     stats = llm.llm_engine.engine_core.scheduler.make_stats()
     assert stats.spec_num_draft_tokens > 0
     assert stats.spec_num_accepted_tokens == stats.spec_num_draft_tokens
+
+
+def test_draft_model_with_another_vocabulary_is_refused(tmp_path) -> None:
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(
+        vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+    )  # fmt: skip
+    transformers.LlamaForCausalLM(cfg).save_pretrained(str(tmp_path))
+    spec = {"method": "draft_model", "model": str(tmp_path), "num_speculative_tokens": 2}
+    with pytest.raises(ValueError, match=r"speculative_config\.model .*512.*1024"):
+        _tiny(spec)
+    with pytest.raises(ValueError, match=r"speculative_config\.model"):
+        _tiny({**spec, "model": str(tmp_path / "missing")})
+    with pytest.raises(ValueError, match=r"speculative_config\.num_layers"):
+        _tiny({"method": "self_spec", "num_layers": 9})  # tiny-llama has 2 layers
