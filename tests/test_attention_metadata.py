@@ -121,22 +121,21 @@ def test_profile_batch_goes_through_the_builder() -> None:
 
 def test_torch_builder_derives_decode_groups_once() -> None:
     # Three decodes (flat rows 0, 4, 5) and a 3-token query over a cached prefix (rows
-    # 1..3, as a speculative step verifies): one batched group, queries padded to 3.
+    # 1..3, as a speculative step verifies): decodes in one batched group, the longer
+    # query in another (a decode padded to 3 queries would triple its work).
     reqs = [(8, 7, [1, 2]), (7, 4, [5, 6]), (3, 2, [3]), (6, 5, [4, 7])]
     step, buf = _step(reqs, [1, 3, 1, 1], TorchAttentionMetadataBuilder)
     md = step.attn_metadata
     assert isinstance(md, TorchAttentionMetadata) and md.block_size == BS
-    (group,) = md.decode_groups  # 4 requests: too few to split by length
-    assert group.max_q == 3
-    # Padded slots repeat a request's last query row; only real ones are written back.
-    assert group.rows.tolist() == [0, 0, 0, 1, 2, 3, 4, 4, 4, 5, 5, 5]
-    assert group.out_rows.tolist() == [0, 1, 2, 3, 4, 5]
+    decodes, verify = md.decode_groups  # too few requests to split by length
+    assert decodes.max_q == 1 and decodes.rows.tolist() == [0, 4, 5]
     # Blocks of each request up to the longest (2 blocks); request 2 has one own block,
     # so its padded entry re-reads its first.
-    assert group.blocks.tolist() == [1, 2, 5, 6, 3, 3, 4, 7]
-    # Keys each request's first query slot may see: its prefix plus itself.
-    assert group.mask[:, 0].sum(1).tolist() == [8, 5, 3, 6]
-    assert group.mask[1].sum(1).tolist() == [5, 6, 7]  # causal within the query
+    assert decodes.blocks.tolist() == [1, 2, 3, 3, 4, 7]
+    assert decodes.mask[:, 0].sum(1).tolist() == [8, 3, 6]
+    assert verify.max_q == 3 and verify.rows.tolist() == [1, 2, 3]
+    assert verify.out_rows.tolist() == [1, 2, 3] and verify.blocks.tolist() == [5, 6]
+    assert verify.mask[0].sum(1).tolist() == [5, 6, 7]  # causal within the query
     with pytest.raises(RuntimeError, match="no CUDA graphs"):
         buf.metadata_builder.build_for_capture(4, 4, 1, MAX_LEN)
     assert not TorchAttentionMetadataBuilder.supports_cuda_graphs

@@ -108,10 +108,16 @@ def decode_groups(metadata: AttentionMetadata, block_size: int) -> list[DecodeGr
     device = metadata.block_table.device
     qsl = metadata.query_start_loc_cpu.tolist()
     seq_lens = metadata.seq_lens_cpu.tolist()
-    singles = [i for i in range(metadata.num_reqs) if is_batched_query(qsl, seq_lens, i)]
+    batched = [i for i in range(metadata.num_reqs) if is_batched_query(qsl, seq_lens, i)]
+    # Decodes apart from longer queries: padding a decode's query to a verify step's
+    # 1 + k would multiply its attention work by 1 + k.
+    singles = [i for i in batched if qsl[i + 1] - qsl[i] == 1]
+    multi = [i for i in batched if qsl[i + 1] - qsl[i] > 1]
+    parts = [[subset[j] for j in members]
+             for subset in (singles, multi)
+             for members in _length_groups([seq_lens[i] for i in subset])]  # fmt: skip
     groups = []
-    for members in _length_groups([seq_lens[i] for i in singles]):
-        reqs = [singles[j] for j in members]
+    for reqs in parts:
         req_ids = torch.tensor(reqs, device=device)
         num_blocks = (max(seq_lens[i] for i in reqs) + block_size - 1) // block_size
         max_len = num_blocks * block_size
