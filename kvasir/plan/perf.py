@@ -258,7 +258,8 @@ def predict_latency(
     ``input_len`` tokens, and the mean decode step over the next ``output_len - 1``
     tokens (contexts input_len + 1 .. input_len + output_len - 1)."""
     eff = eff or efficiency_for(hw)
-    ttft = prefill_time(spec, cfg, hw, input_len, batch, eff)
+    # The first step of an idle engine: its host work has no earlier step to hide behind.
+    ttft = prefill_time(spec, cfg, hw, input_len, batch, eff) + eff.exposed_host_s
     lo, hi = input_len + 1, input_len + max(output_len - 1, 1)
     tpot, acc = decode_tpot(spec, cfg, hw, batch, lo, hi, eff)
     return LatencyPrediction(
