@@ -130,13 +130,13 @@ def attention_pairs(q_len: int, past: int, window: int | None) -> float:
     return pairs + (q_len - full) * window
 
 
-def decode_groups(num_decode: int) -> int:
-    """Attention calls kvasir's torch backend makes for the decode rows of a step: up
-    to four length groups, at most one per four requests
-    (``kvasir/attention/torch_backend.py``, ``_length_groups``)."""
-    if num_decode == 0:
-        return 0
-    return max(1, min(4, num_decode // 4))
+def torch_decode_groups(context_lens: Sequence[int]) -> list[list[int]]:
+    """The length groups kvasir's torch backend attends the decode rows of a step in
+    (its own grouping, ``kvasir/attention/torch_backend.py``: up to four groups of
+    similar length, when that saves more padded slots than the extra calls cost)."""
+    from kvasir.attention.torch_backend import _length_groups
+
+    return _length_groups(list(context_lens))
 
 
 def _gemm(
@@ -306,20 +306,25 @@ def _attention_ops(
     q_rows = 1 + shape.num_spec_tokens
     if shape.decode_context_lens:
         pairs = 0.0
-        kv_tokens = 0
-        padded = 0
+        keys_per_row = []
         for c in shape.decode_context_lens:
             keys = min(c + shape.num_spec_tokens, window) if window else c + shape.num_spec_tokens
             pairs += keys * q_rows
-            kv_tokens += keys
-            padded += -(-keys // block_size) * block_size
+            keys_per_row.append(keys)
         flops = 4.0 * d * heads * pairs
         qo = shape.num_decode * q_rows * 2 * heads * d * ab
-        byts = 1.0 * kv_tokens * kv_token + qo
-        calls = decode_groups(shape.num_decode) if backend == "torch" else 2  # split + reduce
-        # The torch backend gathers whole blocks into a copy (read + write) that SDPA
-        # then reads: three passes over the padded K/V. Triton reads the pages once.
-        moved = 3.0 * padded * kv_token + qo if backend == "torch" else None
+        byts = 1.0 * sum(keys_per_row) * kv_token + qo
+        calls, moved = 2, None  # Triton: split + reduce kernels, reading the pages once
+        if backend == "torch":
+            # Per length group: whole blocks up to the group's longest row gathered into
+            # a copy (read + write) that SDPA then reads, three passes over it.
+            groups = torch_decode_groups(keys_per_row)
+            calls = len(groups)
+            padded = sum(
+                len(g) * -(-max(keys_per_row[i] for i in g) // block_size) * block_size
+                for g in groups
+            )
+            moved = 3.0 * padded * kv_token + qo
         ops.append(
             Operator(
                 f"{kind}_decode",
