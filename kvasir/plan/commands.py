@@ -83,6 +83,8 @@ def _json_default(o: Any) -> Any:
 
 
 def _context(spec, cfg, hw) -> dict:  # noqa: ANN001
+    from kvasir.plan.efficiency import efficiency_for
+
     return {
         "model": spec.name,
         "hardware": hw.name,
@@ -91,6 +93,9 @@ def _context(spec, cfg, hw) -> dict:  # noqa: ANN001
         "dtype": cfg.model_dtype(hw.kind),
         "quantization": cfg.quantization,
         "kv_cache_dtype": cfg.kv_dtype_name(hw.kind),
+        # what the prediction rests on: RESULTS.md factors, a calibration, or the bare
+        # roofline (devices kvasir never ran on)
+        "efficiency_source": efficiency_for(hw).source,
     }
 
 

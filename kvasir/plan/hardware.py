@@ -151,11 +151,15 @@ class Hardware:
 
     def peak(self, dtype: str) -> float:
         """FLOP/s of ``dtype`` GEMMs; a dtype without its own units runs at the next
-        wider one it has (fp8 on an A100 runs as bf16, as a dequantising kernel would)."""
+        wider one it has (fp8 on an A100 runs as bf16, as a dequantising kernel would);
+        fp32 on a device with no fp32 figure (TPU, LPU, WSE-3) at its 16-bit rate."""
         order = {"fp4": "fp8", "fp8": "bf16", "int8": "bf16", "fp16": "bf16", "bf16": "fp32"}
         d = dtype
         while d not in self.peak_tflops:
             if d not in order:
+                for narrower in ("bf16", "fp16"):
+                    if narrower in self.peak_tflops:
+                        return self.peak_tflops[narrower] * 1e12
                 raise ValueError(f"{self.name} has no {dtype} rate (nor a wider one)")
             d = order[d]
         return self.peak_tflops[d] * 1e12

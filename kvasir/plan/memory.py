@@ -230,7 +230,8 @@ def capacity(spec: ModelSpec, cfg: PlanConfig, hw: Hardware) -> Capacity:
             budget = GIB  # the engine's CPU default (kv_cache_sizing.determine_num_blocks)
         else:
             act = activation_peak_bytes(spec, cfg, hw.kind, max_len)
-            budget = int(mem * cfg.gpu_memory_utilization - weights - act - CUDA_CONTEXT_BYTES)
+            context = CUDA_CONTEXT_BYTES if hw.kind == "gpu" else 0
+            budget = int(mem * cfg.gpu_memory_utilization - weights - act - context)
             if budget < bytes_per_block(specs):
                 raise ValueError(
                     f"no memory left for the KV cache on {hw.name}: weights "

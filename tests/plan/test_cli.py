@@ -110,3 +110,21 @@ def test_bad_input_names_the_parameter(capsys, argv: list[str], needle: str) -> 
     rc, out, err = _run(capsys, *argv)
     assert rc == 2
     assert needle in err, err
+
+
+def test_roofline_devices_tpu_lpu_wafer(capsys) -> None:  # noqa: ANN001
+    """The seed's accelerator comparison: TPU, LPU and WSE-3 are bare rooflines (no
+    kvasir measurement), and a 70B model fits them only split as their memory allows."""
+    base = ["latency", "--model", "llama-3-70b", "--max-model-len", "8192", "--input-len", "512"]
+    tpu = _json(capsys, *base, "--hardware", "tpu-v5p", "--tp", "4")
+    assert tpu["efficiency_source"].startswith("roofline (ideal)")
+    # 0.23 GB of SRAM a chip: 16-way tensor x 80-way pipeline of int8 weights
+    groq = _json(capsys, *base, "--hardware", "groq-lpu", "--tp", "16", "--pp", "80", "-q", "int8",
+                 "--max-num-batched-tokens", "256", "--max-num-seqs", "16")  # fmt: skip
+    wse = _json(capsys, *base, "--hardware", "cerebras-wse3", "--pp", "4")
+    gpu = _json(capsys, *base, "--hardware", "h100", "--tp", "8")
+    # weights streamed from SRAM: the wafer's bandwidth bound is far beyond HBM's
+    assert wse["decode_tok_s"] > 10 * gpu["decode_tok_s"]
+    assert groq["decode_tok_s"] > 0 and tpu["decode_tok_s"] > 0
+    rc, _, err = _run(capsys, *base, "--hardware", "groq-lpu", "--tp", "8", "--pp", "80")
+    assert rc == 2 and "short by" in err
