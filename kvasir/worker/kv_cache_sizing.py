@@ -97,7 +97,8 @@ def profile_run(runner: ModelRunner) -> None:
     first = 1 + np.concatenate([[0], np.cumsum(num_blocks)[:-1]])
     for i in range(num_reqs):
         table[i, : num_blocks[i]] = np.arange(first[i], first[i] + num_blocks[i])
-    specs = runner.kv_cache_specs()
+    # The target model's layers only (a draft proposer's caches follow them).
+    specs = kv_cache_specs(runner.model, bs, runner.dtype)
     num_cache_blocks = int(num_blocks.sum()) + 1
     caches = allocate_kv_caches(specs, num_cache_blocks, runner.attn_backend_cls, runner.device)
     ids = np.random.default_rng(0).integers(0, runner.arch_config.vocab_size, n)
