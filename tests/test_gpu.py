@@ -270,7 +270,7 @@ def test_mixed_graphs_with_short_max_model_len(tmp_path) -> None:
     "spec",
     [
         {"method": "draft_model", "num_speculative_tokens": 4},
-        {"method": "self_spec", "num_speculative_tokens": 3, "num_layers": 2},
+        {"method": "self_spec", "num_speculative_tokens": 3, "num_layers": 4},  # all 4 layers
         {"method": "ngram", "num_speculative_tokens": 4},
     ],
     ids=lambda s: s["method"],
