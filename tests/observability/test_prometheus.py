@@ -166,6 +166,10 @@ def _load(srv: ServerProc) -> None:
             t.start()
         for t in ts:
             t.join()
+        # Past a scrape (1 s) before the next pair: a counter series is born with its
+        # first request, and rate() only sees the increases after its first sample (a
+        # load that fits one scrape interval leaves every ratio at 0/0 = NaN).
+        time.sleep(1.5)
     with httpx.Client(base_url=srv.url, headers={"Authorization": f"Bearer {API_KEY}"}) as c:
         assert c.post("/v1/completions", json={"model": "nope", "prompt": "x"}).status_code == 404
 
