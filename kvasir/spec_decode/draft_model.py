@@ -27,13 +27,18 @@ import torch
 
 from kvasir.config import ModelConfig, SpeculativeConfig
 from kvasir.core.kv_cache_spec import KVCacheSpec
-from kvasir.layers.sampler import argmax_rows, compute_probs, exponential_race
-from kvasir.spec_decode.proposer import Proposal, ProposeInputs, Proposer
+from kvasir.spec_decode.proposer import (
+    Proposal,
+    ProposeInputs,
+    Proposer,
+    draw,
+    stack_probs,
+    subset_metadata,
+)
 from kvasir.worker import kv_cache_sizing
 from kvasir.worker.input_buffers import GraphSizes
 
 if TYPE_CHECKING:
-    from kvasir.layers.sampler import SamplingMetadata
     from kvasir.worker.model_runner import ModelRunner
     from kvasir.worker.request_state import CachedRequestState
 
@@ -121,10 +126,9 @@ class DraftModelProposer(Proposer):
         pick = [where.get(row, 0) for row in inputs.rows.tolist()]
         hidden = hidden_last.index_select(0, torch.tensor(pick, device=hidden_last.device))
         md = inputs.sampling_metadata
-        any_random = not md.all_greedy
         probs_steps: list[torch.Tensor] = []
         logits = self.model.compute_logits(hidden)  # type: ignore[operator]
-        tok, q = self._draw(logits, md)
+        tok, q = draw(logits, md)
         drafts[:, 0] = tok.cpu().numpy()
         if q is not None:
             probs_steps.append(q)
@@ -137,7 +141,7 @@ class DraftModelProposer(Proposer):
             p = inputs.num_tokens[active] + j - 1  # the previous draft's position
             ib.token_ids[act_rows, p] = drafts[active, j - 1]  # scratch: not known tokens
             logits_a = self._decode_logits(act_rows, p)
-            tok_a, q_a = self._draw(logits_a, _subset(md, active))
+            tok_a, q_a = draw(logits_a, subset_metadata(md, active))
             drafts[active, j] = tok_a.cpu().numpy()
             if q is not None:
                 full = torch.zeros_like(probs_steps[0])
@@ -149,10 +153,7 @@ class DraftModelProposer(Proposer):
             # step's catch-up starts after the accepted ones (see _catch_up_batch).
             for i, st in enumerate(inputs.states):
                 self._drafted[st.req_id] = (int(inputs.num_tokens[i]), int(num_drafts[i]))
-        draft_probs = torch.stack(probs_steps, dim=1) if probs_steps and any_random else None
-        if draft_probs is not None and draft_probs.shape[1] < self.k:
-            pad = self.k - draft_probs.shape[1]
-            draft_probs = torch.nn.functional.pad(draft_probs, (0, 0, 0, pad))
+        draft_probs = stack_probs(probs_steps, md, self.k)
         return Proposal(drafts, num_drafts, draft_probs)
 
     # ------------------------------------------------------------------ CUDA graphs
@@ -290,37 +291,6 @@ class DraftModelProposer(Proposer):
     def remove(self, req_id: str) -> None:
         self._computed.pop(req_id, None)
         self._drafted.pop(req_id, None)
-
-    def _draw(
-        self, logits: torch.Tensor, md: SamplingMetadata
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Greedy rows: the argmax; random rows: a sample from the draft's distribution
-        under the request's temperature and filters, which is returned [S, V]."""
-        logits = logits.float()
-        greedy = argmax_rows(logits)
-        if md.all_greedy:
-            return greedy, None
-        q = compute_probs(logits, md)
-        sampled = exponential_race(q, md.generators)
-        return torch.where(md.temperature < 1e-5, greedy, sampled), q
-
-
-def _subset(md: SamplingMetadata, idx: np.ndarray) -> SamplingMetadata:
-    """The sampling metadata of requests ``idx`` (of the S proposing ones)."""
-    from dataclasses import replace
-
-    if md.all_greedy:
-        return md
-    t = torch.from_numpy(idx).to(md.temperature.device)
-    gens = {j: md.generators[int(i)] for j, i in enumerate(idx.tolist()) if int(i) in md.generators}
-    return replace(
-        md,
-        temperature=md.temperature.index_select(0, t),
-        top_k=None if md.top_k is None else md.top_k.index_select(0, t),
-        top_p=None if md.top_p is None else md.top_p.index_select(0, t),
-        min_p=None if md.min_p is None else md.min_p.index_select(0, t),
-        generators=gens,
-    )
 
 
 def build_draft_model_proposer(config: SpeculativeConfig, runner: ModelRunner) -> Proposer:

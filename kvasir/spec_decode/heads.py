@@ -42,10 +42,15 @@ from kvasir.core.kv_cache_spec import KVCacheSpec
 from kvasir.layers.context import LayerContext
 from kvasir.layers.linear import default_weight_loader
 from kvasir.layers.rotary_embedding import RotaryEmbedding
-from kvasir.layers.sampler import argmax_rows, compute_probs, exponential_race
 from kvasir.models.llama import LlamaDecoderLayer
-from kvasir.spec_decode.draft_model import _subset
-from kvasir.spec_decode.proposer import Proposal, ProposeInputs, Proposer
+from kvasir.spec_decode.proposer import (
+    Proposal,
+    ProposeInputs,
+    Proposer,
+    draw,
+    stack_probs,
+    subset_metadata,
+)
 from kvasir.worker import kv_cache_sizing
 
 if TYPE_CHECKING:
@@ -428,14 +433,14 @@ class EagleProposer(Proposer):
                 inputs.rows[active], p, p + 1, drafts[active, j - 1], feats.index_select(0, act)
             )
             feats = feats.index_copy(0, act, out)
-            tok_a, q_a = self._draw(out, _subset(md, active))
+            tok_a, q_a = self._draw(out, subset_metadata(md, active))
             drafts[active, j] = tok_a.cpu().numpy()
             if q is not None:
                 full = torch.zeros_like(probs_steps[0])
                 if q_a is not None:
                     full[act] = q_a
                 probs_steps.append(full)
-        return Proposal(drafts, num_drafts, _stack_probs(probs_steps, md, self.k))
+        return Proposal(drafts, num_drafts, stack_probs(probs_steps, md, self.k))
 
 
 # ---------------------------------------------------------------------- Medusa
@@ -586,30 +591,7 @@ class MedusaProposer(Proposer):
             drafts[:, i] = tok.cpu().numpy()
             if q is not None:
                 probs_steps.append(q)
-        return Proposal(drafts, num_drafts, _stack_probs(probs_steps, md, self.k))
-
-
-# ---------------------------------------------------------------------- shared
-def draw(logits: torch.Tensor, md: SamplingMetadata) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Greedy rows: the argmax; random rows: a sample from the draft's distribution
-    under the request's temperature and filters, which is returned [S, V]."""
-    logits = logits.float()
-    greedy = argmax_rows(logits)
-    if md.all_greedy:
-        return greedy, None
-    q = compute_probs(logits, md)
-    sampled = exponential_race(q, md.generators)
-    return torch.where(md.temperature < 1e-5, greedy, sampled), q
-
-
-def _stack_probs(steps: list[torch.Tensor], md: SamplingMetadata, k: int) -> torch.Tensor | None:
-    """[S, k, V] of the per-draft distributions (None: all greedy)."""
-    if not steps or md.all_greedy:
-        return None
-    probs = torch.stack(steps, dim=1)
-    if probs.shape[1] < k:
-        probs = nn.functional.pad(probs, (0, 0, 0, k - probs.shape[1]))
-    return probs
+        return Proposal(drafts, num_drafts, stack_probs(probs_steps, md, self.k))
 
 
 def build_head_proposer(config: SpeculativeConfig, runner: ModelRunner) -> Proposer:

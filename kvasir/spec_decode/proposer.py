@@ -12,13 +12,14 @@ tokens (``num_lookahead_tokens`` slots, which the scheduler keeps allocated).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from kvasir.core.kv_cache_spec import KVCacheSpec
+from kvasir.layers.sampler import argmax_rows, compute_probs, exponential_race
 
 if TYPE_CHECKING:
     from kvasir.layers.sampler import SamplingMetadata
@@ -88,3 +89,42 @@ class Proposer(ABC):
 
     @abstractmethod
     def propose(self, inputs: ProposeInputs) -> Proposal: ...
+
+
+# ---------------------------------------------------------------- shared by drafting models
+def draw(logits: torch.Tensor, md: SamplingMetadata) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Greedy rows: the argmax; random rows: a sample from the draft's distribution
+    under the request's temperature and filters, which is returned [S, V]."""
+    logits = logits.float()
+    greedy = argmax_rows(logits)
+    if md.all_greedy:
+        return greedy, None
+    q = compute_probs(logits, md)
+    sampled = exponential_race(q, md.generators)
+    return torch.where(md.temperature < 1e-5, greedy, sampled), q
+
+
+def subset_metadata(md: SamplingMetadata, idx: np.ndarray) -> SamplingMetadata:
+    """The sampling metadata of requests ``idx`` (of the S proposing ones)."""
+    if md.all_greedy:
+        return md
+    t = torch.from_numpy(idx).to(md.temperature.device)
+    gens = {j: md.generators[int(i)] for j, i in enumerate(idx.tolist()) if int(i) in md.generators}
+    return replace(
+        md,
+        temperature=md.temperature.index_select(0, t),
+        top_k=None if md.top_k is None else md.top_k.index_select(0, t),
+        top_p=None if md.top_p is None else md.top_p.index_select(0, t),
+        min_p=None if md.min_p is None else md.min_p.index_select(0, t),
+        generators=gens,
+    )
+
+
+def stack_probs(steps: list[torch.Tensor], md: SamplingMetadata, k: int) -> torch.Tensor | None:
+    """[S, k, V] of the per-draft distributions, zero-padded to k (None: all greedy)."""
+    if not steps or md.all_greedy:
+        return None
+    probs = torch.stack(steps, dim=1)
+    if probs.shape[1] < k:
+        probs = torch.nn.functional.pad(probs, (0, 0, 0, k - probs.shape[1]))
+    return probs
