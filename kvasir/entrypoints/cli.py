@@ -1,4 +1,4 @@
-"""``kvasir`` command line: generate, chat, serve, bench, plan, top.
+"""``kvasir`` command line: generate, chat, serve, bench, plan, top, eval.
 
 The command line decides what reaches the terminal: results (generated text, benchmark
 tables and their JSON summary line) are printed to stdout by each command; messages to
@@ -220,7 +220,25 @@ def build_parser() -> argparse.ArgumentParser:
     from kvasir.observability.top import add_top_parser
 
     add_top_parser(sub)
+    add_eval_parser(sub)
     return parser
+
+
+# ``kvasir eval <name>``: module, help. Each module has ``add_cli_args(parser)`` and
+# ``main(args) -> int``; a new evaluation adds one line here.
+EVAL_COMMANDS: dict[str, tuple[str, str]] = {
+    "perplexity": ("kvasir.eval.perplexity", "sliding-window perplexity of a text file"),
+}
+
+
+def add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    e = sub.add_parser("eval", help="model-quality evaluations through the engine")
+    esub = e.add_subparsers(dest="eval_command", required=True)
+    for name, (module, help_text) in EVAL_COMMANDS.items():
+        mod = __import__(module, fromlist=["add_cli_args", "main"])
+        ep = esub.add_parser(name, help=help_text, description=mod.__doc__)
+        mod.add_cli_args(ep)
+        ep.set_defaults(func=mod.main)
 
 
 def main(argv: list[str] | None = None) -> int:
