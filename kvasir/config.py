@@ -80,6 +80,10 @@ class ModelConfig:
     seed: int = 0
     served_model_name: str | None = None
     trust_remote_code: bool = False
+    # Hub model ids (``org/name[:QUANT]``): kvasir.models.loader.hub
+    revision: str | None = None
+    download_dir: str | None = None
+    gguf_file: str | None = None
 
     def __post_init__(self) -> None:
         _check(bool(self.model), "model", "must be a non-empty path or config name")

@@ -29,6 +29,9 @@ class EngineArgs:
     max_model_len: int | None = None
     seed: int = 0
     served_model_name: str | None = None
+    revision: str | None = None
+    download_dir: str | None = None
+    gguf_file: str | None = None
     block_size: int = 16
     gpu_memory_utilization: float = 0.9
     kv_cache_gb: float | None = None
@@ -62,8 +65,21 @@ class EngineArgs:
             "--model",
             type=str,
             default=None,
-            help="HF model directory, .gguf file, or (with --load-format dummy) a "
+            help="HF model directory, .gguf file, Hugging Face Hub id (org/name, or "
+            "org/name:Q4_K_M for a GGUF repo), or (with --load-format dummy) a "
             "built-in config name such as llama-3-8b. Default: SmolLM2-135M-Instruct.",
+        )
+        g.add_argument(
+            "--revision", type=str, default=None, help="hub branch, tag or commit (default main)"
+        )
+        g.add_argument(
+            "--download-dir",
+            type=str,
+            default=None,
+            help="hub cache directory (default: HF_HUB_CACHE, ~/.cache/huggingface/hub)",
+        )
+        g.add_argument(
+            "--gguf-file", type=str, default=None, help="which .gguf file of a hub repo to load"
         )
         g.add_argument("--tokenizer", type=str, default=None)
         g.add_argument(
@@ -184,6 +200,9 @@ class EngineArgs:
             max_model_len=self.max_model_len,
             seed=self.seed,
             served_model_name=self.served_model_name,
+            revision=self.revision,
+            download_dir=self.download_dir,
+            gguf_file=self.gguf_file,
         )
         # The scheduler's max_model_len is resolved against the model by the engine
         # core once the architecture is known (None until then).

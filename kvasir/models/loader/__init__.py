@@ -29,6 +29,7 @@ from kvasir.models.loader.gguf_loader import (
     open_gguf,
 )
 from kvasir.models.loader.hf_config import load_hf_arch_config
+from kvasir.models.loader.hub import parse_hub_model_id, resolve_hub_model
 from kvasir.models.loader.safetensors_loader import iterate_safetensors, safetensors_files
 from kvasir.models.registry import get_model_cls
 from kvasir.quantization import QuantizationConfig
@@ -66,12 +67,18 @@ def _resolve_dummy(model: str) -> tuple[str, str]:
 def resolve_model_path(model_config: ModelConfig) -> tuple[str, str]:
     """``(path, load_format)`` for ``model_config.model``: an HF directory with
     config.json -> "safetensors", a ``*.gguf`` file (or a directory holding exactly one)
-    -> "gguf"; with load_format "dummy", a built-in config name (path of its JSON) or an
-    HF directory / config.json. Raises ValueError for anything else."""
+    -> "gguf"; a Hugging Face Hub id (``org/name[:QUANT]``) that is not a local path ->
+    the same, from the hub cache or downloaded (``kvasir.models.loader.hub``); with
+    load_format "dummy", a built-in config name (path of its JSON) or an HF directory /
+    config.json. Raises ValueError for anything else."""
     model, fmt = model_config.model, model_config.load_format
     if fmt == "dummy":
         return _resolve_dummy(model)
     path = os.path.expanduser(model)
+    if not os.path.exists(path) and parse_hub_model_id(model) is not None:
+        path = resolve_hub_model(
+            model, model_config.revision, model_config.download_dir, model_config.gguf_file
+        )
     if not os.path.exists(path):
         hint = ""
         if dummy_config_path(model) is not None:
