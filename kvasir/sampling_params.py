@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 
 _MAX_LOGPROBS = 20
@@ -41,6 +42,17 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    # Sampling extras (OpenAI / vLLM). logit_bias: token id -> bias added to its logit,
+    # in [-100, 100]; allowed_token_ids: only these may be sampled; bad_words: words
+    # never generated (a multi-token word is cut at its last token once its prefix is
+    # out). bad_words_token_ids is filled from bad_words by the input processor.
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    bad_words_token_ids: list[list[int]] | None = None
+    # best_of >= n candidates are sampled; the n with the highest cumulative logprob
+    # are returned.
+    best_of: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -50,6 +62,12 @@ class SamplingParams:
         else:
             self.stop = list(self.stop)
         self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.logit_bias is not None:
+            self.logit_bias = _token_bias(self.logit_bias)
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = list(self.allowed_token_ids)
+        if isinstance(self.bad_words, str):
+            self.bad_words = [self.bad_words]
         self._validate()
 
     def _validate(self) -> None:
@@ -91,12 +109,66 @@ class SamplingParams:
             raise bad("stop", "a list of non-empty strings", self.stop)
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids or []):
             raise bad("stop_token_ids", "a list of non-negative integers", self.stop_token_ids)
+        self._validate_extras(bad)
+
+    def _validate_extras(self, bad: Callable[[str, str, object], ValueError]) -> None:
+        for t, b in (self.logit_bias or {}).items():
+            if t < 0:
+                raise bad("logit_bias", "keyed by non-negative token ids", t)
+            if not -100.0 <= b <= 100.0:
+                raise bad("logit_bias", f"values in [-100, 100] (token {t})", b)
+        if self.allowed_token_ids is not None and (
+            not self.allowed_token_ids
+            or any(_not_token_id(t) for t in self.allowed_token_ids)
+        ):
+            raise bad(
+                "allowed_token_ids", "a non-empty list of non-negative integers",
+                self.allowed_token_ids,
+            )  # fmt: skip
+        if self.bad_words is not None and any(
+            not isinstance(w, str) or not w.strip() for w in self.bad_words
+        ):
+            raise bad("bad_words", "a list of non-empty strings", self.bad_words)
+        if self.best_of is not None:
+            if not isinstance(self.best_of, int) or self.best_of < self.n:
+                raise bad("best_of", f"an integer >= n ({self.n})", self.best_of)
+            if self.best_of > self.n and self.output_kind == RequestOutputKind.DELTA:
+                raise bad("best_of", f"== n ({self.n}) when streaming", self.best_of)
 
     @property
     def is_greedy(self) -> bool:
         return self.temperature < 1e-5
 
+    @property
+    def num_candidates(self) -> int:
+        """Sequences to sample: best_of when set, else n."""
+        return self.best_of if self.best_of is not None else self.n
+
+    @property
+    def has_token_masks(self) -> bool:
+        return bool(self.logit_bias or self.allowed_token_ids or self.bad_words_token_ids)
+
     def clone(self) -> SamplingParams:
         import copy
 
         return copy.deepcopy(self)
+
+
+def _not_token_id(t: object) -> bool:
+    return isinstance(t, bool) or not isinstance(t, int) or t < 0
+
+
+def _token_bias(bias: dict) -> dict[int, float]:
+    """``{token id: bias}``; keys may be strings of integers (the OpenAI API's JSON)."""
+    if not isinstance(bias, dict):
+        raise ValueError(f"logit_bias must be a map of token id -> bias, got {bias!r}")
+    out: dict[int, float] = {}
+    for k, v in bias.items():
+        try:
+            t = int(k)
+        except (TypeError, ValueError):
+            raise ValueError(f"logit_bias keys must be token ids (integers), got {k!r}") from None
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"logit_bias values must be numbers, got {v!r}")
+        out[t] = float(v)
+    return out

@@ -159,3 +159,21 @@ DEFAULT_MODEL_PROMPTS = [
     "The quick brown fox",
     "In machine learning, a neural network is",
 ]
+
+
+def save_tiny_llama(path: str, vocab_size: int = 256, seed: int = 0, **overrides: object) -> object:
+    """A tiny random ``LlamaForCausalLM`` (unit-scale weights, ``randomize_``) saved as
+    safetensors under ``path``; returns the HF model (float32, eval)."""
+    import transformers
+
+    kwargs: dict = dict(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        bos_token_id=1, eos_token_id=2, attn_implementation="eager", tie_word_embeddings=False,
+    )  # fmt: skip
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kwargs)).eval()
+    randomize_(hf, seed=seed)
+    hf.save_pretrained(path)
+    return hf

@@ -84,17 +84,23 @@ class InputProcessor:
         for t in params.stop_token_ids or []:
             if t >= self.vocab_size:
                 raise ValueError(f"stop_token_ids must be in [0, {self.vocab_size}), got {t}")
+        if params.logit_bias or params.allowed_token_ids or params.bad_words:
+            params = self.resolve_token_masks(params)
         arrival = time.time() if arrival_time is None else arrival_time
-        if params.n == 1:
+        num_seqs = params.num_candidates
+        if num_seqs == 1:
             child_ids = [request_id]
         else:
-            child_ids = [child_request_id(i, request_id) for i in range(params.n)]
+            child_ids = [child_request_id(i, request_id) for i in range(num_seqs)]
         core_requests = []
         for i, cid in enumerate(child_ids):
             child_params = params
-            if params.n > 1:
+            if num_seqs > 1:
                 child_params = params.clone()
                 child_params.n = 1
+                child_params.best_of = None
+                if num_seqs > params.n and child_params.logprobs is None:
+                    child_params.logprobs = 0  # best_of ranks by cumulative logprob
                 # Distinct but reproducible streams for the n samples of a seeded request.
                 if params.seed is not None:
                     child_params.seed = params.seed + i
@@ -111,6 +117,37 @@ class InputProcessor:
                 )
             )
         return ProcessedRequest(text, ids, core_requests, child_ids)
+
+    def resolve_token_masks(self, params: SamplingParams) -> SamplingParams:
+        """Check logit_bias / allowed_token_ids against the vocabulary and tokenize
+        bad_words (vLLM: each word as is and with a leading space, the latter only when
+        it is a different token sequence of the same length)."""
+        vocab = self.vocab_size
+        for t in params.logit_bias or {}:
+            if t >= vocab:
+                raise ValueError(
+                    f"logit_bias has token id {t}, outside the vocabulary [0, {vocab})"
+                )
+        for t in params.allowed_token_ids or []:
+            if t >= vocab:
+                raise ValueError(
+                    f"allowed_token_ids has token id {t}, outside the vocabulary [0, {vocab})"
+                )
+        if not params.bad_words or params.bad_words_token_ids is not None:
+            return params
+        if self.tokenizer is None:
+            raise ValueError("bad_words needs a tokenizer; this model has none")
+        word_ids: list[list[int]] = []
+        for word in params.bad_words:
+            plain = list(self.tokenizer.encode(word.lstrip(), add_special_tokens=False))
+            spaced = list(self.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False))
+            if plain:
+                word_ids.append(plain)
+            if spaced and spaced != plain and len(spaced) == len(plain):
+                word_ids.append(spaced)
+        params = params.clone()
+        params.bad_words_token_ids = word_ids
+        return params
 
     def apply_chat_template(
         self, messages: list[dict], add_generation_prompt: bool = True, **kwargs: Any

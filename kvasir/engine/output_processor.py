@@ -9,6 +9,7 @@ No torch here: this runs next to the HTTP server.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable
 from typing import Any, NamedTuple
@@ -140,7 +141,7 @@ class OutputProcessor:
                 index,
                 parent,
                 IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params),
-                LogprobsProcessor(self._token_texts, params.logprobs, None),
+                LogprobsProcessor(self._token_texts, _num_logprobs(params), None),
             )
             parent.children.append(child)
             self._children[child_id] = child
@@ -256,6 +257,10 @@ class OutputProcessor:
         else:
             # CUMULATIVE and FINAL_ONLY report every sample, in index order.
             completions = [_completion(c, delta=False, abort=abort) for c in parent.children]
+        extra: dict = {}
+        if parent.params.num_candidates > parent.params.n:
+            extra["num_candidate_tokens"] = sum(len(c.token_ids) for c in completions)
+            completions = _best_of(completions, parent.params)
 
         prompt_logprobs = None
         if parent.prompt_logprobs is not None and not parent.prompt_logprobs_sent:
@@ -279,6 +284,7 @@ class OutputProcessor:
             num_cached_tokens=parent.num_cached_tokens,
             metrics=parent.metrics,
             stats=self._make_stats(parent, abort) if finished and self.log_stats else None,
+            extra=extra,
         )
 
     def _make_stats(self, parent: _ParentState, abort: bool) -> RequestStats:
@@ -366,3 +372,27 @@ def _completion(child: _ChildState, delta: bool, abort: bool) -> CompletionOutpu
         finish_reason=finish_reason,
         stop_reason=child.stop_reason,
     )
+
+
+def _num_logprobs(params: SamplingParams) -> int | None:
+    # best_of ranks candidates by cumulative logprob: track it even when not asked for.
+    if params.logprobs is None and params.num_candidates > params.n:
+        return 0
+    return params.logprobs
+
+
+def _best_of(completions: list[CompletionOutput], params: SamplingParams) -> list[CompletionOutput]:
+    """The n candidates with the highest cumulative logprob, re-indexed 0..n-1 in that
+    order (logprobs dropped when the request did not ask for them)."""
+    ranked = sorted(
+        completions,
+        key=lambda c: -math.inf if c.cumulative_logprob is None else c.cumulative_logprob,
+        reverse=True,
+    )
+    out = []
+    for i, c in enumerate(ranked[: params.n]):
+        c.index = i
+        if params.logprobs is None:
+            c.logprobs = None
+        out.append(c)
+    return out

@@ -7,6 +7,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from kvasir.engine.arg_utils import EngineArgs
+from kvasir.engine.beam_search import (
+    BeamSearch,
+    BeamSearchOutput,
+    BeamSearchParams,
+    TopLogprobs,
+    run_beam_search,
+    top_logprobs_of,
+)
 from kvasir.engine.llm_engine import LLMEngine
 from kvasir.outputs import RequestOutput
 from kvasir.sampling_params import RequestOutputKind, SamplingParams
@@ -90,6 +98,39 @@ class LLM:
             for conv in conversations  # type: ignore[union-attr]
         ]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def beam_search(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        params: BeamSearchParams,
+        use_tqdm: bool = False,
+    ) -> list[BeamSearchOutput]:
+        """Beam search (vLLM's ``LLM.beam_search``): per prompt, the ``beam_width`` best
+        hypotheses, best first (see ``kvasir/engine/beam_search.py`` for the ranking)."""
+        if isinstance(prompts, (str, dict)) or (
+            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
+        ):
+            prompts = [prompts]  # type: ignore[list-item]
+        ip = self.llm_engine.input_processor
+        searches = [
+            BeamSearch(ip.tokenize(p)[1], params, ip.eos_token_ids, ip.max_model_len)
+            for p in prompts  # type: ignore[union-attr]
+        ]
+
+        def generate(batch: list[list[int]], sp: SamplingParams) -> list[TopLogprobs]:
+            outs = self.generate(batch, sp, use_tqdm=use_tqdm)  # type: ignore[arg-type]
+            k = sp.logprobs or 0
+            return [top_logprobs_of((o.outputs[0].logprobs or [{}])[0], k) for o in outs]
+
+        results = run_beam_search(searches, generate)
+        tok = self.get_tokenizer()
+        for r in results:
+            for seq in r.sequences:
+                if tok is not None:
+                    seq.text = tok.decode(
+                        seq.output_token_ids, skip_special_tokens=not params.include_stop_str_in_output
+                    )
+        return results
 
     def _run(
         self,

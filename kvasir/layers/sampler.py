@@ -43,6 +43,26 @@ class SamplingMetadata:
     output_token_ids: list[list[int]]  # per row, tokens generated so far
     min_tokens_stop_ids: dict[int, list[int]]  # row -> ids forbidden while output < min_tokens
     max_num_logprobs: int | None  # largest `logprobs` in the batch; None: nobody wants them
+    # Token masks (logit_bias, allowed_token_ids, bad_words); None: no row uses them.
+    token_masks: TokenMasks | None = None
+    # bad_words: the last L-1 tokens of each row's output ([B, L-1] int64, right-aligned,
+    # -1 where the output is shorter); rebuilt every step (see InputBatch).
+    recent_output_ids: torch.Tensor | None = None
+
+
+class TokenMasks(NamedTuple):
+    """Per-token masks of a batch as flat index tensors (built when the batch changes;
+    applied in one batched op each). Row indices are sample indices into the batch."""
+
+    bias_rows: torch.Tensor | None  # [N] int64
+    bias_token_ids: torch.Tensor | None  # [N] int64
+    bias_values: torch.Tensor | None  # [N] float32
+    allowed_rows: torch.Tensor | None  # [R] int64: the rows restricted to a whitelist
+    allowed_index: torch.Tensor | None  # [2, M] int64: (index into allowed_rows, token id)
+    bad_rows: torch.Tensor | None  # [W] int64: the row each bad word belongs to
+    bad_prefix: torch.Tensor | None  # [W, L-1] int64, right-aligned, -1 padded
+    bad_last: torch.Tensor | None  # [W] int64: the token banned once the prefix is out
+    max_bad_prefix: int  # L-1
 
 
 class LogprobsTensors(NamedTuple):
@@ -62,7 +82,8 @@ class SamplerOutput(NamedTuple):
 class Sampler(nn.Module):
     """Samples one token per row of ``logits`` ([B, V] float32).
 
-    Order (vLLM v1): raw logprobs -> min_tokens mask -> penalties -> greedy argmax /
+    Order (vLLM v1): raw logprobs -> allowed_token_ids / bad_words / logit_bias ->
+    min_tokens mask -> penalties -> greedy argmax /
     (temperature -> top-k -> top-p -> min-p -> exponential race). Does not modify the
     caller's ``logits``.
     """
@@ -74,6 +95,8 @@ class Sampler(nn.Module):
         if md.max_num_logprobs is not None:
             raw_logprobs = torch.log_softmax(logits, dim=-1)  # [B, V]
 
+        if md.token_masks is not None:
+            logits = apply_token_masks(logits, md.token_masks, md.recent_output_ids)
         if md.min_tokens_stop_ids:
             logits = apply_min_tokens_mask(logits, md.min_tokens_stop_ids)
         if not md.no_penalties:
@@ -130,6 +153,44 @@ def apply_min_tokens_mask(logits: torch.Tensor, stop_ids: dict[int, list[int]]) 
     index = torch.tensor([rows, cols], dtype=torch.int64).to(logits.device, non_blocking=True)
     logits = logits.clone()
     logits[index[0], index[1]] = float("-inf")
+    return logits
+
+
+def apply_token_masks(
+    logits: torch.Tensor, masks: TokenMasks, recent_output_ids: torch.Tensor | None
+) -> torch.Tensor:
+    """Whitelists (allowed_token_ids), then bad words, then logit_bias, each as one
+    batched op over the rows that use it. Returns a new tensor."""
+    logits = logits.clone()
+    neg_inf = float("-inf")
+    if masks.allowed_rows is not None:
+        assert masks.allowed_index is not None
+        keep = torch.zeros(
+            len(masks.allowed_rows), logits.shape[1], dtype=torch.bool, device=logits.device
+        )  # [R, V]
+        keep[masks.allowed_index[0], masks.allowed_index[1]] = True
+        sub = logits.index_select(0, masks.allowed_rows).masked_fill_(~keep, neg_inf)
+        logits.index_copy_(0, masks.allowed_rows, sub)
+    if masks.bad_rows is not None:
+        assert masks.bad_prefix is not None and masks.bad_last is not None
+        banned = masks.bad_last
+        if masks.max_bad_prefix:
+            assert recent_output_ids is not None
+            recent = recent_output_ids.index_select(0, masks.bad_rows)  # [W, L-1]
+            # A word whose prefix is padding there matches anything; a real prefix token
+            # must equal the output token at its (right-aligned) position.
+            match = (masks.bad_prefix < 0) | (masks.bad_prefix == recent)
+            banned = torch.where(match.all(dim=1), banned, logits.shape[1])
+        # Unbanned words point at a scratch column past the vocabulary.
+        pad = torch.zeros(logits.shape[0], 1, dtype=logits.dtype, device=logits.device)
+        wide = torch.cat([logits, pad], dim=1)  # [B, V + 1]
+        wide[masks.bad_rows, banned] = neg_inf
+        logits = wide[:, :-1]
+    if masks.bias_rows is not None:
+        assert masks.bias_token_ids is not None and masks.bias_values is not None
+        logits.index_put_(
+            (masks.bias_rows, masks.bias_token_ids), masks.bias_values, accumulate=True
+        )
     return logits
 
 

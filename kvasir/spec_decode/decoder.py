@@ -27,6 +27,7 @@ from kvasir.core.outputs import ModelRunnerOutput, SchedulerOutput, TokenLogprob
 from kvasir.layers.sampler import (
     apply_min_tokens_mask,
     apply_penalties,
+    apply_token_masks,
     argmax_rows,
     compute_probs,
     gather_logprobs,
@@ -227,6 +228,12 @@ class SpecDecoder:
                 st = states[int(req_e[e])]
                 stop[e] = st.min_tokens_stop_ids
             logits = apply_min_tokens_mask(logits, stop)
+        if md.token_masks is not None:
+            masks, recent = md.token_masks, None
+            if masks.max_bad_prefix:  # position j follows drafts 0..j-1 (in token_ids)
+                ends = ib.num_known_tokens[rows_e] + pos_e
+                recent = ib.recent_output_ids(rows_e, ends, masks.max_bad_prefix, d)
+            logits = apply_token_masks(logits, masks, recent)
         if not md.no_penalties:
             logits = apply_penalties(logits, md)
         target_argmax = argmax_rows(logits)  # [T]

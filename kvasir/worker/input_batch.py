@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kvasir.layers.sampler import SamplingMetadata
+from kvasir.layers.sampler import SamplingMetadata, TokenMasks
 from kvasir.worker.request_state import CachedRequestState
 
 
@@ -77,17 +77,22 @@ class InputBatch:
         self.penalized = np.zeros(r, dtype=bool)
         self.min_tokens = np.zeros(r, dtype=np.int64)
         self.num_logprobs = np.full(r, -1, dtype=np.int64)  # -1: no logprobs wanted
+        # logit_bias / allowed_token_ids / bad_words; the longest bad word prefix (0: none).
+        self.token_masked = np.zeros(r, dtype=bool)
+        self.bad_prefix_len = np.zeros(r, dtype=np.int64)
         # Rows using a rare feature; 0 keeps the common step off its code path.
         self.num_penalized = 0
         self.num_min_tokens = 0
         self.num_seeded = 0
         self.num_prompt_logprobs = 0
+        self.num_token_masked = 0
+        self.num_bad_word_prefixes = 0  # rows whose masks depend on their last tokens
         self._arrays = (
             self.num_tokens, self.num_known_tokens, self.num_prompt_tokens,
             self.num_computed_tokens, self.prev_sample_index, self.num_blocks,
             self.temperature, self.top_k, self.top_p, self.min_p, self.presence_penalty,
             self.frequency_penalty, self.repetition_penalty, self.penalized, self.min_tokens,
-            self.num_logprobs,
+            self.num_logprobs, self.token_masked, self.bad_prefix_len,
         )  # fmt: skip
 
     # ------------------------------------------------------------------ rows
@@ -131,9 +136,15 @@ class InputBatch:
         has_min_tokens = bool(sp.min_tokens and state.min_tokens_stop_ids)
         self.min_tokens[row] = sp.min_tokens if has_min_tokens else 0
         self.num_logprobs[row] = -1 if sp.logprobs is None else sp.logprobs
+        self.token_masked[row] = sp.has_token_masks
+        words = sp.bad_words_token_ids or []
+        self.bad_prefix_len[row] = max((len(w) - 1 for w in words), default=0)
         self._count(state, penalized, has_min_tokens, +1)
 
     def _count(self, state: CachedRequestState, penalized: bool, min_tok: bool, d: int) -> None:
+        sp = state.sampling_params
+        self.num_token_masked += d * sp.has_token_masks
+        self.num_bad_word_prefixes += d * any(len(w) > 1 for w in sp.bad_words_token_ids or [])
         self.num_penalized += d * penalized
         self.num_min_tokens += d * min_tok
         self.num_seeded += d * (state.generator is not None)
@@ -245,7 +256,71 @@ class InputBatch:
             output_token_ids=output_ids,
             min_tokens_stop_ids={},
             max_num_logprobs=max_lp if max_lp >= 0 else None,
+            token_masks=self._token_masks(rows, device) if self.num_token_masked else None,
         )
+
+    def _token_masks(self, rows: np.ndarray, device: torch.device) -> TokenMasks | None:
+        """logit_bias, allowed_token_ids and bad_words of ``rows`` as flat index tensors
+        (Python over the masked rows only, when the batch changes)."""
+        masked = np.nonzero(self.token_masked[rows])[0]
+        if not len(masked):
+            return None
+        b_rows: list[int] = []
+        b_ids: list[int] = []
+        b_vals: list[float] = []
+        a_rows: list[int] = []
+        a_idx: list[int] = []
+        a_ids: list[int] = []
+        w_rows: list[int] = []
+        words: list[list[int]] = []
+        for i in masked.tolist():
+            st = self.req_states[int(rows[i])]
+            assert st is not None
+            sp = st.sampling_params
+            if sp.logit_bias:
+                b_rows += [i] * len(sp.logit_bias)
+                b_ids += list(sp.logit_bias)
+                b_vals += list(sp.logit_bias.values())
+            if sp.allowed_token_ids:
+                a_idx += [len(a_rows)] * len(sp.allowed_token_ids)
+                a_ids += sp.allowed_token_ids
+                a_rows.append(i)
+            for w in sp.bad_words_token_ids or []:
+                w_rows.append(i)
+                words.append(w)
+        width = max((len(w) - 1 for w in words), default=0)
+        prefix = np.full((len(words), width), -1, dtype=np.int64)
+        for j, w in enumerate(words):
+            if len(w) > 1:
+                prefix[j, width - len(w) + 1 :] = w[:-1]
+
+        def dev(x: list, dtype: type = np.int64) -> torch.Tensor | None:
+            return to_device(np.asarray(x, dtype=dtype), device) if x else None
+
+        return TokenMasks(
+            bias_rows=dev(b_rows),
+            bias_token_ids=dev(b_ids),
+            bias_values=dev(b_vals, np.float32),
+            allowed_rows=dev(a_rows),
+            allowed_index=to_device(np.asarray([a_idx, a_ids], dtype=np.int64), device)
+            if a_rows
+            else None,
+            bad_rows=dev(w_rows),
+            bad_prefix=to_device(prefix, device) if words else None,
+            bad_last=dev([w[-1] for w in words]),
+            max_bad_prefix=width,
+        )
+
+    def recent_output_ids(
+        self, rows: np.ndarray, ends: np.ndarray, width: int, device: torch.device
+    ) -> torch.Tensor:
+        """[len(rows), width] int64: output tokens ``ends - width .. ends - 1`` of each
+        row (its tokens before position ``ends``), -1 where that is inside the prompt.
+        bad_words compares them with its words' prefixes."""
+        pos = ends[:, None] - width + np.arange(width)[None, :]  # [B, width]
+        ok = pos >= self.num_prompt_tokens[rows][:, None]
+        ids = self.token_ids[rows[:, None], np.clip(pos, 0, None)].astype(np.int64)
+        return to_device(np.where(ok, ids, -1), device)
 
     def min_tokens_stop_ids(self, rows: np.ndarray) -> dict[int, list[int]]:
         """Sample index -> token ids to forbid, for rows that have produced fewer than

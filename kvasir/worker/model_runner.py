@@ -345,8 +345,9 @@ class ModelRunner:
         if not so.num_scheduled_tokens:
             return None
         ib = self.input_batch
-        if self._unread and ib.num_penalized:
-            self._read_back(self._unread[-1])  # penalties need every token on the host
+        if self._unread and (ib.num_penalized or ib.num_bad_word_prefixes):
+            # Penalties and multi-token bad words need every token on the host.
+            self._read_back(self._unread[-1])
         step = self._prepare_inputs(so)
         rows, n = step.rows, len(step.rows)
         prompt_lp: dict[str, list[TokenLogprobs]] = {}
@@ -555,6 +556,10 @@ class ModelRunner:
                 self._sampling_cache = (key, md)
         if ib.num_min_tokens:
             md = replace(md, min_tokens_stop_ids=ib.min_tokens_stop_ids(rows))
+        if md.token_masks is not None and md.token_masks.max_bad_prefix:
+            ends = ib.num_tokens[rows]
+            recent = ib.recent_output_ids(rows, ends, md.token_masks.max_bad_prefix, self.device)
+            md = replace(md, recent_output_ids=recent)
         return md
 
 
