@@ -118,8 +118,7 @@ class SamplingParams:
             if not -100.0 <= b <= 100.0:
                 raise bad("logit_bias", f"values in [-100, 100] (token {t})", b)
         if self.allowed_token_ids is not None and (
-            not self.allowed_token_ids
-            or any(_not_token_id(t) for t in self.allowed_token_ids)
+            not self.allowed_token_ids or any(_not_token_id(t) for t in self.allowed_token_ids)
         ):
             raise bad(
                 "allowed_token_ids", "a non-empty list of non-negative integers",

@@ -181,7 +181,10 @@ def test_token_masks_match_per_row_reference() -> None:
         bias_values=torch.tensor([x[2] for x in b]),
         allowed_rows=torch.tensor(a_rows),
         allowed_index=torch.tensor(
-            [[i for i, r in enumerate(a_rows) for _ in allowed[r]], [t for r in a_rows for t in allowed[r]]]
+            [
+                [i for i, r in enumerate(a_rows) for _ in allowed[r]],
+                [t for r in a_rows for t in allowed[r]],
+            ]
         ),
         bad_rows=torch.tensor(w_rows),
         bad_prefix=torch.tensor(prefix),

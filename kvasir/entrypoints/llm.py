@@ -128,7 +128,8 @@ class LLM:
             for seq in r.sequences:
                 if tok is not None:
                     seq.text = tok.decode(
-                        seq.output_token_ids, skip_special_tokens=not params.include_stop_str_in_output
+                        seq.output_token_ids,
+                        skip_special_tokens=not params.include_stop_str_in_output,
                     )
         return results
 

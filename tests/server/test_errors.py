@@ -168,7 +168,7 @@ def test_unsupported_features_are_400(http) -> None:
             {"model": MODEL, "messages": msgs, "response_format": {"type": "json_object"}},
             "response_format.type",
         ),
-        ({"model": MODEL, "messages": msgs, "logit_bias": {"5": 1.0}}, "logit_bias"),
+        ({"model": MODEL, "messages": msgs, "logit_bias": {"5": 101.0}}, "logit_bias"),
         (
             {
                 "model": MODEL,

@@ -71,7 +71,9 @@ class SamplingFields(OpenAIModel):
     temperature: float | None = Field(None, ge=0.0, description="Default 1.0; 0 is greedy.")
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     user: str | None = None
-    logit_bias: dict[str, float] | None = Field(None, description="Not supported (must be empty).")
+    logit_bias: dict[str, float] | None = Field(
+        None, description="Token id (as a string) -> bias in [-100, 100] added to its logit."
+    )
     # vLLM extras
     top_k: int | None = Field(None, ge=-1, description="-1 disables.")
     min_p: float | None = Field(None, ge=0.0, le=1.0)
@@ -88,6 +90,10 @@ class SamplingFields(OpenAIModel):
         "share cached KV blocks.",
     )
     priority: int = Field(0, description="Lower is served first (--scheduling-policy priority).")
+    allowed_token_ids: list[int] | None = Field(None, description="Only these may be sampled.")
+    bad_words: list[str] | None = Field(None, description="Words that are never generated.")
+    use_beam_search: bool = Field(False, description="Beam search with n beams (vLLM).")
+    length_penalty: float = Field(1.0, description="Beam search: score / length**penalty.")
 
 
 # ---------------------------------------------------------------- completions
@@ -101,7 +107,9 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=_MAX_LOGPROBS)
     prompt_logprobs: int | None = Field(None, ge=0, le=_MAX_LOGPROBS)
-    best_of: int | None = Field(None, ge=1, description="Only best_of == n is supported.")
+    best_of: int | None = Field(
+        None, ge=1, le=128, description="Candidates sampled (>= n); the n best are returned."
+    )
     suffix: str | None = Field(None, description="Not supported (must be null).")
 
 

@@ -15,6 +15,7 @@ from kvasir.engine.async_llm import EngineDeadError, RequestRejectedError
 from kvasir.entrypoints.openai.errors import OpenAIError, bad_request
 from kvasir.entrypoints.openai.observability import observation, tokenize_span
 from kvasir.entrypoints.openai.protocol import ChatCompletionRequest, ChatMessage
+from kvasir.entrypoints.openai.serving_beam import chat_beam_search
 from kvasir.entrypoints.openai.serving_common import (
     SSE_DONE,
     ClientDisconnected,
@@ -157,6 +158,8 @@ class OpenAIServingChat:
             prompt_ids = self._render(req)
         check_length(ctx, len(prompt_ids), max_tokens, "messages", max_name)
         k = (req.top_logprobs or 0) if req.logprobs else None
+        if req.use_beam_search:
+            return await chat_beam_search(ctx, req, raw_request, prompt_ids, max_tokens)
         params = make_sampling_params(req, max_tokens, k, req.stream, rename=rename)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())

@@ -94,8 +94,8 @@ PARAM_NAMES = set(SamplingFields.model_fields) | {
 
 
 def check_unsupported(req: SamplingFields) -> None:
-    if req.logit_bias:
-        raise bad_request("logit_bias is not supported", "logit_bias")
+    if req.use_beam_search and req.stream:
+        raise bad_request("use_beam_search does not support stream", "use_beam_search")
 
 
 def make_sampling_params(
@@ -105,10 +105,15 @@ def make_sampling_params(
     stream: bool,
     prompt_logprobs: int | None = None,
     rename: dict[str, str] | None = None,
+    best_of: int | None = None,
 ) -> SamplingParams:
     try:
         return SamplingParams(
             n=req.n,
+            best_of=best_of,
+            logit_bias=req.logit_bias,  # type: ignore[arg-type]  # string keys are parsed
+            allowed_token_ids=req.allowed_token_ids,
+            bad_words=req.bad_words,
             presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty,
             repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,

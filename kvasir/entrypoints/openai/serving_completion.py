@@ -15,6 +15,7 @@ from kvasir.engine.async_llm import EngineDeadError, RequestRejectedError
 from kvasir.entrypoints.openai.errors import OpenAIError, bad_request, from_value_error
 from kvasir.entrypoints.openai.observability import observation, tokenize_span
 from kvasir.entrypoints.openai.protocol import CompletionRequest
+from kvasir.entrypoints.openai.serving_beam import beam_params, beam_search_outputs
 from kvasir.entrypoints.openai.serving_common import (
     PARAM_NAMES,
     SSE_DONE,
@@ -90,8 +91,8 @@ class OpenAIServingCompletion:
         check_unsupported(req)
         if req.suffix is not None:
             raise bad_request("suffix is not supported", "suffix")
-        if req.best_of is not None and req.best_of != req.n:
-            raise bad_request("best_of must be equal to n (or omitted)", "best_of")
+        if req.use_beam_search and req.best_of not in (None, req.n):
+            raise bad_request("best_of must equal n with use_beam_search", "best_of")
         prompts = _prompt_list(req.prompt)
         texts: list[str] = []
         prompt_ids: list[list[int]] = []
@@ -114,11 +115,26 @@ class OpenAIServingCompletion:
         prompt_logprobs = req.prompt_logprobs
         if req.echo and req.logprobs is not None:
             prompt_logprobs = max(req.logprobs, prompt_logprobs or 0)
-        params = make_sampling_params(
-            req, req.max_tokens, req.logprobs, req.stream, prompt_logprobs
-        )
         request_id = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
+        if req.use_beam_search:
+            bp = beam_params(
+                req.n, req.max_tokens, ctx.max_model_len, req.ignore_eos, req.length_penalty
+            )
+            try:
+                finals = await until_disconnect(
+                    beam_search_outputs(engine, request_id, prompt_ids, bp, req.priority),
+                    raw_request,
+                )
+            except ClientDisconnected:
+                return Response(status_code=499)
+            except (RequestRejectedError, EngineDeadError, ValueError) as e:
+                raise ctx.engine_error(e) from None
+            body = self._response(req, request_id, created, finals, texts, prompt_ids)
+            return JSONResponse(body)
+        params = make_sampling_params(
+            req, req.max_tokens, req.logprobs, req.stream, prompt_logprobs, best_of=req.best_of
+        )
         arrival = time.time()
         gens = [
             engine.generate(
@@ -183,8 +199,11 @@ class OpenAIServingCompletion:
         choices = []
         num_generated = 0
         for i, out in enumerate(finals):
+            # best_of: usage counts every candidate, returned or not.
+            num_generated += out.extra.get("num_candidate_tokens", 0)
             for c in sorted(out.outputs, key=lambda c: c.index):
-                num_generated += len(c.token_ids)
+                if "num_candidate_tokens" not in out.extra:
+                    num_generated += len(c.token_ids)
                 text = c.text
                 logprobs = None
                 if req.echo:
