@@ -50,6 +50,15 @@ class ModelArchConfig:
     bos_token_id: int | None = None
     eos_token_id: tuple[int, ...] = ()
     model_type: str = "llama"
+    # Mixture of experts (0 experts: every layer dense). A layer ``i`` is sparse unless
+    # it is in ``mlp_only_layers`` or ``(i + 1) % decoder_sparse_step != 0`` (Qwen MoE).
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0  # each expert's MLP width
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE's gated shared expert (0: none)
+    norm_topk_prob: bool = True  # renormalise the top-k routing weights to sum to 1
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         for name in (
@@ -67,6 +76,22 @@ class ModelArchConfig:
             "num_key_value_heads",
             f"({self.num_key_value_heads}) must divide num_attention_heads "
             f"({self.num_attention_heads})",
+        )
+        if self.num_experts:
+            _check(
+                0 < self.num_experts_per_tok <= self.num_experts,
+                "num_experts_per_tok",
+                f"must be in [1, num_experts={self.num_experts}], got {self.num_experts_per_tok}",
+            )
+            _check(self.moe_intermediate_size > 0, "moe_intermediate_size", "must be > 0")
+            _check(self.decoder_sparse_step >= 1, "decoder_sparse_step", "must be >= 1")
+
+    def is_moe_layer(self, index: int) -> bool:
+        """Whether decoder layer ``index`` has a sparse MoE block instead of a dense MLP."""
+        return (
+            self.num_experts > 0
+            and index not in self.mlp_only_layers
+            and (index + 1) % self.decoder_sparse_step == 0
         )
 
 
@@ -171,6 +196,9 @@ class ParallelConfig:
     distributed_timeout: float = 60.0
     # Decoder layers per pipeline stage (None: as even as possible, earlier stages first).
     pipeline_layer_partition: tuple[int, ...] | None = None
+    # MoE layers: whole experts on the tensor-parallel ranks (all-to-all dispatch)
+    # instead of a slice of every expert on every rank.
+    enable_expert_parallel: bool = False
 
     def __post_init__(self) -> None:
         _check(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1")

@@ -74,6 +74,17 @@ class GroupCoordinator:
         dist.gather(x, parts, dst=self.ranks[dst], group=self.group)
         return torch.cat(parts, dim=dim) if parts is not None else None
 
+    def all_to_all(
+        self, x: torch.Tensor, send_counts: list[int], recv_counts: list[int]
+    ) -> torch.Tensor:
+        """Rows ``x[sum(send_counts[:r]):][:send_counts[r]]`` to group rank ``r``; returns
+        the rows every rank sent here, in rank order (``sum(recv_counts)`` of them)."""
+        if self.world_size == 1:
+            return x
+        out = x.new_empty((sum(recv_counts), *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), recv_counts, send_counts, group=self.group)
+        return out
+
     def send(self, x: torch.Tensor, dst: int) -> None:
         """Point to point to group rank ``dst`` (blocking until the peer takes it)."""
         dist.send(x.contiguous(), dst=self.ranks[dst])

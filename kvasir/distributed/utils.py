@@ -28,6 +28,19 @@ def validate_parallel_config(
                 f"--tensor-parallel-size {tp} does not divide the model's {what} ({n}); "
                 f"allowed tensor-parallel sizes for this model: {allowed}"
             )
+    if arch.num_experts and tp > 1:
+        if config.enable_expert_parallel and arch.num_experts % tp:
+            raise ValueError(
+                f"--enable-expert-parallel with --tensor-parallel-size {tp}: the model's "
+                f"num_experts ({arch.num_experts}) must be divisible by it; allowed: "
+                f"{[d for d in _divisors(arch.num_experts) if _fits(d, arch)]}"
+            )
+        if not config.enable_expert_parallel and arch.moe_intermediate_size % tp:
+            raise ValueError(
+                f"--tensor-parallel-size {tp} does not divide the model's "
+                f"moe_intermediate_size ({arch.moe_intermediate_size}); use a divisor or "
+                f"--enable-expert-parallel"
+            )
     kvh = arch.num_key_value_heads
     if kvh % tp and tp % kvh:
         allowed = [d for d in _divisors(arch.num_attention_heads) if _fits(d, arch)]

@@ -52,6 +52,7 @@ class EngineArgs:
     distributed_executor_backend: str | None = None
     distributed_timeout: float = 60.0
     pipeline_layer_partition: str | tuple[int, ...] | None = None  # "12,12,8" per stage
+    enable_expert_parallel: bool = False
     fused_gemv: bool = True
     cpu_prepack: bool = True
     pdl: bool | None = None  # None: on unless KVASIR_PDL=0
@@ -153,6 +154,12 @@ class EngineArgs:
             default=None,
             help="decoder layers per pipeline stage, e.g. 12,12,8 (default: even split)",
         )
+        p.add_argument(
+            "--enable-expert-parallel",
+            action="store_true",
+            help="MoE models: whole experts on each tensor-parallel rank, tokens sent to "
+            "them by all-to-all (default: a slice of every expert on every rank)",
+        )
         k = parser.add_argument_group("kernels")
         k.add_argument(
             "--fused-gemv",
@@ -222,6 +229,7 @@ class EngineArgs:
                 distributed_executor_backend=self.distributed_executor_backend,
                 distributed_timeout=self.distributed_timeout,
                 pipeline_layer_partition=_parse_partition(self.pipeline_layer_partition),
+                enable_expert_parallel=self.enable_expert_parallel,
             ),
             kernel_config=KernelConfig(
                 fused_gemv=self.fused_gemv,

@@ -47,8 +47,9 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def _o_proj_has_bias(config: ModelArchConfig) -> bool:
-    # HF Qwen2 has bias on q/k/v only; Llama and Qwen3 apply attention_bias to o_proj too.
-    return config.attention_bias and config.model_type != "qwen2"
+    # HF Qwen2 (and Qwen2-MoE) has bias on q/k/v only; Llama and Qwen3 apply
+    # attention_bias to o_proj too.
+    return config.attention_bias and config.model_type not in ("qwen2", "qwen2_moe")
 
 
 class PPMissingLayer(nn.Identity):
@@ -166,7 +167,11 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(
             config.hidden_size, eps=config.rms_norm_eps, pdl=pdl
         )
-        self.mlp = LlamaMLP(config, ctx, f"{prefix}.mlp")
+        self.mlp = self.make_mlp(config, ctx, prefix)
+
+    def make_mlp(self, config: ModelArchConfig, ctx: LayerContext, prefix: str) -> nn.Module:
+        """The feed-forward block after attention (a mixture of experts overrides it)."""
+        return LlamaMLP(config, ctx, f"{prefix}.mlp")
 
     def forward(
         self,
@@ -189,7 +194,12 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelArchConfig, ctx: LayerContext) -> None:
+    def __init__(
+        self,
+        config: ModelArchConfig,
+        ctx: LayerContext,
+        layer_cls: type[LlamaDecoderLayer] = LlamaDecoderLayer,
+    ) -> None:
         super().__init__()
         par = ctx.parallel
         self.start_layer, self.end_layer = stage_layers(
@@ -208,7 +218,7 @@ class LlamaModel(nn.Module):
             rope_scaling=config.rope_scaling,
         )
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, rotary_emb, ctx, f"model.layers.{i}")
+            layer_cls(config, rotary_emb, ctx, f"model.layers.{i}")
             if self.start_layer <= i < self.end_layer
             else PPMissingLayer()
             for i in range(config.num_hidden_layers)
@@ -258,10 +268,12 @@ class LlamaForCausalLM(nn.Module):
     stage only) returns the full-vocabulary float32 logits on every TP rank.
     """
 
+    decoder_layer_cls: type[LlamaDecoderLayer] = LlamaDecoderLayer
+
     def __init__(self, config: ModelArchConfig, ctx: LayerContext) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, ctx)
+        self.model = LlamaModel(config, ctx, self.decoder_layer_cls)
         self.lm_head: nn.Module = PPMissingLayer()
         if self.model.is_last_stage:
             tied = None

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from kvasir.models.llama import LlamaForCausalLM
+from kvasir.models.moe import MoeForCausalLM
 
 # SmolLM2 and Llama 2/3.x checkpoints all say "LlamaForCausalLM".
 _MODELS: dict[str, type[nn.Module]] = {
@@ -14,6 +15,9 @@ _MODELS: dict[str, type[nn.Module]] = {
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
     "Qwen3ForCausalLM": LlamaForCausalLM,
+    "MixtralForCausalLM": MoeForCausalLM,
+    "Qwen2MoeForCausalLM": MoeForCausalLM,
+    "Qwen3MoeForCausalLM": MoeForCausalLM,
 }
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_MODELS)

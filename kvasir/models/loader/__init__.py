@@ -180,9 +180,11 @@ def load_model(
 def process_weights_after_loading(model: nn.Module) -> None:
     """Let every linear layer's method repack what it needs; call again after changing
     weights in place."""
+    from kvasir.layers.fused_moe import FusedMoE
+
     for module in model.modules():
-        if isinstance(module, LinearBase):
-            module.method.process_weights_after_loading(module)
+        if isinstance(module, (LinearBase, FusedMoE)):
+            module.method.process_weights_after_loading(module)  # type: ignore[arg-type]
 
 
 def load_tokenizer(model_config: ModelConfig) -> PreTrainedTokenizerBase | None:

@@ -18,6 +18,20 @@ _ARCH_BY_MODEL_TYPE = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+}
+# MoE routing options of other families (DeepSeek, GLM, ...) that this router lacks:
+# key -> the values that mean "plain softmax top-k".
+_UNSUPPORTED_ROUTING = {
+    "scoring_func": (None, "softmax"),
+    "topk_method": (None, "greedy"),
+    "routed_scaling_factor": (None, 1.0),
+    "n_group": (None, 1),
+    "topk_group": (None, 1),
+    "moe_layer_freq": (None, 1),
+    "first_k_dense_replace": (None, 0),
 }
 _ROPE_REQUIRED_KEYS = {
     "linear": ("factor",),
@@ -98,7 +112,7 @@ def arch_config_from_hf(
     # No sliding-window attention here: cap the context where a window would bite so
     # results stay exact (a window >= sequence length is plain causal attention).
     window = cfg.get("sliding_window")
-    uses_window = cfg.get("use_sliding_window", model_type == "mistral")
+    uses_window = cfg.get("use_sliding_window", model_type in ("mistral", "mixtral"))
     if window and uses_window and window < max_pos:
         logger.warning(
             "sliding_window=%d is not supported; max_position_embeddings capped %d -> %d",
@@ -108,6 +122,7 @@ def arch_config_from_hf(
         )
         max_pos = int(window)
     gen = generation_config or {}
+    moe = _moe_fields(cfg, model_type)
     try:
         return ModelArchConfig(
             architectures=tuple(architectures),
@@ -123,17 +138,47 @@ def arch_config_from_hf(
             rope_scaling=rope_scaling,
             max_position_embeddings=max_pos,
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            attention_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
-            qk_norm=model_type == "qwen3",
+            attention_bias=model_type in ("qwen2", "qwen2_moe")
+            or bool(cfg.get("attention_bias", False)),
+            qk_norm=model_type in ("qwen3", "qwen3_moe"),
             hidden_act=str(cfg.get("hidden_act", "silu")),
             bos_token_id=_first_id(cfg.get("bos_token_id"), gen.get("bos_token_id")),
             eos_token_id=merge_ids(
                 token_ids(cfg.get("eos_token_id")), token_ids(gen.get("eos_token_id"))
             ),
             model_type=model_type,
+            **moe,
         )
     except KeyError as e:
         raise ValueError(f"model config is missing {e.args[0]!r}") from e
+
+
+def _moe_fields(cfg: dict[str, Any], model_type: str) -> dict[str, Any]:
+    """The mixture-of-experts fields of ModelArchConfig from an HF config ({} for a dense
+    model). Routing options this router does not implement are refused by name."""
+    num_experts = cfg.get("num_local_experts") or cfg.get("num_experts") or 0
+    if not num_experts:
+        return {}
+    for key, plain in _UNSUPPORTED_ROUTING.items():
+        if cfg.get(key) not in plain:
+            raise ValueError(
+                f"MoE routing option {key}={cfg[key]!r} is not supported (supported: "
+                f"softmax top-k routing as Mixtral and Qwen MoE use; {key} in {plain})"
+            )
+    mixtral = model_type == "mixtral"
+    inter = cfg.get("moe_intermediate_size") or (cfg.get("intermediate_size") if mixtral else None)
+    if not inter:
+        raise ValueError("MoE model config is missing 'moe_intermediate_size'")
+    return dict(
+        num_experts=int(num_experts),
+        num_experts_per_tok=int(cfg.get("num_experts_per_tok") or 2),
+        moe_intermediate_size=int(inter),
+        shared_expert_intermediate_size=int(cfg.get("shared_expert_intermediate_size") or 0),
+        # Mixtral always renormalises the top-k weights; Qwen only with norm_topk_prob.
+        norm_topk_prob=True if mixtral else bool(cfg.get("norm_topk_prob", False)),
+        decoder_sparse_step=int(cfg.get("decoder_sparse_step") or 1),
+        mlp_only_layers=tuple(int(i) for i in cfg.get("mlp_only_layers") or ()),
+    )
 
 
 def load_hf_arch_config(config_path: str) -> ModelArchConfig:
