@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from kvasir.engine.beam_search import BeamSearchParams
 from kvasir.outputs import CompletionOutput, RequestOutput
+from kvasir.pooling_params import PoolingParams
 from kvasir.sampling_params import RequestOutputKind, SamplingParams
 
 __version__ = "0.1.0"
@@ -14,6 +15,7 @@ __all__ = [
     "LLM",
     "SamplingParams",
     "BeamSearchParams",
+    "PoolingParams",
     "RequestOutput",
     "CompletionOutput",
     "RequestOutputKind",

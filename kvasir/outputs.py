@@ -75,3 +75,19 @@ class RequestOutput:
     metrics: RequestMetrics | None = None
     extra: dict = field(default_factory=dict)
     stats: RequestStats | None = None  # on the finished output, with log_stats
+    pooled_output: list[float] | None = None  # embedding requests: the pooled hidden state
+
+
+@dataclass
+class EmbeddingOutput:
+    embedding: list[float]
+
+
+@dataclass
+class EmbeddingRequestOutput:
+    """What ``LLM.embed`` returns per prompt (vLLM's shape)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: EmbeddingOutput
+    finished: bool = True

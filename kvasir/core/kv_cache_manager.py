@@ -100,6 +100,8 @@ class KVCacheManager:
         """
         if not self.enable_caching or request.sampling_params.prompt_logprobs is not None:
             return [], 0
+        if request.pooling_params is not None and request.pooling_params.needs_all_positions:
+            return [], 0
         update_block_hashes(request, self.block_size)
         max_num_blocks = (request.num_tokens - 1) // self.block_size
         blocks: list[KVCacheBlock] = []

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
+from kvasir.pooling_params import PoolingParams
 from kvasir.sampling_params import SamplingParams
 
 # Per position: [(token_id, logprob, rank), ...] with the sampled/actual token first,
@@ -28,6 +29,7 @@ class NewRequestData:
     sampling_params: SamplingParams
     block_ids: list[int]
     num_computed_tokens: int
+    pooling_params: PoolingParams | None = None  # an embedding request: pool, never sample
 
 
 @dataclass
@@ -76,6 +78,8 @@ class ModelRunnerOutput:
     logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
     prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
     spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    # Embedding requests whose prompt finished this step: the pooled hidden state.
+    pooled_outputs: dict[str, list[float]] = field(default_factory=dict)
 
 
 class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
@@ -93,6 +97,7 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     # Wall-clock events (time.time()): first scheduled, per-step token time.
     first_scheduled_time: float | None = None
     num_preemptions: int = 0
+    pooled_output: list[float] | None = None  # embedding requests, with finish_reason
 
     @property
     def finished(self) -> bool:

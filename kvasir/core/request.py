@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 
+from kvasir.pooling_params import PoolingParams
 from kvasir.sampling_params import SamplingParams
 
 
@@ -46,6 +47,7 @@ class Request:
         priority: int = 0,
         cache_salt: str | None = None,
         fork_of: str | None = None,
+        pooling_params: PoolingParams | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -55,6 +57,7 @@ class Request:
         self.priority = priority  # lower value = served first (vLLM convention)
         self.cache_salt = cache_salt
         self.fork_of = fork_of
+        self.pooling_params = pooling_params  # an embedding request (prefill only)
 
         self.status = RequestStatus.WAITING
         self.output_token_ids: list[int] = []

@@ -353,6 +353,7 @@ class Scheduler:
                         sampling_params=request.sampling_params,
                         block_ids=kv.get_block_ids(request.request_id),
                         num_computed_tokens=num_computed,
+                        pooling_params=request.pooling_params,
                     )
                 )
                 num_scheduled[request.request_id] = num_new
@@ -506,6 +507,11 @@ class Scheduler:
                 self._add_prompt_logprobs(
                     request, _computed_before(scheduler_output, rid), num_scheduled, chunk
                 )
+            pooled = model_runner_output.pooled_outputs.get(rid)
+            if pooled is not None:  # an embedding request: done after its prefill
+                outputs.append(self._finish_pooling(request, pooled, preempted))
+                any_finished = True
+                continue
             i = index.get(rid)
             sampled = model_runner_output.sampled_token_ids[i] if i is not None else []
             drafts = scheduler_output.scheduled_spec_decode_tokens.get(rid)
@@ -554,6 +560,22 @@ class Scheduler:
         if any_finished:
             self.running = [r for r in self.running if not r.is_finished()]
         return outputs
+
+    def _finish_pooling(
+        self, request: Request, pooled: list[float], preempted: bool
+    ) -> EngineCoreOutput:
+        request.status = RequestStatus.FINISHED_STOPPED
+        if preempted:
+            self.waiting.remove(request)
+        self._free_request(request)
+        return EngineCoreOutput(
+            request_id=request.request_id,
+            new_token_ids=[],
+            finish_reason="stop",
+            num_cached_tokens=max(request.num_cached_tokens, 0),
+            first_scheduled_time=request.first_scheduled_time,
+            pooled_output=pooled,
+        )
 
     def _record_spec(self, request: Request, num_drafts: int, num_accepted: int) -> None:
         request.num_draft_tokens += num_drafts

@@ -25,6 +25,7 @@ from kvasir.engine.output_processor import OutputProcessor
 from kvasir.metrics.prometheus import PrometheusMetrics
 from kvasir.metrics.stats import FinishedRequestStats, RequestStatsTracker
 from kvasir.outputs import CompletionOutput, RequestOutput
+from kvasir.pooling_params import PoolingParams
 from kvasir.sampling_params import RequestOutputKind, SamplingParams
 
 if TYPE_CHECKING:
@@ -222,12 +223,14 @@ class AsyncLLM:
         cache_salt: str | None = None,
         trace_span: Any = None,
         tenant: str | None = None,
+        pooling_params: PoolingParams | None = None,
     ) -> AsyncGenerator[RequestOutput, None]:
         """Outputs of one request until it finishes; closing the generator early (a
         client that went away) aborts it in the core. Raises ValueError (bad input,
         naming the parameter), RequestRejectedError or EngineDeadError.
         ``trace_span``: the request's server span (its engine spans become children);
-        ``tenant``: the label its tokens are counted under."""
+        ``tenant``: the label its tokens are counted under. ``pooling_params``: an
+        embedding request (one output, ``pooled_output`` set; ``params`` unused)."""
         if self.dead_error is not None:
             raise self.dead_error
         assert self.core is not None
@@ -235,8 +238,11 @@ class AsyncLLM:
             raise ValueError(f"request_id {request_id!r} is already in use")
         arrival = time.time() if arrival_time is None else arrival_time
         p = self.input_processor.process(
-            request_id, prompt, params, arrival, priority=priority, cache_salt=cache_salt
-        )
+            request_id, prompt, params, arrival, priority=priority, cache_salt=cache_salt,
+            pooling_params=pooling_params,
+        )  # fmt: skip
+        if pooling_params is not None:
+            params = p.core_requests[0].sampling_params
         collector = RequestOutputCollector(params.output_kind)
         self.output_processor.add_request(
             request_id,

@@ -52,6 +52,7 @@ class ModelInfo(msgspec.Struct):
     device: str = "cpu"
     dtype: str = "float32"
     attention_backend: str = "torch"
+    hidden_size: int = 0  # the length of a pooled (embedding) vector
 
 
 def _num_local_gpus(config: EngineConfig) -> int | None:
@@ -174,6 +175,7 @@ class EngineCore:
             device=info.device,
             dtype=info.dtype,
             attention_backend=info.attention_backend,
+            hidden_size=arch.hidden_size,
         )
         if log:
             # Block 0 is the scheduler's reserved null block: report what requests can use.
@@ -206,6 +208,7 @@ class EngineCore:
             priority=req.priority,
             cache_salt=req.cache_salt,
             fork_of=req.fork_of,
+            pooling_params=req.pooling_params,
         )
         self.scheduler.add_request(request)
 

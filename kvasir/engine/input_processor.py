@@ -10,7 +10,8 @@ import time
 from typing import Any, NamedTuple
 
 from kvasir.engine.messages import EngineCoreRequest
-from kvasir.sampling_params import SamplingParams
+from kvasir.pooling_params import PoolingParams
+from kvasir.sampling_params import RequestOutputKind, SamplingParams
 
 
 class ProcessedRequest(NamedTuple):
@@ -72,7 +73,12 @@ class InputProcessor:
         arrival_time: float | None = None,
         priority: int = 0,
         cache_salt: str | None = None,
+        pooling_params: PoolingParams | None = None,
     ) -> ProcessedRequest:
+        if pooling_params is not None:
+            return self._process_pooling(
+                request_id, prompt, pooling_params, arrival_time, priority, cache_salt
+            )
         if not isinstance(params, SamplingParams):
             raise ValueError("sampling_params must be a SamplingParams")
         text, ids = self.tokenize(prompt)
@@ -117,6 +123,38 @@ class InputProcessor:
                 )
             )
         return ProcessedRequest(text, ids, core_requests, child_ids)
+
+    def _process_pooling(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        pooling_params: PoolingParams,
+        arrival_time: float | None,
+        priority: int,
+        cache_salt: str | None,
+    ) -> ProcessedRequest:
+        """An embedding request: its prompt's prefill, no sampled token (the sampling
+        params only say "one step, one sequence")."""
+        text, ids = self.tokenize(prompt)
+        if len(ids) + 1 > self.max_model_len:
+            raise ValueError(
+                f"prompt is too long: {len(ids)} tokens; at most max_model_len - 1 "
+                f"({self.max_model_len - 1}) can be embedded"
+            )
+        params = SamplingParams(
+            temperature=0.0, max_tokens=1, output_kind=RequestOutputKind.FINAL_ONLY
+        )
+        req = EngineCoreRequest(
+            request_id=request_id,
+            prompt_token_ids=ids,
+            sampling_params=params,
+            eos_token_ids=list(self.eos_token_ids),
+            arrival_time=time.time() if arrival_time is None else arrival_time,
+            priority=priority,
+            cache_salt=cache_salt,
+            pooling_params=pooling_params,
+        )
+        return ProcessedRequest(text, ids, [req], [request_id])
 
     def resolve_token_masks(self, params: SamplingParams) -> SamplingParams:
         """Check logit_bias / allowed_token_ids against the vocabulary and tokenize

@@ -10,6 +10,7 @@ from kvasir.engine.core import EngineCore
 from kvasir.engine.input_processor import InputProcessor
 from kvasir.engine.output_processor import OutputProcessor
 from kvasir.outputs import RequestOutput
+from kvasir.pooling_params import PoolingParams
 from kvasir.sampling_params import SamplingParams
 
 
@@ -45,11 +46,15 @@ class LLMEngine:
         arrival_time: float | None = None,
         priority: int = 0,
         cache_salt: str | None = None,
+        pooling_params: PoolingParams | None = None,
     ) -> None:
+        """``pooling_params``: an embedding request (``params`` is then ignored)."""
         arrival = time.time() if arrival_time is None else arrival_time
         p = self.input_processor.process(
-            request_id, prompt, params, arrival, priority=priority, cache_salt=cache_salt
-        )
+            request_id, prompt, params, arrival, priority=priority, cache_salt=cache_salt,
+            pooling_params=pooling_params,
+        )  # fmt: skip
+        params = p.core_requests[0].sampling_params if pooling_params is not None else params
         added: list[str] = []
         try:
             for cr in p.core_requests:

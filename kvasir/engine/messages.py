@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import msgspec
 
+from kvasir.pooling_params import PoolingParams
 from kvasir.sampling_params import SamplingParams
 
 
@@ -20,6 +21,8 @@ class EngineCoreRequest(msgspec.Struct, omit_defaults=True):
     priority: int = 0
     cache_salt: str | None = None
     fork_of: str | None = None
+    # An embedding request: prefill only, one pooled hidden state back.
+    pooling_params: PoolingParams | None = None
 
 
 class EngineCoreAbort(msgspec.Struct):

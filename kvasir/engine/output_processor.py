@@ -48,6 +48,7 @@ class _ChildState:
         "last_token_time",
         "num_draft_tokens",
         "num_accepted_tokens",
+        "pooled",
     )
 
     def __init__(
@@ -70,6 +71,7 @@ class _ChildState:
         self.last_token_time: float | None = None
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0
+        self.pooled: list[float] | None = None  # embedding requests
 
 
 class _ParentState:
@@ -181,6 +183,8 @@ class OutputProcessor:
                     reqs_to_abort.append(child.request_id)
 
             child.logprobs.update_from_output(out)
+            if out.pooled_output is not None:
+                child.pooled = out.pooled_output
             if out.new_prompt_logprobs and parent.prompt_logprobs is not None:
                 if parent.prompt_logprobs_from in (None, child.request_id):
                     parent.prompt_logprobs_from = child.request_id
@@ -285,6 +289,7 @@ class OutputProcessor:
             metrics=parent.metrics,
             stats=self._make_stats(parent, abort) if finished and self.log_stats else None,
             extra=extra,
+            pooled_output=parent.children[0].pooled,
         )
 
     def _make_stats(self, parent: _ParentState, abort: bool) -> RequestStats:

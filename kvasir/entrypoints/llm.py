@@ -16,7 +16,8 @@ from kvasir.engine.beam_search import (
     top_logprobs_of,
 )
 from kvasir.engine.llm_engine import LLMEngine
-from kvasir.outputs import RequestOutput
+from kvasir.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
+from kvasir.pooling_params import PoolingParams
 from kvasir.sampling_params import RequestOutputKind, SamplingParams
 
 PromptType = str | list[int] | dict
@@ -98,6 +99,49 @@ class LLM:
             for conv in conversations  # type: ignore[union-attr]
         ]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def embed(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        pooling_params: PoolingParams | None = None,
+        use_tqdm: bool = False,
+    ) -> list[EmbeddingRequestOutput]:
+        """Embeddings (vLLM's ``LLM.embed``): each prompt's prefill, pooled (default: the
+        last token's final hidden state, L2-normalised), in input order."""
+        if isinstance(prompts, (str, dict)) or (
+            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
+        ):
+            prompts = [prompts]  # type: ignore[list-item]
+        prompts = list(prompts)  # type: ignore[arg-type]
+        if not prompts:
+            raise ValueError("prompts must be a non-empty string or list")
+        pp = pooling_params if pooling_params is not None else PoolingParams()
+        hidden = self.llm_engine.model_info.hidden_size
+        if pp.dimensions is not None and pp.dimensions > hidden:
+            raise ValueError(f"dimensions must be <= the model's hidden size ({hidden})")
+        engine = self.llm_engine
+        ids: list[str] = []
+        try:
+            for prompt in prompts:
+                rid = str(next(self._counter))
+                engine.add_request(rid, prompt, SamplingParams(), pooling_params=pp)
+                ids.append(rid)
+        except ValueError:
+            engine.abort_request(ids)
+            raise
+        finished: dict[str, RequestOutput] = {}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    finished[out.request_id] = out
+        outs = []
+        for rid in ids:
+            o = finished[rid]
+            assert o.pooled_output is not None
+            outs.append(
+                EmbeddingRequestOutput(rid, o.prompt_token_ids, EmbeddingOutput(o.pooled_output))
+            )
+        return outs
 
     def beam_search(
         self,

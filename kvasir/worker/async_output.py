@@ -45,6 +45,7 @@ class AsyncModelRunnerOutput:
         self._on_ready = on_ready
         self._output: ModelRunnerOutput | None = None
         self.token_ids_np: np.ndarray | None = None
+        self.pooled: dict[str, torch.Tensor] = {}  # embedding requests done this step
 
     @classmethod
     def completed(cls, output: ModelRunnerOutput) -> AsyncModelRunnerOutput:
@@ -91,6 +92,7 @@ class AsyncModelRunnerOutput:
             sampled_token_ids=sampled,
             logprobs=logprobs,
             prompt_logprobs=self.prompt_logprobs,
+            pooled_outputs={rid: v.tolist() for rid, v in self.pooled.items()},
         )
         # Drop the device-side references; the host copies are all that is needed now.
         self.event = None

@@ -86,6 +86,7 @@ class InputBatch:
         self.num_seeded = 0
         self.num_prompt_logprobs = 0
         self.num_token_masked = 0
+        self.num_pooling = 0  # embedding requests (they pool instead of sampling)
         self.num_bad_word_prefixes = 0  # rows whose masks depend on their last tokens
         self._arrays = (
             self.num_tokens, self.num_known_tokens, self.num_prompt_tokens,
@@ -143,6 +144,7 @@ class InputBatch:
 
     def _count(self, state: CachedRequestState, penalized: bool, min_tok: bool, d: int) -> None:
         sp = state.sampling_params
+        self.num_pooling += d * (state.pooling_params is not None)
         self.num_token_masked += d * sp.has_token_masks
         self.num_bad_word_prefixes += d * any(len(w) > 1 for w in sp.bad_words_token_ids or [])
         self.num_penalized += d * penalized

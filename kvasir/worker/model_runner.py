@@ -40,7 +40,7 @@ from kvasir.layers.sampler import (
     SamplingMetadata,
     compute_token_logprobs,
 )
-from kvasir.worker import kv_cache_sizing
+from kvasir.worker import kv_cache_sizing, pooling
 from kvasir.worker.async_output import AsyncModelRunnerOutput, logprobs_to_lists
 from kvasir.worker.cuda_graph import CUDAGraphRunner
 from kvasir.worker.input_batch import InputBatch, to_device
@@ -291,6 +291,7 @@ class ModelRunner:
                 generator=gen,
                 min_tokens_stop_ids=stop_ids,
                 prompt_logprobs_done=old.prompt_logprobs_done if old is not None else 0,
+                pooling_params=new.pooling_params,
             )
             self.requests[new.req_id] = st
             ib.add(
@@ -367,10 +368,19 @@ class ModelRunner:
                 prompt_lp = self._prompt_logprobs(step, hidden)
 
         sample_idx = np.nonzero(step.seq_lens >= ib.num_tokens[rows])[0]
+        pooled: dict[str, list[float]] = {}
+        if ib.num_pooling:  # embedding requests pool their hidden states, never sample
+            assert hidden is not None
+            sample_idx, pooled = pooling.pool_step(step, hidden, sample_idx)
         num_sampled = len(sample_idx)
         ib.num_computed_tokens[rows] = step.seq_lens
         if self.spec_decoder is not None:
-            return self._spec_step(so, step, hidden, all_logits, sample_idx, prompt_lp)
+            spec_out = self._spec_step(so, step, hidden, all_logits, sample_idx, prompt_lp)
+            if pooled:
+                spec_out.get_output().pooled_outputs.update(
+                    (rid, v.tolist()) for rid, v in pooled.items()
+                )
+            return spec_out
         ib.prev_sample_index[: ib.num_reqs] = -1
         d = self.device
         sampled = torch.empty(0, dtype=torch.int64, device=d)
@@ -416,6 +426,7 @@ class ModelRunner:
             event=event,
             on_ready=self._read_back,
         )
+        handle.pooled = pooled
         self._unread.append(handle)
         return handle
 
@@ -491,7 +502,7 @@ class ModelRunner:
         states, req_ids = self._batch_ids(rows, dense)
         cg = self.cuda_graph
         graph_sizes = None
-        if cg is not None and not (
+        if cg is not None and not ib.num_pooling and not (
             ib.num_prompt_logprobs and any(s.needs_prompt_logprobs for s in states)
         ):
             graph_sizes = cg.graph_sizes

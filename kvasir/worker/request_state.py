@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvasir.pooling_params import PoolingParams
 from kvasir.sampling_params import SamplingParams
 
 
@@ -28,6 +29,9 @@ class CachedRequestState:
     min_tokens_stop_ids: list[int] = field(default_factory=list)
     # Prompt positions whose logprobs were already produced (prompt_logprobs only).
     prompt_logprobs_done: int = 0
+    # Embedding requests: how to pool, and the running sum of hidden states (MEAN).
+    pooling_params: PoolingParams | None = None
+    pool_sum: torch.Tensor | None = None
     row: int = -1
 
     @property
