@@ -502,8 +502,10 @@ class ModelRunner:
         states, req_ids = self._batch_ids(rows, dense)
         cg = self.cuda_graph
         graph_sizes = None
-        if cg is not None and not ib.num_pooling and not (
-            ib.num_prompt_logprobs and any(s.needs_prompt_logprobs for s in states)
+        if (
+            cg is not None
+            and not ib.num_pooling
+            and not (ib.num_prompt_logprobs and any(s.needs_prompt_logprobs for s in states))
         ):
             graph_sizes = cg.graph_sizes
             sd = self.spec_decoder

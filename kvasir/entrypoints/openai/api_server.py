@@ -50,6 +50,7 @@ from kvasir.entrypoints.openai.protocol import (
 from kvasir.entrypoints.openai.serving_chat import OpenAIServingChat, messages_to_dicts
 from kvasir.entrypoints.openai.serving_common import PARAM_NAMES, ServingContext
 from kvasir.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from kvasir.entrypoints.openai.serving_embedding import EmbeddingRequest, OpenAIServingEmbedding
 from kvasir.metrics.prometheus import CONTENT_TYPE
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -150,6 +151,8 @@ def build_app(state: ServerState, ctx: ServingContext) -> FastAPI:
     ) -> Response:
         return await chat.create_chat_completion(request, raw_request)
 
+    _add_embedding_and_responses_routes(app, state, ctx)
+
     @app.post("/tokenize", response_model=TokenizeResponse, responses=_ERRORS)
     async def tokenize(request: TokenizeRequest) -> dict:
         ctx.check_model(request.model)
@@ -211,6 +214,19 @@ def build_app(state: ServerState, ctx: ServingContext) -> FastAPI:
     return app
 
 
+def _add_embedding_and_responses_routes(
+    app: FastAPI, state: ServerState, ctx: ServingContext
+) -> None:
+    """``/v1/embeddings`` and ``/v1/responses`` (settings from ``state.extra``)."""
+    embedding = OpenAIServingEmbedding(
+        ctx, state.extra.get("pooling_type", "LAST"), state.extra.get("matryoshka_dimensions")
+    )
+
+    @app.post("/v1/embeddings", responses=_ERRORS)
+    async def create_embedding(request: EmbeddingRequest, raw_request: Request) -> Response:
+        return await embedding.create_embedding(request, raw_request)
+
+
 def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """``kvasir serve`` flags: the server's (vLLM names) plus every engine flag."""
     from kvasir.engine.arg_utils import EngineArgs
@@ -254,6 +270,26 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="one JSON log line per finished request with its timings",
     )
     g.add_argument("--disable-uvicorn-access-log", action="store_true")
+    g.add_argument(
+        "--pooling-type",
+        default="LAST",
+        type=str.upper,
+        choices=["LAST", "MEAN"],
+        help="/v1/embeddings: pool the last token's final hidden state or the mean over the input",
+    )
+    g.add_argument(
+        "--matryoshka-dimensions",
+        default=None,
+        help="/v1/embeddings: the model is Matryoshka-trained and 'dimensions' may truncate "
+        "to these sizes (comma-separated, or 'any'); without it 'dimensions' is refused",
+    )
+    g.add_argument(
+        "--responses-store-size",
+        type=int,
+        default=1000,
+        help="/v1/responses: responses kept in memory for previous_response_id (per "
+        "server process, oldest dropped first; 0: none kept)",
+    )
     _add_observability_args(parser)
     g.add_argument(
         "--uvicorn-log-level",

@@ -27,6 +27,7 @@ from kvasir.entrypoints.cli import configure_logging
 from kvasir.entrypoints.openai.api_server import build_app
 from kvasir.entrypoints.openai.middleware import ServerState
 from kvasir.entrypoints.openai.serving_common import ServingContext
+from kvasir.entrypoints.openai.serving_embedding import parse_matryoshka
 
 logger = logging.getLogger("kvasir.serve")
 
@@ -152,6 +153,9 @@ async def serve(args: argparse.Namespace) -> int:
         raise ValueError(
             f"--kv-cache-metrics-sample must be in (0, 1], got {args.kv_cache_metrics_sample}"
         )
+    parse_matryoshka(args.matryoshka_dimensions)  # a bad value fails before the model loads
+    if args.responses_store_size < 0:
+        raise ValueError(f"--responses-store-size must be >= 0, got {args.responses_store_size}")
     if args.max_tenant_labels < 1:
         raise ValueError(f"--max-tenant-labels must be >= 1, got {args.max_tenant_labels}")
     if args.gpu_metrics_interval < 0:
@@ -188,7 +192,13 @@ async def serve(args: argparse.Namespace) -> int:
     state = ServerState(
         api_key=args.api_key or None,
         max_request_body_bytes=args.max_request_body_bytes,
-        extra={"started": int(time.time()), "tenant_header": args.tenant_header},
+        extra={
+            "started": int(time.time()),
+            "tenant_header": args.tenant_header,
+            "pooling_type": args.pooling_type,
+            "matryoshka_dimensions": parse_matryoshka(args.matryoshka_dimensions),
+            "responses_store_size": args.responses_store_size,
+        },
     )
     app = build_app(state, ServingContext(engine, served, args.retry_after))
     uv_config = uvicorn.Config(
