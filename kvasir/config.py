@@ -15,6 +15,8 @@ _LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 _DEVICES = ("auto", "cpu", "cuda")
 _ATTN_BACKENDS = ("auto", "torch", "triton")
 _EXECUTOR_BACKENDS = ("uni", "mp", "ray")
+# --quantization: online schemes, and the checkpoint methods (which must then match).
+_QUANTIZATION_METHODS = ("fp8", "int8", "w8a8", "compressed-tensors")
 SPEC_METHODS = ("ngram", "draft_model", "self_spec", "eagle", "medusa")
 # Drafts per request per step; beyond this a step's verification work is mostly wasted.
 MAX_SPECULATIVE_TOKENS = 16
@@ -109,9 +111,17 @@ class ModelConfig:
     revision: str | None = None
     download_dir: str | None = None
     gguf_file: str | None = None
+    # Online quantisation of a float checkpoint (kvasir.quantization.ONLINE_METHODS);
+    # None: the checkpoint's own quantization_config, if any.
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         _check(bool(self.model), "model", "must be a non-empty path or config name")
+        _check(
+            self.quantization in (None, *_QUANTIZATION_METHODS),
+            "quantization",
+            f"must be one of {list(_QUANTIZATION_METHODS)} (or unset), got {self.quantization!r}",
+        )
         _check(self.dtype in _DTYPES, "dtype", f"must be one of {_DTYPES}, got {self.dtype!r}")
         _check(
             self.load_format in _LOAD_FORMATS,

@@ -56,6 +56,7 @@ class EngineArgs:
     fused_gemv: bool = True
     cpu_prepack: bool = True
     pdl: bool | None = None  # None: on unless KVASIR_PDL=0
+    quantization: str | None = None  # fp8 | int8 | w8a8 (online), or the checkpoint's
     # JSON text or a dict, as vLLM's --speculative-config
     speculative_config: str | dict | SpeculativeConfig | None = None
 
@@ -93,6 +94,15 @@ class EngineArgs:
             "--load-format", default="auto", choices=["auto", "safetensors", "gguf", "dummy"]
         )
         g.add_argument("--max-model-len", type=int, default=None)
+        g.add_argument(
+            "--quantization",
+            "-q",
+            default=None,
+            choices=["fp8", "int8", "w8a8", "compressed-tensors"],
+            help="quantise a float checkpoint at load: fp8 (E4M3 W8A8, dynamic per-token "
+            "activations), int8 (weight-only W8A16), w8a8 (INT8 weights and dynamic "
+            "per-token INT8 activations). Default: the checkpoint's quantization_config",
+        )
         g.add_argument("--seed", type=int, default=0)
         g.add_argument("--served-model-name", type=str, default=None)
         g.add_argument("--block-size", type=int, default=16)
@@ -210,6 +220,7 @@ class EngineArgs:
             revision=self.revision,
             download_dir=self.download_dir,
             gguf_file=self.gguf_file,
+            quantization=self.quantization,
         )
         # The scheduler's max_model_len is resolved against the model by the engine
         # core once the architecture is known (None until then).

@@ -4,6 +4,7 @@ model on the target device and fill its weights (safetensors, GGUF or random).""
 from __future__ import annotations
 
 import glob
+import logging
 import os
 from typing import TYPE_CHECKING
 
@@ -30,9 +31,10 @@ from kvasir.models.loader.gguf_loader import (
 )
 from kvasir.models.loader.hf_config import load_hf_arch_config
 from kvasir.models.loader.hub import parse_hub_model_id, resolve_hub_model
+from kvasir.models.loader.quant_loader import quantized_weights, read_quantization_config
 from kvasir.models.loader.safetensors_loader import iterate_safetensors, safetensors_files
 from kvasir.models.registry import get_model_cls
-from kvasir.quantization import QuantizationConfig
+from kvasir.quantization import QuantizationConfig, resolve_quantization
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -45,6 +47,8 @@ __all__ = [
     "process_weights_after_loading",
     "resolve_model_path",
 ]
+
+logger = logging.getLogger(__name__)
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -150,9 +154,16 @@ def load_model(
     from the checkpoint ``model_config`` points at (random for load_format "dummy").
     Tensors stream one at a time through the parameters' weight loaders, which keep
     this rank's shard (``parallel``; one process by default); then every linear
-    layer's method processes its weights. Returns it in eval mode."""
+    layer's method processes its weights. Returns it in eval mode.
+
+    ``quant_config`` None: the scheme of ``model_config.quantization`` and the
+    checkpoint's ``quantization_config`` (``kvasir.quantization.resolve_quantization``)."""
     path, fmt = resolve_model_path(model_config)
     model_cls = get_model_cls(arch_config.architectures)
+    if quant_config is None:
+        quant_config = resolve_quantization(
+            model_config.quantization, read_quantization_config(path, fmt), torch.device(device)
+        )
     ctx = LayerContext(
         attn_backend_cls=attn_backend_cls,
         params_dtype=dtype,
@@ -166,14 +177,18 @@ def load_model(
         if fmt == "dummy":
             init_dummy_weights(model, seed=model_config.seed)
         elif fmt == "safetensors":
-            model.load_weights(iterate_safetensors(safetensors_files(path)))
+            weights = iterate_safetensors(safetensors_files(path))
+            model.load_weights(quantized_weights(model, quant_config, weights))
         else:
-            model.load_weights(iterate_gguf(open_gguf(path), path, arch_config))
+            gguf = iterate_gguf(open_gguf(path), path, arch_config)
+            model.load_weights(quantized_weights(model, quant_config, gguf))
     except ValueError as e:
         if path in str(e):
             raise
         raise ValueError(f"loading '{path}': {e}") from e
     process_weights_after_loading(model)
+    if quant_config is not None:
+        logger.info("quantization: %s", quant_config.describe())
     return model.eval()
 
 

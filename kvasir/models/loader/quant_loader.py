@@ -1,0 +1,95 @@
+"""The checkpoint side of quantisation: the ``quantization_config`` of config.json, and
+the tensors a quantised checkpoint holds beyond a float one (``weight_scale``,
+``input_scale``, KV-cache ``k_scale`` / ``v_scale``), handed to the parameters the
+layers' methods declared for them."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from kvasir.quantization import QuantizationConfig
+
+# Where calibrated KV-cache scales live in checkpoints (vLLM / llm-compressor names,
+# and the older ``k_proj.output_scale``) -> the attention layer's parameter.
+_KV_SCALE_NAMES = {
+    ".self_attn.k_scale": ".self_attn.attn.k_scale",
+    ".self_attn.v_scale": ".self_attn.attn.v_scale",
+    ".self_attn.k_proj.output_scale": ".self_attn.attn.k_scale",
+    ".self_attn.v_proj.output_scale": ".self_attn.attn.v_scale",
+}
+
+
+def read_quantization_config(path: str, fmt: str) -> dict[str, Any] | None:
+    """config.json's ``quantization_config`` (None for GGUF and float checkpoints)."""
+    if fmt not in ("safetensors", "dummy") or not os.path.isdir(path):
+        return None
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        return None
+    with open(config_path, encoding="utf-8") as f:
+        qc = json.load(f).get("quantization_config")
+    if qc is None:
+        return None
+    if not isinstance(qc, dict):
+        raise ValueError(f"quantization_config in '{config_path}' must be a JSON object")
+    return qc
+
+
+def quantized_weights(
+    model: nn.Module,
+    quant_config: QuantizationConfig | None,
+    weights: Iterable[tuple[str, torch.Tensor]],
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """``weights`` with the quantisation tensors taken out and loaded into their
+    parameters here; the float-checkpoint names pass on to ``model.load_weights``."""
+    transform = getattr(quant_config, "transform_checkpoint", None)
+    if transform is not None:
+        weights = transform(weights)
+    expected = model.expected_weight_shapes()  # type: ignore[operator]
+    params = dict(model.named_parameters())
+    for name, tensor in weights:
+        if quant_config is not None:
+            name = quant_config.rename_checkpoint_tensor(name)
+        if name in expected:
+            yield name, tensor
+            continue
+        target = _kv_scale_param(name)
+        if target is not None:
+            param = params.get(target)
+            if param is None:
+                raise ValueError(
+                    f"checkpoint has KV-cache scale {name!r} but the KV cache is not FP8 "
+                    f"(kv_cache_dtype auto); pass kv_cache_dtype fp8 to use it"
+                )
+            param.weight_loader(param, tensor)  # type: ignore[attr-defined]
+            continue
+        leaf = name.rpartition(".")[2]
+        if quant_config is None or leaf not in ("weight_scale", "input_scale"):
+            yield name, tensor  # load_weights names what it does not expect
+            continue
+        if not model._is_local(name):  # type: ignore[operator]
+            continue
+        try:
+            param, shard_id = model._param_for(name, params)  # type: ignore[operator]
+        except KeyError:
+            raise ValueError(
+                f"checkpoint has {name!r}, but that layer is not quantised under "
+                f"{quant_config.describe()} (is it in the ignore list?)"
+            ) from None
+        if shard_id is None:
+            param.weight_loader(param, tensor)
+        else:
+            param.weight_loader(param, tensor, shard_id)
+
+
+def _kv_scale_param(name: str) -> str | None:
+    for suffix, target in _KV_SCALE_NAMES.items():
+        if name.endswith(suffix):
+            return name[: -len(suffix)] + target
+    return None
