@@ -15,6 +15,7 @@ _LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 _DEVICES = ("auto", "cpu", "cuda")
 _ATTN_BACKENDS = ("auto", "torch", "triton")
 _EXECUTOR_BACKENDS = ("uni", "mp", "ray")
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
 # --quantization: online schemes, and the checkpoint methods (which must then match).
 _QUANTIZATION_METHODS = ("fp8", "int8", "w8a8", "compressed-tensors")
 SPEC_METHODS = ("ngram", "draft_model", "self_spec", "eagle", "medusa")
@@ -139,8 +140,22 @@ class CacheConfig:
     kv_cache_gb: float | None = None  # CPU: KV cache size; GPU: overrides utilization
     enable_prefix_caching: bool = True
     num_gpu_blocks_override: int | None = None
+    # auto: the model's dtype; fp8 (= fp8_e4m3) / fp8_e5m2: K and V stored in FP8 with
+    # per-head scales (checkpoint, calculated from the first batch, or 1.0).
+    kv_cache_dtype: str = "auto"
+    calculate_kv_scales: bool = False
 
     def __post_init__(self) -> None:
+        _check(
+            self.kv_cache_dtype in KV_CACHE_DTYPES,
+            "kv_cache_dtype",
+            f"must be one of {list(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}",
+        )
+        _check(
+            not self.calculate_kv_scales or self.kv_cache_dtype != "auto",
+            "calculate_kv_scales",
+            "needs an FP8 kv_cache_dtype (fp8, fp8_e4m3 or fp8_e5m2)",
+        )
         _check(
             self.block_size in (1, 2, 4, 8, 16, 32, 64, 128),
             "block_size",

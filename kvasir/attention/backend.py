@@ -6,6 +6,13 @@ KV cache layout (one tensor per layer, shared by every backend; ``FullAttentionS
 A token at position ``p`` of request ``r`` lives in block ``block_table[r, p // block_size]``
 at offset ``p % block_size``; ``slot_mapping`` holds ``block_id * block_size + offset``
 for each token of the flat batch.
+
+FP8 KV cache (``kv_cache_dtype`` float8_e4m3fn / float8_e5m2): the cache tensor has that
+dtype; K and V are divided by per-head float32 scales on the write and multiplied back
+inside attention. The scales (``[num_kv_heads]``, a per-tensor scale repeated) belong to
+the layer's ``Attention`` module, which binds them here (``bind_kv_scales``); with
+``calculate_kv_scales`` the first forward pass that carries tokens sets them from its
+K/V (amax / the format's max) before writing.
 """
 
 from __future__ import annotations
@@ -131,12 +138,44 @@ class AttentionBackend(ABC):
         num_kv_heads: int,
         scale: float,
         pdl: bool = True,  # KernelConfig.pdl: the backend's kernels may launch with PDL
+        kv_cache_dtype: torch.dtype | None = None,  # None: the model's dtype
+        calculate_kv_scales: bool = False,
     ) -> None:
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.num_kv_heads = num_kv_heads
         self.scale = scale
         self.pdl = pdl
+        fp8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+        if kv_cache_dtype is not None and kv_cache_dtype not in fp8:
+            raise ValueError(f"kv_cache_dtype must be an FP8 dtype or None, got {kv_cache_dtype}")
+        self.kv_cache_dtype = kv_cache_dtype
+        self.kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.calculate_kv_scales = calculate_kv_scales and kv_cache_dtype is not None
+
+    def bind_kv_scales(self, k_scale: torch.Tensor, v_scale: torch.Tensor) -> None:
+        """The layer's float32 ``[num_kv_heads]`` K and V scales (FP8 cache only)."""
+        assert self.kv_cache_dtype is not None
+        self.kv_scales = (k_scale, v_scale)
+
+    def maybe_calculate_kv_scales(
+        self, key: torch.Tensor, value: torch.Tensor, num_tokens: int
+    ) -> None:
+        """``calculate_kv_scales``: set the scales from the first batch of real tokens
+        (per head, amax / the format's max), once."""
+        if not self.calculate_kv_scales or num_tokens == 0:
+            return
+        if key.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise ValueError(
+                "calculate_kv_scales needs enforce_eager: a CUDA graph captured before the "
+                "first real batch would freeze placeholder scales"
+            )
+        assert self.kv_scales is not None and self.kv_cache_dtype is not None
+        qmax = torch.finfo(self.kv_cache_dtype).max
+        for x, scale in zip((key, value), self.kv_scales, strict=True):
+            amax = x[:num_tokens].float().abs().amax(dim=(0, 2))  # [num_kv_heads]
+            scale.copy_((amax / qmax).clamp_min(1e-8))
+        self.calculate_kv_scales = False
 
     @staticmethod
     def get_kv_cache_shape(num_blocks: int, spec: KVCacheSpec) -> tuple[int, ...]:

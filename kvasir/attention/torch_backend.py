@@ -14,6 +14,9 @@ from kvasir.attention.backend import (
     AttentionMetadataBuilder,
     register_backend,
 )
+from kvasir.kernels.kv_cache import dequantize_kv, quantize_kv
+
+KVScales = tuple[torch.Tensor, torch.Tensor] | None  # FP8 cache: [num_kv_heads] K, V scales
 
 
 def write_kv_cache(
@@ -21,13 +24,31 @@ def write_kv_cache(
     value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
     kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
     slot_mapping: torch.Tensor,  # [num_actual_tokens] int64
+    kv_scales: KVScales = None,
 ) -> None:
-    """Store each token's K/V at its slot (``block_id * block_size + offset``)."""
+    """Store each token's K/V at its slot (``block_id * block_size + offset``); an FP8
+    cache gets them divided by their head's scale."""
     num_tokens = slot_mapping.shape[0]
     _, _, _, num_kv_heads, head_dim = kv_cache.shape
     flat = kv_cache.view(2, -1, num_kv_heads, head_dim)  # [2, num_slots, num_kv_heads, head_dim]
-    flat[0].index_copy_(0, slot_mapping, key[:num_tokens].to(kv_cache.dtype))
-    flat[1].index_copy_(0, slot_mapping, value[:num_tokens].to(kv_cache.dtype))
+    k, v = key[:num_tokens], value[:num_tokens]
+    if kv_scales is not None:
+        k = quantize_kv(k, kv_scales[0], kv_cache.dtype)
+        v = quantize_kv(v, kv_scales[1], kv_cache.dtype)
+    if kv_cache.dtype.itemsize == 1:  # index_copy_ has no FP8 kernel: copy the bytes
+        flat, k, v = flat.view(torch.uint8), k.view(torch.uint8), v.view(torch.uint8)
+    flat[0].index_copy_(0, slot_mapping, k.to(flat.dtype))
+    flat[1].index_copy_(0, slot_mapping, v.to(flat.dtype))
+
+
+def _gather_kv(
+    half: torch.Tensor, blocks: torch.Tensor, scale: torch.Tensor | None
+) -> torch.Tensor:
+    """``half[blocks]`` ([n, block_size, kvh, d]), an FP8 cache dequantised to float32."""
+    if scale is None:
+        return half.index_select(0, blocks)
+    raw = half.view(torch.uint8).index_select(0, blocks).view(half.dtype)
+    return dequantize_kv(raw, scale)
 
 
 def _attend(
@@ -201,6 +222,7 @@ def _decode_attention(
     metadata: TorchAttentionMetadata,
     scale: float,
     out: torch.Tensor,  # [num_tokens, num_heads, head_dim], written in place
+    kv_scales: KVScales = None,
 ) -> None:
     """Every single-token request (decodes): one gather + attention per length group.
 
@@ -212,8 +234,9 @@ def _decode_attention(
     assert metadata.block_size == block_size, "decode groups built for another block size"
     for g in metadata.decode_groups:
         num_reqs, max_q, max_len = g.mask.shape
-        key = kv_cache[0].index_select(0, g.blocks)  # [g * blocks, block_size, kvh, d]
-        value = kv_cache[1].index_select(0, g.blocks)
+        ks, vs = kv_scales if kv_scales is not None else (None, None)
+        key = _gather_kv(kv_cache[0], g.blocks, ks)  # [g * blocks, block_size, kvh, d]
+        value = _gather_kv(kv_cache[1], g.blocks, vs)
         if g.stale.numel():
             key.view(-1, num_kv_heads, head_dim).index_fill_(0, g.stale, 0.0)
             value.view(-1, num_kv_heads, head_dim).index_fill_(0, g.stale, 0.0)
@@ -255,6 +278,7 @@ def _prefill_attention(
     scale: float,
     out: torch.Tensor,  # [num_tokens, num_heads, head_dim], written in place
     fresh: tuple[torch.Tensor, torch.Tensor] | None = None,  # [num_tokens, kvh, d] each
+    kv_scales: KVScales = None,
 ) -> None:
     """Requests with several query tokens (prefill chunks), one at a time. ``fresh``:
     this step's K/V (as written to the cache); a request with no earlier tokens attends
@@ -275,8 +299,9 @@ def _prefill_attention(
         num_blocks = (seq_len + block_size - 1) // block_size
         blocks = metadata.block_table[i, :num_blocks].long()
         # [seq_len, num_kv_heads, head_dim]: this request's tokens in position order
-        key = kv_cache[0].index_select(0, blocks).view(-1, num_kv_heads, head_dim)[:seq_len]
-        value = kv_cache[1].index_select(0, blocks).view(-1, num_kv_heads, head_dim)[:seq_len]
+        ks, vs = kv_scales if kv_scales is not None else (None, None)
+        key = _gather_kv(kv_cache[0], blocks, ks).view(-1, num_kv_heads, head_dim)[:seq_len]
+        value = _gather_kv(kv_cache[1], blocks, vs).view(-1, num_kv_heads, head_dim)[:seq_len]
         # Query j sits at absolute position seq_len - q_len + j and sees keys <= it.
         q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)
         k_pos = torch.arange(seq_len, device=query.device)
@@ -291,6 +316,7 @@ def paged_attention_ref(
     metadata: TorchAttentionMetadata,
     scale: float,
     fresh: tuple[torch.Tensor, torch.Tensor] | None = None,
+    kv_scales: KVScales = None,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim], query's dtype
     """Causal attention of each query token over its request's cached K/V (this step's
     K/V must already be in ``kv_cache``). Rows past ``num_actual_tokens`` are zero.
@@ -298,9 +324,9 @@ def paged_attention_ref(
     out = torch.zeros_like(query)
     if metadata.num_reqs == 0:
         return out
-    _decode_attention(query, kv_cache, metadata, scale, out)
+    _decode_attention(query, kv_cache, metadata, scale, out, kv_scales)
     if metadata.max_query_len > 1:
-        _prefill_attention(query, kv_cache, metadata, scale, out, fresh)
+        _prefill_attention(query, kv_cache, metadata, scale, out, fresh, kv_scales)
     return out
 
 
@@ -331,6 +357,9 @@ class TorchAttentionBackend(AttentionBackend):
                 f"TorchAttentionMetadataBuilder), got {type(attn_metadata).__name__}"
             )
         num_actual = attn_metadata.num_actual_tokens
-        write_kv_cache(key, value, kv_cache, attn_metadata.slot_mapping[:num_actual])
+        self.maybe_calculate_kv_scales(key, value, num_actual)
+        scales = self.kv_scales if kv_cache.dtype == self.kv_cache_dtype else None
+        write_kv_cache(key, value, kv_cache, attn_metadata.slot_mapping[:num_actual], scales)
+        # An FP8 cache: attend to the K/V as stored (rounded), as every later step will.
         fresh = (key, value) if key.dtype == kv_cache.dtype else None
-        return paged_attention_ref(query, kv_cache, attn_metadata, self.scale, fresh)
+        return paged_attention_ref(query, kv_cache, attn_metadata, self.scale, fresh, scales)

@@ -45,8 +45,12 @@ class TritonAttentionBackend(AttentionBackend):
         scale: float,
         decode_num_splits: int | None = None,
         pdl: bool = True,
+        kv_cache_dtype: torch.dtype | None = None,
+        calculate_kv_scales: bool = False,
     ) -> None:
-        super().__init__(num_heads, head_dim, num_kv_heads, scale, pdl)
+        super().__init__(
+            num_heads, head_dim, num_kv_heads, scale, pdl, kv_cache_dtype, calculate_kv_scales
+        )
         self.decode_num_splits = decode_num_splits
 
     def forward(
@@ -60,14 +64,23 @@ class TritonAttentionBackend(AttentionBackend):
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         md = attn_metadata
         num_actual = md.num_actual_tokens
+        scales = self.kv_scales if kv_cache.dtype == self.kv_cache_dtype else None
         if rotary is not None:
             positions, cos_sin_cache = rotary
+            if self.calculate_kv_scales:  # the scales of the rotated keys
+                from kvasir.kernels.kv_cache import rotary_embedding_ref
+
+                rotated = rotary_embedding_ref(
+                    positions[:num_actual], key[:num_actual], cos_sin_cache
+                )
+                self.maybe_calculate_kv_scales(rotated, value, num_actual)
             rotary_embedding_and_cache(
                 positions[:num_actual], query, key, value, cos_sin_cache, kv_cache,
-                md.slot_mapping[:num_actual], pdl=self.pdl,
+                md.slot_mapping[:num_actual], pdl=self.pdl, kv_scales=scales,
             )  # fmt: skip
         else:
-            reshape_and_cache(key, value, kv_cache, md.slot_mapping[:num_actual])
+            self.maybe_calculate_kv_scales(key, value, num_actual)
+            reshape_and_cache(key, value, kv_cache, md.slot_mapping[:num_actual], scales)
         out = torch.empty_like(query)
         if md.max_query_len == 1:
             paged_decode_attention(
@@ -80,6 +93,7 @@ class TritonAttentionBackend(AttentionBackend):
                 num_splits=self.decode_num_splits,
                 out=out,
                 pdl=self.pdl,
+                kv_scales=scales,
             )
             covered = md.num_reqs
         else:
@@ -93,6 +107,7 @@ class TritonAttentionBackend(AttentionBackend):
                 max_query_len=md.max_query_len,
                 num_reqs=md.num_reqs,
                 out=out,
+                kv_scales=scales,
             )
             covered = num_actual
         if covered < out.shape[0]:

@@ -57,6 +57,8 @@ class EngineArgs:
     cpu_prepack: bool = True
     pdl: bool | None = None  # None: on unless KVASIR_PDL=0
     quantization: str | None = None  # fp8 | int8 | w8a8 (online), or the checkpoint's
+    kv_cache_dtype: str = "auto"
+    calculate_kv_scales: bool = False
     # JSON text or a dict, as vLLM's --speculative-config
     speculative_config: str | dict | SpeculativeConfig | None = None
 
@@ -114,6 +116,19 @@ class EngineArgs:
             help="KV cache size in GiB (the CPU's only sizing knob)",
         )
         g.add_argument("--num-gpu-blocks-override", type=int, default=None)
+        g.add_argument(
+            "--kv-cache-dtype",
+            default="auto",
+            choices=["auto", "fp8", "fp8_e4m3", "fp8_e5m2"],
+            help="auto: the model dtype; fp8 (= fp8_e4m3) or fp8_e5m2: K/V stored in FP8 "
+            "with per-head scales (half the bytes per block of bf16)",
+        )
+        g.add_argument(
+            "--calculate-kv-scales",
+            action="store_true",
+            help="FP8 KV cache: set the K/V scales from the first batch instead of the "
+            "checkpoint's (or 1.0)",
+        )
         g.add_argument(
             "--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True
         )
@@ -254,6 +269,8 @@ class EngineArgs:
                 kv_cache_gb=self.kv_cache_gb,
                 enable_prefix_caching=self.enable_prefix_caching,
                 num_gpu_blocks_override=self.num_gpu_blocks_override,
+                kv_cache_dtype=self.kv_cache_dtype,
+                calculate_kv_scales=self.calculate_kv_scales,
             ),
             scheduler_config=scheduler_config,
             device_config=DeviceConfig(device=self.device),

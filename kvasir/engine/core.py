@@ -190,7 +190,8 @@ class EngineCore:
             msg = (
                 f"kvasir: KV cache {usable} blocks x {bs} tokens = {tokens} tokens "
                 f"({num_blocks * info.kv_bytes_per_block / 2**30:.2f} GiB per rank, "
-                f"{info.dtype}); max concurrency at max_model_len={max_len}: "
+                f"{_kv_dtype_name(self.config.cache_config.kv_cache_dtype, info.dtype)}); "
+                f"max concurrency at max_model_len={max_len}: "
                 f"{tokens / max_len:.2f}x; device {info.device}, attention "
                 f"{info.attention_backend}{parallel}; start-up {self.startup_time:.1f}s"
             )
@@ -294,3 +295,10 @@ class EngineCore:
     def shutdown(self) -> None:
         self._in_flight.clear()
         self.executor.shutdown()
+
+
+def _kv_dtype_name(kv_cache_dtype: str, model_dtype: str) -> str:
+    """The KV cache's element type for the start-up line."""
+    if kv_cache_dtype == "auto":
+        return model_dtype
+    return "fp8_e4m3" if kv_cache_dtype == "fp8" else kv_cache_dtype

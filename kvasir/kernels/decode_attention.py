@@ -11,6 +11,9 @@ GPU's multiprocessor count), never on context lengths: an eager warm-up and a CU
 capture of the same batch size compile and launch the same kernels.
 
 KV cache layout: ``[2, num_blocks, block_size, num_kv_heads, head_dim]`` (0 = K, 1 = V).
+An FP8 cache (``kv_scales`` given) is dequantised in the kernel: its K and V tiles are
+converted to the query's dtype (exact), the K scale folded into the softmax scale and
+the V scale into the output, one scalar per KV head (each program holds one).
 """
 
 from __future__ import annotations
@@ -66,6 +69,8 @@ def _decode_split_kernel(
     out_ptr,  # [num_reqs, num_heads, head_dim] (NUM_SPLITS == 1)
     mid_o_ptr,  # [num_reqs, num_heads, NUM_SPLITS, head_dim] float32
     mid_lse_ptr,  # [num_reqs, num_heads, NUM_SPLITS] float32 (log2 domain)
+    k_scale_ptr,  # [num_kv_heads] float32 (KV_FP8)
+    v_scale_ptr,
     qk_scale,  # softmax scale * log2(e)
     stride_q_tok,
     stride_q_head,
@@ -85,6 +90,7 @@ def _decode_split_kernel(
     MIN_SPLIT_LEN: tl.constexpr,  # a multiple of BLOCK_N
     DOT_PRECISION: tl.constexpr,
     USE_PDL: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     if USE_PDL:  # see kvasir.kernels.pdl: nothing is read or written before the wait
         gdc_launch_dependents()
@@ -92,6 +98,8 @@ def _decode_split_kernel(
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    if KV_FP8:
+        qk_scale = qk_scale * tl.load(k_scale_ptr + kv_head)
 
     seq_len = tl.load(seq_lens_ptr + req)
     # Per-request slice length, rounded to whole tiles so slices never share a tile.
@@ -124,6 +132,8 @@ def _decode_split_kernel(
         kv_mask = mask_n[:, None] & mask_d[None, :]
         # other=0: never-written slots may hold NaN, and 0 * NaN would poison acc.
         k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+        if KV_FP8:
+            k = k.to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [GROUP_PAD, BLOCK_N]
         s = tl.where(mask_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -133,12 +143,16 @@ def _decode_split_kernel(
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+        if KV_FP8:
+            v = v.to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
     # -- epilogue -------------------------------------------------------------------
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # empty slice or seq_len 0: output 0
     o = acc / l_safe[:, None]
+    if KV_FP8:
+        o = o * tl.load(v_scale_ptr + kv_head)
     out_mask = mask_g[:, None] & mask_d[None, :]
     if NUM_SPLITS == 1:
         o_ptrs = out_ptr + req.to(tl.int64) * stride_o_tok + heads[:, None] * stride_o_head
@@ -212,6 +226,7 @@ def paged_decode_attention(
     out: torch.Tensor | None = None,  # [>= num_reqs, num_heads, head_dim]
     config: DecodeConfig | None = None,
     pdl: bool = True,  # launch with PDL where supported (kvasir.kernels.pdl)
+    kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,  # FP8 cache: [kvh] each
 ) -> torch.Tensor:  # [query.shape[0], num_heads, head_dim], rows >= num_reqs untouched
     """Attention of each request's single query token over its first ``seq_lens[r]``
     cached tokens. ``num_splits=None`` picks the split count from the batch shape. A
@@ -245,6 +260,9 @@ def paged_decode_attention(
         )
     else:
         mid_o = mid_lse = out  # unused by the kernel
+    kv_fp8 = kv_scales is not None
+    assert kv_fp8 == (kv_cache.dtype in (torch.float8_e4m3fn, torch.float8_e5m2))
+    k_scale, v_scale = kv_scales if kv_scales is not None else (out, out)
     _decode_split_kernel[(num_reqs, num_kv_heads, num_splits)](
         query,
         k_cache,
@@ -254,6 +272,8 @@ def paged_decode_attention(
         out,
         mid_o,
         mid_lse,
+        k_scale,
+        v_scale,
         scale * _LOG2E,
         query.stride(0),
         query.stride(1),
@@ -274,6 +294,7 @@ def paged_decode_attention(
         # fp32 would otherwise silently run its dots in tf32 (~1e-3); tf32x3 is ~fp32.
         DOT_PRECISION="tf32x3" if query.dtype == torch.float32 else "tf32",
         USE_PDL=pdl,
+        KV_FP8=kv_fp8,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         **launch_kwargs(pdl),
@@ -302,8 +323,10 @@ def paged_decode_attention_ref(
     block_table: torch.Tensor,  # [num_reqs, max_num_blocks] int32
     seq_lens: torch.Tensor,  # [num_reqs] int32
     scale: float,
+    kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,  # FP8 cache
 ) -> torch.Tensor:  # [num_reqs, num_heads, head_dim] float64
-    """Plain-torch float64 reference: gathers each request's K/V token by token."""
+    """Plain-torch float64 reference: gathers each request's K/V token by token (an FP8
+    cache dequantised first)."""
     num_reqs, num_heads, head_dim = query.shape
     page_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
     group = num_heads // num_kv_heads
@@ -316,6 +339,9 @@ def paged_decode_attention_ref(
         blocks = block_table[r].long().cpu()[pos // page_size]
         k = kv_cache[0].cpu()[blocks, pos % page_size].double()  # [seq_len, kvh, head_dim]
         v = kv_cache[1].cpu()[blocks, pos % page_size].double()
+        if kv_scales is not None:
+            k = k * kv_scales[0].cpu().double()[:, None]
+            v = v * kv_scales[1].cpu().double()[:, None]
         k = k.repeat_interleave(group, dim=1)  # [seq_len, num_heads, head_dim]
         v = v.repeat_interleave(group, dim=1)
         s = torch.einsum("hd,lhd->hl", query[r].cpu().double(), k) * scale

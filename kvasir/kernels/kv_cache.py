@@ -11,6 +11,11 @@ float32, ``torch.cat((cos, sin), dim=-1)`` of the angles ``pos * inv_freq`` (so
 rotation is the HF / neox half split: dims ``[0, r/2)`` pair with ``[r/2, r)`` for
 ``r = rotary_dim``; dims ``[r, head_dim)`` pass through. Math runs in float32 and rounds
 once to the tensor's dtype, as the torch rotary layer does.
+
+FP8 cache (``kv_cache`` in ``float8_e4m3fn`` / ``float8_e5m2``): both writers take
+``kv_scales = (k_scale, v_scale)``, float32 ``[num_kv_heads]`` (a per-tensor scale
+repeated per head), and store ``clamp(x / scale)`` in the cache's dtype; readers
+multiply by the same scale (``dequantize_kv``).
 """
 
 from __future__ import annotations
@@ -21,6 +26,29 @@ import triton.language as tl
 
 from kvasir.kernels.pdl import gdc_launch_dependents, gdc_wait, launch_kwargs, use_pdl
 
+FP8_KV_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+@triton.jit
+def _to_cache(x, scale_ptr, offs_h, mask_h, QUANT: tl.constexpr, QMAX: tl.constexpr):
+    """``x`` [heads, dims] as stored: divided by its head's scale and clamped (FP8)."""
+    if QUANT:
+        s = tl.load(scale_ptr + offs_h, mask=mask_h, other=1.0)
+        x = x.to(tl.float32) / s[:, None]
+        x = tl.minimum(tl.maximum(x, -QMAX), QMAX)
+    return x
+
+
+def _kv_scale_args(kv_cache: torch.Tensor, kv_scales, num_kv_heads: int):  # noqa: ANN001, ANN202
+    """(k_scale, v_scale, QUANT, QMAX) kernel arguments for ``kv_cache``'s dtype."""
+    if kv_cache.dtype not in FP8_KV_DTYPES:
+        return kv_cache, kv_cache, False, 1.0
+    assert kv_scales is not None, "an FP8 KV cache needs kv_scales"
+    k_scale, v_scale = kv_scales
+    assert k_scale.shape == (num_kv_heads,) and v_scale.shape == (num_kv_heads,)
+    assert k_scale.dtype == torch.float32 and v_scale.dtype == torch.float32
+    return k_scale, v_scale, True, float(torch.finfo(kv_cache.dtype).max)
+
 
 @triton.jit
 def _reshape_and_cache_kernel(
@@ -29,6 +57,8 @@ def _reshape_and_cache_kernel(
     k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
     v_cache_ptr,
     slot_mapping_ptr,  # [num_tokens] int64
+    k_scale_ptr,  # [num_kv_heads] float32 (QUANT)
+    v_scale_ptr,
     stride_k_tok,
     stride_k_head,
     stride_v_tok,
@@ -41,6 +71,8 @@ def _reshape_and_cache_kernel(
     HEADS_PAD: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
+    QUANT: tl.constexpr,
+    QMAX: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + tok).to(tl.int64)
@@ -57,8 +89,9 @@ def _reshape_and_cache_kernel(
     )
     src_k = tok * stride_k_tok + offs_h[:, None] * stride_k_head + offs_d[None, :]
     src_v = tok * stride_v_tok + offs_h[:, None] * stride_v_head + offs_d[None, :]
-    k = tl.load(key_ptr + src_k, mask=mask)
-    v = tl.load(value_ptr + src_v, mask=mask)
+    mask_h = offs_h < NUM_KV_HEADS
+    k = _to_cache(tl.load(key_ptr + src_k, mask=mask), k_scale_ptr, offs_h, mask_h, QUANT, QMAX)
+    v = _to_cache(tl.load(value_ptr + src_v, mask=mask), v_scale_ptr, offs_h, mask_h, QUANT, QMAX)
     tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
     tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
@@ -68,6 +101,7 @@ def reshape_and_cache(
     value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
     kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
     slot_mapping: torch.Tensor,  # [num_tokens] int64; < 0 = skip
+    kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,  # FP8 cache: [kvh] each
 ) -> None:
     """Store token ``t``'s K and V at slot ``slot_mapping[t]`` (one program per token).
     Only the first ``slot_mapping.shape[0]`` rows of ``key``/``value`` are read."""
@@ -78,12 +112,15 @@ def reshape_and_cache(
     assert key.shape[0] >= num_tokens and value.shape[0] >= num_tokens
     assert key.stride(2) == 1 and value.stride(2) == 1 and kv_cache.stride(4) == 1
     k_cache, v_cache = kv_cache[0], kv_cache[1]
+    k_scale, v_scale, quant, qmax = _kv_scale_args(kv_cache, kv_scales, num_kv_heads)
     _reshape_and_cache_kernel[(num_tokens,)](
         key,
         value,
         k_cache,
         v_cache,
         slot_mapping,
+        k_scale,
+        v_scale,
         key.stride(0),
         key.stride(1),
         value.stride(0),
@@ -96,6 +133,8 @@ def reshape_and_cache(
         HEADS_PAD=triton.next_power_of_2(num_kv_heads),
         HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
         PAGE_SIZE=page_size,
+        QUANT=quant,
+        QMAX=qmax,
         num_warps=4,
     )
 
@@ -132,6 +171,8 @@ def _rope_and_cache_kernel(
     k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
     v_cache_ptr,
     slot_mapping_ptr,  # [num_tokens] int64
+    k_scale_ptr,  # [num_kv_heads] float32 (QUANT)
+    v_scale_ptr,
     stride_q_tok,
     stride_q_head,
     stride_k_tok,
@@ -152,6 +193,8 @@ def _rope_and_cache_kernel(
     HALF_PAD: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
     USE_PDL: tl.constexpr,
+    QUANT: tl.constexpr,
+    QMAX: tl.constexpr,
 ):
     if USE_PDL:  # see kvasir.kernels.pdl: nothing is read or written before the wait
         gdc_launch_dependents()
@@ -186,9 +229,13 @@ def _rope_and_cache_kernel(
     if slot >= 0:
         dst_row = (slot // PAGE_SIZE) * stride_c_blk + (slot % PAGE_SIZE) * stride_c_tok
         offs_h = tl.arange(0, KV_HEADS_PAD)
+        mh = offs_h < NUM_KV_HEADS
+        # The cache holds the rotated key as rounded to the key's dtype (as unfused).
+        c1 = _to_cache(k1, k_scale_ptr, offs_h, mh, QUANT, QMAX)
+        c2 = _to_cache(k2, k_scale_ptr, offs_h, mh, QUANT, QMAX)
         dst1 = k_cache_ptr + dst_row + offs_h[:, None] * stride_c_head + offs_r[None, :]
-        tl.store(dst1, k1.to(k_cache_ptr.dtype.element_ty), mask=k_mask)
-        tl.store(dst1 + HALF, k2.to(k_cache_ptr.dtype.element_ty), mask=k_mask)
+        tl.store(dst1, c1.to(k_cache_ptr.dtype.element_ty), mask=k_mask)
+        tl.store(dst1 + HALF, c2.to(k_cache_ptr.dtype.element_ty), mask=k_mask)
         offs_d = tl.arange(0, HEAD_DIM_PAD)
         mask_h = offs_h[:, None] < NUM_KV_HEADS
         full_mask = mask_h & (offs_d[None, :] < HEAD_DIM)
@@ -197,10 +244,12 @@ def _rope_and_cache_kernel(
             pass_mask = mask_h & (offs_d[None, :] >= 2 * HALF) & (offs_d[None, :] < HEAD_DIM)
             k_src = key_ptr + tok * stride_k_tok + offs_h[:, None] * stride_k_head
             k_pass = tl.load(k_src + offs_d[None, :], mask=pass_mask)
+            k_pass = _to_cache(k_pass, k_scale_ptr, offs_h, mh, QUANT, QMAX)
             k_dst = k_cache_ptr + dst_row + offs_h[:, None] * stride_c_head + offs_d[None, :]
             tl.store(k_dst, k_pass.to(k_cache_ptr.dtype.element_ty), mask=pass_mask)
         v_src = value_ptr + tok * stride_v_tok + offs_h[:, None] * stride_v_head
         v = tl.load(v_src + offs_d[None, :], mask=full_mask)
+        v = _to_cache(v, v_scale_ptr, offs_h, mh, QUANT, QMAX)
         v_dst = v_cache_ptr + dst_row + offs_h[:, None] * stride_c_head + offs_d[None, :]
         tl.store(v_dst, v.to(v_cache_ptr.dtype.element_ty), mask=full_mask)
 
@@ -214,6 +263,7 @@ def rotary_embedding_and_cache(
     kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
     slot_mapping: torch.Tensor,  # [num_tokens] int64; < 0 = skip the cache write
     pdl: bool = True,  # launch with PDL where supported (kvasir.kernels.pdl)
+    kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,  # FP8 cache: [kvh] each
 ) -> None:
     """Apply neox/HF RoPE to ``query`` and ``key`` in place and store the rotated key
     and ``value`` into ``kv_cache``, all in one kernel (one program per token).
@@ -236,6 +286,7 @@ def rotary_embedding_and_cache(
     half = rotary_dim // 2
     heads_pad = triton.next_power_of_2(num_heads)
     pdl = use_pdl(query, pdl)
+    k_scale, v_scale, quant, qmax = _kv_scale_args(kv_cache, kv_scales, num_kv_heads)
     _rope_and_cache_kernel[(num_tokens,)](
         positions,
         query,
@@ -245,6 +296,8 @@ def rotary_embedding_and_cache(
         k_cache,
         v_cache,
         slot_mapping,
+        k_scale,
+        v_scale,
         query.stride(0),
         query.stride(1),
         key.stride(0),
@@ -265,6 +318,8 @@ def rotary_embedding_and_cache(
         HALF_PAD=triton.next_power_of_2(half),
         PAGE_SIZE=page_size,
         USE_PDL=pdl,
+        QUANT=quant,
+        QMAX=qmax,
         num_warps=4 if heads_pad * head_dim <= 4096 else 8,
         **launch_kwargs(pdl),
     )
@@ -275,14 +330,37 @@ def reshape_and_cache_ref(
     value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
     kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim], in place
     slot_mapping: torch.Tensor,  # [num_tokens] int64; < 0 = skip
+    kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
     """Plain-torch reference: a loop over tokens with explicit block/offset indexing."""
     page_size = kv_cache.shape[2]
     for t, slot in enumerate(slot_mapping.tolist()):
         if slot < 0:
             continue
-        kv_cache[0, slot // page_size, slot % page_size] = key[t].to(kv_cache.dtype)
-        kv_cache[1, slot // page_size, slot % page_size] = value[t].to(kv_cache.dtype)
+        k, v = key[t], value[t]  # [num_kv_heads, head_dim]
+        if kv_scales is not None:
+            k, v = (
+                quantize_kv(k, kv_scales[0], kv_cache.dtype),
+                quantize_kv(v, kv_scales[1], kv_cache.dtype),
+            )
+        kv_cache[0, slot // page_size, slot % page_size] = k.to(kv_cache.dtype)
+        kv_cache[1, slot // page_size, slot % page_size] = v.to(kv_cache.dtype)
+
+
+def quantize_kv(
+    x: torch.Tensor,  # [..., num_kv_heads, head_dim]
+    scale: torch.Tensor,  # [num_kv_heads] float32
+    dtype: torch.dtype,  # an FP8 dtype
+) -> torch.Tensor:  # x / scale, clamped, in ``dtype``
+    m = torch.finfo(dtype).max
+    return (x.float() / scale[:, None]).clamp(-m, m).to(dtype)
+
+
+def dequantize_kv(
+    x: torch.Tensor,  # [..., num_kv_heads, head_dim] FP8
+    scale: torch.Tensor,  # [num_kv_heads] float32
+) -> torch.Tensor:  # float32
+    return x.float() * scale[:, None]
 
 
 def rotary_embedding_ref(
@@ -303,6 +381,9 @@ def rotary_embedding_ref(
 
 
 __all__ = [
+    "FP8_KV_DTYPES",
+    "dequantize_kv",
+    "quantize_kv",
     "reshape_and_cache",
     "reshape_and_cache_ref",
     "rotary_embedding_and_cache",

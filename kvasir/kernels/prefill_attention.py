@@ -19,6 +19,10 @@ The grid is then sized by the flat batch alone (``num_tokens // BLOCK_M + num_re
 tiles), not by ``max_query_len * num_reqs``: a chunk of 8k tokens beside 200 decode rows
 launches ~260 tiles per head instead of ~13k, and a CUDA graph captured for a token
 budget serves any mix of requests within it.
+
+An FP8 cache (``kv_scales``) is dequantised in the kernel: K and V tiles converted to the
+query's dtype, the KV head's K scale folded into the softmax scale, its V scale into
+the output.
 """
 
 from __future__ import annotations
@@ -78,6 +82,7 @@ def _attn_tile(
     MASKED: tl.constexpr,
     PAD_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     offs_n = n0 + tl.arange(0, BLOCK_N)
     mask_n = offs_n < seq_len
@@ -88,6 +93,8 @@ def _attn_tile(
     tok_off = block_ids.to(tl.int64) * stride_c_blk + (offs_n % PAGE_SIZE) * stride_c_tok
     kv_off = tok_off[:, None] + head_off + offs_d[None, :]  # [BLOCK_N, HEAD_DIM_PAD]
     k = _load_kv(k_cache_ptr + kv_off, mask_n, mask_d, MASKED, PAD_D)
+    if KV_FP8:
+        k = k.to(q.dtype)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
     if MASKED:
         causal = (offs_n[None, :] <= q_pos[:, None]) & mask_n[None, :]
@@ -101,6 +108,8 @@ def _attn_tile(
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, axis=1)
     v = _load_kv(v_cache_ptr + kv_off, mask_n, mask_d, MASKED, PAD_D)
+    if KV_FP8:
+        v = v.to(q.dtype)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, l_i, m_new
 
@@ -114,6 +123,8 @@ def _prefill_kernel(
     query_start_loc_ptr,  # [num_reqs + 1] int32
     seq_lens_ptr,  # [num_reqs] int32
     block_table_ptr,  # [num_reqs, max_num_blocks] int32
+    k_scale_ptr,  # [num_kv_heads] float32 (KV_FP8)
+    v_scale_ptr,
     num_reqs,
     qk_scale,  # softmax scale * log2(e)
     stride_q_tok,
@@ -132,8 +143,11 @@ def _prefill_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     head = tl.program_id(0)
+    if KV_FP8:
+        qk_scale = qk_scale * tl.load(k_scale_ptr + head // GROUP_SIZE)
     # Heaviest (last, longest-context) query tiles first, for a shorter tail.
     tile = tl.num_programs(1) - 1 - tl.program_id(1)
     # The request owning the tile: the last r with query_start_loc[r] // BLOCK_M + r
@@ -178,7 +192,7 @@ def _prefill_kernel(
         acc, l_i, m_i = _attn_tile(
             acc, l_i, m_i, q, n0, q_pos, seq_len, k_cache_ptr, v_cache_ptr, bt_row,
             head_off, offs_d, mask_d, qk_scale, stride_c_blk, stride_c_tok,
-            PAGE_SIZE, BLOCK_N, False, PAD_D, DOT_PRECISION,
+            PAGE_SIZE, BLOCK_N, False, PAD_D, DOT_PRECISION, KV_FP8,
         )  # fmt: skip
     # -- stage 2: the causal diagonal ---------------------------------------------
     diag_end = tl.minimum(ctx_len + (m_tile + 1) * BLOCK_M, seq_len)
@@ -186,11 +200,13 @@ def _prefill_kernel(
         acc, l_i, m_i = _attn_tile(
             acc, l_i, m_i, q, n0, q_pos, seq_len, k_cache_ptr, v_cache_ptr, bt_row,
             head_off, offs_d, mask_d, qk_scale, stride_c_blk, stride_c_tok,
-            PAGE_SIZE, BLOCK_N, True, PAD_D, DOT_PRECISION,
+            PAGE_SIZE, BLOCK_N, True, PAD_D, DOT_PRECISION, KV_FP8,
         )  # fmt: skip
 
     # -- epilogue -------------------------------------------------------------------
     o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    if KV_FP8:
+        o = o * tl.load(v_scale_ptr + head // GROUP_SIZE)
     tl.store(
         out_ptr + q_rows[:, None] * stride_o_tok + head * stride_o_head + offs_d[None, :],
         o.to(out_ptr.dtype.element_ty),
@@ -231,6 +247,7 @@ def paged_prefill_attention(
     num_reqs: int | None = None,
     out: torch.Tensor | None = None,  # [num_tokens, num_heads, head_dim]
     config: PrefillConfig | None = None,
+    kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,  # FP8 cache: [kvh] each
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]; rows of no request untouched
     """Causal varlen attention over the paged cache; ``max_query_len`` (a host int)
     sizes the grid. Never synchronises with the host."""
@@ -249,6 +266,9 @@ def paged_prefill_attention(
     precision = "tf32x3" if query.dtype == torch.float32 else "tf32"
     # Flat tiles (module docstring): query_start_loc[num_reqs] <= num_tokens.
     grid = (num_heads, query.shape[0] // config.block_m + num_reqs)
+    kv_fp8 = kv_scales is not None
+    assert kv_fp8 == (kv_cache.dtype in (torch.float8_e4m3fn, torch.float8_e5m2))
+    k_scale, v_scale = kv_scales if kv_scales is not None else (out, out)
     _prefill_kernel[grid](
         query,
         k_cache,
@@ -257,6 +277,8 @@ def paged_prefill_attention(
         query_start_loc,
         seq_lens,
         block_table,
+        k_scale,
+        v_scale,
         num_reqs,
         scale * _LOG2E,
         query.stride(0),
@@ -275,6 +297,7 @@ def paged_prefill_attention(
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
         DOT_PRECISION=precision,
+        KV_FP8=kv_fp8,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
@@ -288,9 +311,11 @@ def paged_prefill_attention_ref(
     seq_lens: torch.Tensor,  # [num_reqs] int32
     block_table: torch.Tensor,  # [num_reqs, max_num_blocks] int32
     scale: float,
+    kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,  # FP8 cache
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim] float64, on the CPU
-    """Plain-torch float64 reference: per request, gather K/V token by token and run
-    masked softmax attention. Rows belonging to no request are zero."""
+    """Plain-torch float64 reference: per request, gather K/V token by token (an FP8
+    cache dequantised first) and run masked softmax attention. Rows belonging to no
+    request are zero."""
     num_heads = query.shape[1]
     page_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
     group = num_heads // num_kv_heads
@@ -303,8 +328,12 @@ def paged_prefill_attention_ref(
             continue
         pos = torch.arange(seq_len)
         blocks = block_table[r].long().cpu()[pos // page_size]
-        k = kv_cache[0].cpu()[blocks, pos % page_size].double().repeat_interleave(group, dim=1)
-        v = kv_cache[1].cpu()[blocks, pos % page_size].double().repeat_interleave(group, dim=1)
+        k = kv_cache[0].cpu()[blocks, pos % page_size].double()  # [seq_len, kvh, head_dim]
+        v = kv_cache[1].cpu()[blocks, pos % page_size].double()
+        if kv_scales is not None:
+            k = k * kv_scales[0].cpu().double()[:, None]
+            v = v * kv_scales[1].cpu().double()[:, None]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         q = query[start:end].cpu().double()  # [q_len, num_heads, head_dim]
         s = torch.einsum("qhd,lhd->hql", q, k) * scale
         q_pos = torch.arange(seq_len - q_len, seq_len)

@@ -96,7 +96,11 @@ class LlamaAttention(nn.Module):
         # Shared by every layer: one cos/sin table per model.
         self.rotary_emb = rotary_emb
         backend = ctx.attn_backend_cls(
-            self.num_heads, self.head_dim, self.num_kv_heads, self.scale, pdl=pdl
+            self.num_heads,
+            self.head_dim,
+            self.num_kv_heads,
+            self.scale,
+            **ctx.attn_backend_kwargs(),
         )
         self.attn = Attention(self.num_heads, self.head_dim, self.num_kv_heads, self.scale, backend)
 

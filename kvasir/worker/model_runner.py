@@ -149,6 +149,8 @@ class ModelRunner:
             config.kernel_config,
             parallel,
             config.parallel_config,
+            kv_cache_dtype=config.cache_config.kv_cache_dtype,
+            calculate_kv_scales=config.cache_config.calculate_kv_scales,
         )
         self.load_time = time.perf_counter() - t0
         if self.device.type == "cpu":

@@ -14,6 +14,7 @@ from torch import nn
 from kvasir.attention.backend import AttentionBackend
 from kvasir.config import KernelConfig, ModelArchConfig, ModelConfig, ParallelConfig
 from kvasir.distributed.parallel_state import ParallelState, single_process_state
+from kvasir.layers.attention import Attention
 from kvasir.layers.context import LayerContext
 from kvasir.layers.linear import LinearBase
 from kvasir.layers.rotary_embedding import RotaryEmbedding
@@ -149,6 +150,8 @@ def load_model(
     parallel: ParallelState | None = None,
     parallel_config: ParallelConfig | None = None,
     quant_config: QuantizationConfig | None = None,
+    kv_cache_dtype: str = "auto",
+    calculate_kv_scales: bool = False,
 ) -> nn.Module:
     """Build the model for ``arch_config`` on ``device`` in ``dtype`` and fill its weights
     from the checkpoint ``model_config`` points at (random for load_format "dummy").
@@ -157,7 +160,9 @@ def load_model(
     layer's method processes its weights. Returns it in eval mode.
 
     ``quant_config`` None: the scheme of ``model_config.quantization`` and the
-    checkpoint's ``quantization_config`` (``kvasir.quantization.resolve_quantization``)."""
+    checkpoint's ``quantization_config`` (``kvasir.quantization.resolve_quantization``).
+    ``kv_cache_dtype``: ``auto`` (the model dtype) or an FP8 format for the attention
+    layers' caches (``CacheConfig.kv_cache_dtype``)."""
     path, fmt = resolve_model_path(model_config)
     model_cls = get_model_cls(arch_config.architectures)
     if quant_config is None:
@@ -171,6 +176,8 @@ def load_model(
         parallel=parallel or single_process_state(torch.device(device)),
         parallel_config=parallel_config or ParallelConfig(),
         quant_config=quant_config,
+        kv_cache_dtype=resolve_kv_cache_dtype(kv_cache_dtype),
+        calculate_kv_scales=calculate_kv_scales,
     )
     model = _build_empty_model(model_cls, arch_config, ctx)
     try:
@@ -200,6 +207,26 @@ def process_weights_after_loading(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, (LinearBase, FusedMoE)):
             module.method.process_weights_after_loading(module)  # type: ignore[arg-type]
+        elif isinstance(module, Attention):
+            module.process_weights_after_loading()
+
+
+_KV_CACHE_DTYPES = {
+    "fp8": torch.float8_e4m3fn,
+    "fp8_e4m3": torch.float8_e4m3fn,
+    "fp8_e5m2": torch.float8_e5m2,
+}
+
+
+def resolve_kv_cache_dtype(name: str) -> torch.dtype | None:
+    """``--kv-cache-dtype`` -> the cache's torch dtype (None: the model's dtype)."""
+    if name == "auto":
+        return None
+    if name not in _KV_CACHE_DTYPES:
+        raise ValueError(
+            f"kv_cache_dtype must be one of {['auto', *_KV_CACHE_DTYPES]}, got {name!r}"
+        )
+    return _KV_CACHE_DTYPES[name]
 
 
 def load_tokenizer(model_config: ModelConfig) -> PreTrainedTokenizerBase | None:

@@ -6,6 +6,7 @@ layers' methods declared for them."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -14,6 +15,8 @@ import torch
 from torch import nn
 
 from kvasir.quantization import QuantizationConfig
+
+logger = logging.getLogger(__name__)
 
 # Where calibrated KV-cache scales live in checkpoints (vLLM / llm-compressor names,
 # and the older ``k_proj.output_scale``) -> the attention layer's parameter.
@@ -53,6 +56,7 @@ def quantized_weights(
         weights = transform(weights)
     expected = model.expected_weight_shapes()  # type: ignore[operator]
     params = dict(model.named_parameters())
+    skipped_kv_scales = 0
     for name, tensor in weights:
         if quant_config is not None:
             name = quant_config.rename_checkpoint_tensor(name)
@@ -62,12 +66,10 @@ def quantized_weights(
         target = _kv_scale_param(name)
         if target is not None:
             param = params.get(target)
-            if param is None:
-                raise ValueError(
-                    f"checkpoint has KV-cache scale {name!r} but the KV cache is not FP8 "
-                    f"(kv_cache_dtype auto); pass kv_cache_dtype fp8 to use it"
-                )
-            param.weight_loader(param, tensor)  # type: ignore[attr-defined]
+            if param is not None:
+                param.weight_loader(param, tensor)  # type: ignore[attr-defined]
+            elif model._is_local(name):  # type: ignore[operator]
+                skipped_kv_scales += 1
             continue
         leaf = name.rpartition(".")[2]
         if quant_config is None or leaf not in ("weight_scale", "input_scale"):
@@ -86,6 +88,12 @@ def quantized_weights(
             param.weight_loader(param, tensor)
         else:
             param.weight_loader(param, tensor, shard_id)
+    if skipped_kv_scales:
+        logger.warning(
+            "the checkpoint has %d calibrated KV-cache scales; they are unused because the "
+            "KV cache is not FP8 (pass --kv-cache-dtype fp8 to use them)",
+            skipped_kv_scales,
+        )
 
 
 def _kv_scale_param(name: str) -> str | None:
