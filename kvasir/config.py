@@ -62,6 +62,24 @@ class ModelArchConfig:
     norm_topk_prob: bool = True  # renormalise the top-k routing weights to sum to 1
     decoder_sparse_step: int = 1
     mlp_only_layers: tuple[int, ...] = ()
+    # State-space (Mamba) layers. ``layer_types[i]`` is "attention" or "mamba" (empty:
+    # every layer attention). ``ssm_version`` 1: Mamba-1 (a state per channel, dt_rank);
+    # 2: Mamba-2 (ssm_num_heads heads of ssm_head_dim, B/C shared by ssm_n_groups).
+    layer_types: tuple[str, ...] = ()
+    ssm_version: int = 0
+    ssm_state_size: int = 0
+    ssm_conv_kernel: int = 4
+    ssm_intermediate_size: int = 0
+    ssm_dt_rank: int = 0
+    ssm_num_heads: int = 0
+    ssm_head_dim: int = 0
+    ssm_n_groups: int = 1
+    ssm_chunk_size: int = 256
+    ssm_bias: bool = False  # in_proj / out_proj bias
+    ssm_conv_bias: bool = True
+    ssm_inner_norms: bool = False  # Jamba: RMSNorm on dt, B and C
+    ssm_time_step_limit: tuple[float, float] = (0.0, float("inf"))
+    use_rope: bool = True  # Jamba's attention has no positional encoding
 
     def __post_init__(self) -> None:
         for name in (
@@ -80,6 +98,21 @@ class ModelArchConfig:
             f"({self.num_key_value_heads}) must divide num_attention_heads "
             f"({self.num_attention_heads})",
         )
+        if self.layer_types:
+            _check(
+                len(self.layer_types) == self.num_hidden_layers
+                and set(self.layer_types) <= {"attention", "mamba"},
+                "layer_types",
+                f"must list 'attention' or 'mamba' for each of the {self.num_hidden_layers} "
+                f"layers, got {list(self.layer_types)}",
+            )
+        if "mamba" in self.layer_types:
+            _check(
+                self.ssm_version in (1, 2), "ssm_version", f"must be 1 or 2, got {self.ssm_version}"
+            )
+            _check(self.ssm_state_size > 0, "ssm_state_size", "must be > 0")
+            _check(self.ssm_intermediate_size > 0, "ssm_intermediate_size", "must be > 0")
+            _check(self.ssm_conv_kernel >= 2, "ssm_conv_kernel", "must be >= 2")
         if self.num_experts:
             _check(
                 0 < self.num_experts_per_tok <= self.num_experts,
@@ -88,6 +121,13 @@ class ModelArchConfig:
             )
             _check(self.moe_intermediate_size > 0, "moe_intermediate_size", "must be > 0")
             _check(self.decoder_sparse_step >= 1, "decoder_sparse_step", "must be >= 1")
+
+    def is_mamba_layer(self, index: int) -> bool:
+        return bool(self.layer_types) and self.layer_types[index] == "mamba"
+
+    @property
+    def has_attention(self) -> bool:
+        return not self.layer_types or "attention" in self.layer_types
 
     def is_moe_layer(self, index: int) -> bool:
         """Whether decoder layer ``index`` has a sparse MoE block instead of a dense MLP."""

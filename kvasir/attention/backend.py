@@ -18,7 +18,7 @@ K/V (amax / the format's max) before writing.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
 
 import torch
@@ -48,6 +48,9 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] int64, device
     query_start_loc_cpu: torch.Tensor  # [num_reqs + 1] int32, host copy
     seq_lens_cpu: torch.Tensor  # [num_reqs] int32, host copy
+    # State-space layers: each request's state slot (host ints; set by the runner for a
+    # model with such layers, None otherwise: zero initial states, nothing kept).
+    state_slots: list[int] | None = field(default=None, kw_only=True)
 
     @property
     def is_decode_only(self) -> bool:

@@ -10,11 +10,43 @@ from __future__ import annotations
 
 from kvasir.core.block_pool import BlockPool, KVCacheBlock
 from kvasir.core.hashing import update_block_hashes
-from kvasir.core.kv_cache_spec import FullAttentionSpec, KVCacheConfig
+from kvasir.core.kv_cache_spec import FullAttentionSpec, KVCacheConfig, MambaStateSpec
 from kvasir.core.request import Request
 
-# Spec kinds one block table per request can serve: every layer keeps every token.
-SUPPORTED_SPEC_KINDS = (FullAttentionSpec.kind,)
+# Spec kinds one block table per request can serve: every layer keeps every token, or
+# (state-space layers) keeps nothing per token but one state slot per request.
+SUPPORTED_SPEC_KINDS = (FullAttentionSpec.kind, MambaStateSpec.kind)
+
+
+class StateSlotPool:
+    """Fixed-size state slots (``1..num_slots``; 0 is the runner's scratch slot) for the
+    state-space layers: a request takes one when its first tokens are allocated and
+    gives it back when it finishes or is preempted, so its state memory never grows
+    with its length."""
+
+    def __init__(self, num_slots: int) -> None:
+        assert num_slots >= 1
+        self.num_slots = num_slots
+        self._free = list(range(num_slots, 0, -1))  # pop() hands out 1 first
+        self.slot_of: dict[str, int] = {}
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self, request_id: str) -> int | None:
+        """The request's slot (a new one on first use); None when none is free."""
+        slot = self.slot_of.get(request_id)
+        if slot is None:
+            if not self._free:
+                return None
+            slot = self.slot_of[request_id] = self._free.pop()
+        return slot
+
+    def free(self, request_id: str) -> None:
+        slot = self.slot_of.pop(request_id, None)
+        if slot is not None:
+            self._free.append(slot)
 
 
 def cdiv(a: int, b: int) -> int:
@@ -35,7 +67,14 @@ class KVCacheManager:
         block_size: int,
         enable_caching: bool = True,
         max_model_len: int | None = None,
+        num_state_slots: int = 0,
     ) -> None:
+        """``num_state_slots`` > 0: the model has state-space layers. Each request then
+        also holds a state slot; prefix caching and forks are off (a cached block
+        cannot give back the recurrent state at its end)."""
+        self.state_slots = StateSlotPool(num_state_slots) if num_state_slots else None
+        if self.state_slots is not None:
+            enable_caching = False
         self.block_size = block_size
         self.enable_caching = enable_caching
         self.max_model_len = max_model_len
@@ -52,6 +91,7 @@ class KVCacheManager:
         kv_cache_config: KVCacheConfig,
         enable_caching: bool = True,
         max_model_len: int | None = None,
+        max_num_seqs: int = 0,
     ) -> KVCacheManager:
         """A manager over the blocks of ``kv_cache_config``. One block table per request
         serves every layer, so every layer's spec must be of a kind that keeps every
@@ -63,8 +103,15 @@ class KVCacheManager:
                     f"block pool (one block table per request for every layer); "
                     f"supported kinds: {list(SUPPORTED_SPEC_KINDS)}"
                 )
+        has_state = any(isinstance(s, MambaStateSpec) for s in kv_cache_config.layer_specs)
+        if has_state and max_num_seqs < 1:
+            raise ValueError("state-space layers need max_num_seqs >= 1 state slots")
         return cls(
-            kv_cache_config.num_blocks, kv_cache_config.block_size, enable_caching, max_model_len
+            kv_cache_config.num_blocks,
+            kv_cache_config.block_size,
+            enable_caching,
+            max_model_len,
+            num_state_slots=max_num_seqs if has_state else 0,
         )
 
     # ------------------------------------------------------------------ queries
@@ -169,6 +216,10 @@ class KVCacheManager:
         num_evictable_computed = sum(1 for b in new_computed_blocks if b.ref_cnt == 0)
         if num_new_blocks > self.block_pool.get_num_free_blocks() - num_evictable_computed:
             return None
+        if self.state_slots is not None:
+            assert not new_computed_blocks, "state-space models share no blocks"
+            if self.state_slots.allocate(request.request_id) is None:
+                return None
 
         self.block_pool.touch(new_computed_blocks)
         new_blocks = self.block_pool.get_new_blocks(num_new_blocks)
@@ -234,6 +285,14 @@ class KVCacheManager:
         blocks = self.req_to_blocks.pop(request.request_id, [])
         self.num_cached_block.pop(request.request_id, None)
         self.block_pool.free_blocks(reversed(blocks))
+        if self.state_slots is not None:
+            self.state_slots.free(request.request_id)
+
+    def get_state_slot(self, request_id: str) -> int:
+        """The request's state slot (-1: the model has no state-space layers)."""
+        if self.state_slots is None:
+            return -1
+        return self.state_slots.slot_of[request_id]
 
     def reset_prefix_cache(self) -> bool:
         return self.block_pool.reset_prefix_cache()

@@ -72,9 +72,54 @@ class FullAttentionSpec(KVCacheSpec):
         return (2, self.block_size, self.num_kv_heads, self.head_dim)
 
 
+@dataclass(frozen=True, kw_only=True)
+class MambaStateSpec(KVCacheSpec):
+    """A state-space (Mamba) layer: no per-token cache at all, but one fixed-size *state
+    slot* per running request -- its conv state (the last ``d_conv - 1`` inputs of the
+    convolution, ``conv_shape``) and its recurrent SSM state (``ssm_shape``, float32) --
+    however long the request grows. Blocks of this kind take no bytes
+    (``block_shape == (0,)``); ``state_bytes`` is what one request's slot takes."""
+
+    kind: ClassVar[str] = "mamba_state"
+
+    conv_shape: tuple[int, ...]
+    ssm_shape: tuple[int, ...]
+    ssm_element_size: int = 4  # the recurrent state stays float32
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        # Lists after a trip through a message: back to tuples (the spec is hashable).
+        object.__setattr__(self, "conv_shape", tuple(self.conv_shape))
+        object.__setattr__(self, "ssm_shape", tuple(self.ssm_shape))
+        for name in ("conv_shape", "ssm_shape"):
+            shape = getattr(self, name)
+            _check(bool(shape) and all(d >= 1 for d in shape), name, f"must be >= 1, got {shape}")
+
+    @property
+    def block_shape(self) -> tuple[int, ...]:
+        return (0,)
+
+    @property
+    def state_bytes(self) -> int:
+        conv = ssm = 1
+        for d in self.conv_shape:
+            conv *= d
+        for d in self.ssm_shape:
+            ssm *= d
+        return conv * self.element_size + ssm * self.ssm_element_size
+
+
 # Kind -> spec class: how a spec crosses a process boundary (``spec_to_dict`` /
 # ``spec_from_dict``); a new kind registers here.
-SPEC_TYPES: dict[str, type[KVCacheSpec]] = {FullAttentionSpec.kind: FullAttentionSpec}
+SPEC_TYPES: dict[str, type[KVCacheSpec]] = {
+    FullAttentionSpec.kind: FullAttentionSpec,
+    MambaStateSpec.kind: MambaStateSpec,
+}
+
+
+def state_bytes_per_request(specs: Sequence[KVCacheSpec]) -> int:
+    """Bytes of one request's state slot across every state-space layer (0: none)."""
+    return sum(s.state_bytes for s in specs if isinstance(s, MambaStateSpec))
 
 
 def spec_to_dict(spec: KVCacheSpec) -> dict[str, Any]:

@@ -30,6 +30,9 @@ class NewRequestData:
     block_ids: list[int]
     num_computed_tokens: int
     pooling_params: PoolingParams | None = None  # an embedding request: pool, never sample
+    # State-space layers: the request's state slot (-1: the model has none). A slot is
+    # kept until the request finishes or is preempted.
+    state_slot: int = -1
 
 
 @dataclass

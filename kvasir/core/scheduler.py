@@ -130,6 +130,7 @@ class Scheduler:
                 kv_cache_config,
                 enable_caching=cache_config.enable_prefix_caching,
                 max_model_len=self.max_model_len,
+                max_num_seqs=self.max_num_seqs,
             )
         else:
             self.kv_cache_manager = KVCacheManager(
@@ -354,6 +355,7 @@ class Scheduler:
                         block_ids=kv.get_block_ids(request.request_id),
                         num_computed_tokens=num_computed,
                         pooling_params=request.pooling_params,
+                        state_slot=kv.get_state_slot(request.request_id),
                     )
                 )
                 num_scheduled[request.request_id] = num_new
@@ -448,6 +450,10 @@ class Scheduler:
         request: its parent's prompt blocks (fork) or prefix-cache hits, the longer."""
         kv = self.kv_cache_manager
         fork_blocks: list[KVCacheBlock] = []
+        if kv.state_slots is not None:
+            # State-space layers: the recurrent state at a block boundary is not kept,
+            # so n > 1 children and prefix hits recompute their prompt.
+            return False, [], 0, False
         if request.fork_of is not None:
             parent = self.requests.get(request.fork_of)
             if (

@@ -95,6 +95,7 @@ class LlamaAttention(nn.Module):
         self.qk_norm = config.qk_norm
         # Shared by every layer: one cos/sin table per model.
         self.rotary_emb = rotary_emb
+        self.use_rope = config.use_rope
         backend = ctx.attn_backend_cls(
             self.num_heads,
             self.head_dim,
@@ -120,7 +121,9 @@ class LlamaAttention(nn.Module):
             k = self.k_norm(k.reshape(num_tokens, self.num_kv_heads, self.head_dim))
             q = q.view(num_tokens, self.q_size)
             k = k.view(num_tokens, self.kv_size)
-        if self.attn.backend.fuses_rotary:
+        if not self.use_rope:  # Jamba: no positional encoding in attention
+            attn_output = self.attn(q, k, v, kv_cache, attn_metadata)
+        elif self.attn.backend.fuses_rotary:
             # The backend rotates q and k in place, fused with its KV-cache write.
             rotary = (positions, self.rotary_emb.cos_sin_cache)
             attn_output = self.attn(q, k, v, kv_cache, attn_metadata, rotary)

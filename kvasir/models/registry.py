@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from kvasir.models.llama import LlamaForCausalLM
+from kvasir.models.mamba import JambaForCausalLM, MambaForCausalLM
 from kvasir.models.moe import MoeForCausalLM
 
 # SmolLM2 and Llama 2/3.x checkpoints all say "LlamaForCausalLM".
@@ -18,6 +19,9 @@ _MODELS: dict[str, type[nn.Module]] = {
     "MixtralForCausalLM": MoeForCausalLM,
     "Qwen2MoeForCausalLM": MoeForCausalLM,
     "Qwen3MoeForCausalLM": MoeForCausalLM,
+    "MambaForCausalLM": MambaForCausalLM,
+    "Mamba2ForCausalLM": MambaForCausalLM,
+    "JambaForCausalLM": JambaForCausalLM,
 }
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_MODELS)

@@ -11,9 +11,16 @@ import numpy as np
 import torch
 
 from kvasir.attention.backend import AttentionBackend
-from kvasir.core.kv_cache_spec import KVCacheSpec, bytes_per_block, num_blocks_in
+from kvasir.core.kv_cache_spec import (
+    KVCacheSpec,
+    MambaStateSpec,
+    bytes_per_block,
+    num_blocks_in,
+    state_bytes_per_request,
+)
 from kvasir.distributed.parallel_state import IntermediateTensors
 from kvasir.layers.attention import Attention
+from kvasir.layers.mamba import StateSpaceLayer
 
 if TYPE_CHECKING:
     from kvasir.worker.model_runner import ModelRunner
@@ -24,7 +31,25 @@ def kv_cache_specs(
 ) -> list[KVCacheSpec]:
     """One spec per ``Attention`` module of ``model``, in module order: the order of the
     model's own (local) layers, which is the order of its ``kv_caches`` argument."""
-    return [m.kv_cache_spec(block_size, dtype) for m in model.modules() if isinstance(m, Attention)]
+    return [
+        m.kv_cache_spec(block_size, dtype)
+        for m in model.modules()
+        if isinstance(m, (Attention, StateSpaceLayer))
+    ]
+
+
+def has_state_layers(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, StateSpaceLayer) for m in model.modules())
+
+
+def allocate_state_caches(model: torch.nn.Module, num_slots: int, device: torch.device) -> int:
+    """Give every state-space layer of ``model`` its ``num_slots`` state slots (slot 0
+    is scratch for padding and profiling); returns the bytes allocated."""
+    total = 0
+    for m in model.modules():
+        if isinstance(m, StateSpaceLayer):
+            total += m.allocate_state(num_slots, device)
+    return total
 
 
 def allocate_kv_caches(
@@ -37,6 +62,8 @@ def allocate_kv_caches(
     Zeroed: stale NaNs in never-written slots would poison masked-out products."""
     caches = []
     for spec in specs:
+        if isinstance(spec, MambaStateSpec):
+            continue  # per-request state slots live in their layers (allocate_state_caches)
         dtype = getattr(torch, spec.dtype, None)
         if not isinstance(dtype, torch.dtype):
             raise ValueError(f"KV cache spec dtype {spec.dtype!r} is not a torch dtype")
@@ -54,6 +81,10 @@ def determine_num_blocks(runner: ModelRunner) -> int:
     if cc.num_gpu_blocks_override is not None:
         return cc.num_gpu_blocks_override
     specs = runner.kv_cache_specs()
+    if bytes_per_block(specs) == 0:
+        # State-space layers only: blocks cost nothing; enough for every request at
+        # max_model_len (the state slots, not blocks, bound the memory).
+        return runner.max_num_reqs * runner.max_num_blocks_per_req + 1
     if cc.kv_cache_gb is not None:
         return num_blocks_in(int(cc.kv_cache_gb * (1 << 30)), specs)
     if runner.device.type != "cuda":
@@ -69,6 +100,7 @@ def determine_num_blocks(runner: ModelRunner) -> int:
     free, total = torch.cuda.mem_get_info()
     used_by_others = total - free - torch.cuda.memory_reserved()
     budget = total * cc.gpu_memory_utilization - peak - max(used_by_others, 0)
+    budget -= (runner.max_num_reqs + 1) * state_bytes_per_request(specs)  # state slots
     num_blocks = int(budget // bytes_per_block(specs))
     if num_blocks <= 0:
         raise ValueError(

@@ -167,6 +167,7 @@ class ModelRunner:
         self.num_blocks = 0
         self.requests: dict[str, CachedRequestState] = {}
         self.cuda_graph: CUDAGraphRunner | None = None
+        self.num_state_bytes = 0  # state-space layers' slots (initialize_kv_cache)
 
         # The model's input buffers (CUDA graphs capture against them); aliases below.
         d = self.device
@@ -190,6 +191,13 @@ class ModelRunner:
         self._batch_ids_cache: tuple[int, list[CachedRequestState], list[str]] | None = None
         if config.speculative_config is not None:
             from kvasir.spec_decode.decoder import SpecDecoder
+
+            if kv_cache_sizing.has_state_layers(self.model):
+                raise ValueError(
+                    "speculative_config: this model has state-space (Mamba) layers, whose "
+                    "recurrent state cannot roll back over rejected drafts; serve it "
+                    "without speculative decoding"
+                )
 
             self.spec_decoder = SpecDecoder(config.speculative_config, self)
 
@@ -232,6 +240,10 @@ class ModelRunner:
             self.spec_decoder.calibrate(self)
         self.num_blocks = num_blocks
         self.buffers.sink_block_id = num_blocks
+        # State-space layers: one state slot per schedulable request (+ scratch slot 0).
+        self.num_state_bytes = kv_cache_sizing.allocate_state_caches(
+            self.model, self.max_num_reqs + 1, self.device
+        )
         # A backend that reads host-side metadata (torch) cannot replay graphs.
         if (
             self.device.type == "cuda"
@@ -239,6 +251,8 @@ class ModelRunner:
             and self.buffers.metadata_builder.supports_cuda_graphs
             # Pipeline stages send and receive between kernels: they run eagerly.
             and self.parallel.pp_size == 1
+            # State-space layers read host-side state slots (eager).
+            and not self.num_state_bytes
         ):
             self.cuda_graph = CUDAGraphRunner(self)
             self.cuda_graph.capture()
@@ -294,6 +308,7 @@ class ModelRunner:
                 min_tokens_stop_ids=stop_ids,
                 prompt_logprobs_done=old.prompt_logprobs_done if old is not None else 0,
                 pooling_params=new.pooling_params,
+                state_slot=new.state_slot,
             )
             self.requests[new.req_id] = st
             ib.add(
@@ -352,6 +367,8 @@ class ModelRunner:
             # Penalties and multi-token bad words need every token on the host.
             self._read_back(self._unread[-1])
         step = self._prepare_inputs(so)
+        if self.num_state_bytes:
+            step.attn_metadata.state_slots = [s.state_slot for s in step.states]
         rows, n = step.rows, len(step.rows)
         prompt_lp: dict[str, list[TokenLogprobs]] = {}
         all_logits = hidden = None

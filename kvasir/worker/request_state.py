@@ -33,6 +33,7 @@ class CachedRequestState:
     pooling_params: PoolingParams | None = None
     pool_sum: torch.Tensor | None = None
     row: int = -1
+    state_slot: int = -1  # state-space layers: this request's state slot
 
     @property
     def needs_prompt_logprobs(self) -> bool:

@@ -21,6 +21,9 @@ _ARCH_BY_MODEL_TYPE = {
     "mixtral": "MixtralForCausalLM",
     "qwen2_moe": "Qwen2MoeForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
+    "mamba": "MambaForCausalLM",
+    "mamba2": "Mamba2ForCausalLM",
+    "jamba": "JambaForCausalLM",
 }
 # MoE routing options of other families (DeepSeek, GLM, ...) that this router lacks:
 # key -> the values that mean "plain softmax top-k".
@@ -97,6 +100,109 @@ def parse_rope(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     return float(theta), scaling
 
 
+def _ssm_arch_config(
+    cfg: dict[str, Any], model_type: str, architectures: list[str], gen: dict[str, Any]
+) -> ModelArchConfig:
+    """Mamba-1 / Mamba-2 (every layer a state-space mixer) and Jamba (Mamba-1 layers
+    with attention every ``attn_layer_period`` and MoE every ``expert_layer_period``)."""
+    h = int(cfg["hidden_size"])
+    layers = int(cfg["num_hidden_layers"])
+    common: dict[str, Any] = dict(
+        architectures=tuple(architectures),
+        vocab_size=int(cfg["vocab_size"]),
+        hidden_size=h,
+        num_hidden_layers=layers,
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", model_type == "mamba")),
+        hidden_act=str(cfg.get("hidden_act", "silu")),
+        bos_token_id=_first_id(cfg.get("bos_token_id"), gen.get("bos_token_id")),
+        eos_token_id=merge_ids(
+            token_ids(cfg.get("eos_token_id")), token_ids(gen.get("eos_token_id"))
+        ),
+        model_type=model_type,
+        max_position_embeddings=int(cfg.get("max_position_embeddings") or 1 << 20),
+    )
+    if common["hidden_act"] != "silu":
+        raise ValueError(f"hidden_act {common['hidden_act']!r} is not supported (only 'silu')")
+    if model_type == "jamba":
+        period, offset = int(cfg["attn_layer_period"]), int(cfg["attn_layer_offset"])
+        e_period, e_offset = int(cfg["expert_layer_period"]), int(cfg["expert_layer_offset"])
+        num_heads = int(cfg["num_attention_heads"])
+        num_experts = int(cfg.get("num_experts") or 1)
+        experts = num_experts > 1
+        state = int(cfg["mamba_d_state"])
+        return ModelArchConfig(
+            **common,
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_attention_heads=num_heads,
+            num_key_value_heads=int(cfg.get("num_key_value_heads") or num_heads),
+            head_dim=h // num_heads,
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            layer_types=tuple(
+                "attention" if i % period == offset else "mamba" for i in range(layers)
+            ),
+            num_experts=num_experts if experts else 0,
+            num_experts_per_tok=int(cfg.get("num_experts_per_tok") or 2) if experts else 0,
+            moe_intermediate_size=int(cfg["intermediate_size"]) if experts else 0,
+            norm_topk_prob=False,  # Jamba leaves the top-k weights unnormalised
+            mlp_only_layers=tuple(i for i in range(layers) if i % e_period != e_offset),
+            ssm_version=1,
+            ssm_state_size=state,
+            ssm_conv_kernel=int(cfg.get("mamba_d_conv", 4)),
+            ssm_intermediate_size=int(cfg.get("mamba_expand", 2)) * h,
+            ssm_dt_rank=int(cfg.get("mamba_dt_rank") or -(-h // 16)),
+            ssm_bias=bool(cfg.get("mamba_proj_bias", False)),
+            ssm_conv_bias=bool(cfg.get("mamba_conv_bias", True)),
+            ssm_inner_norms=True,
+            use_rope=False,
+        )
+    version = 1 if model_type == "mamba" else 2
+    inter = int(cfg.get("intermediate_size") or int(cfg.get("expand", 2)) * h)
+    ssm: dict[str, Any] = dict(
+        ssm_version=version,
+        ssm_state_size=int(cfg["state_size"]),
+        ssm_conv_kernel=int(cfg.get("conv_kernel", 4)),
+        ssm_intermediate_size=inter,
+        ssm_bias=bool(cfg.get("use_bias", False)),
+        ssm_conv_bias=bool(cfg.get("use_conv_bias", True)),
+    )
+    if version == 1:
+        rank = cfg.get("time_step_rank", "auto")
+        ssm["ssm_dt_rank"] = -(-h // 16) if rank == "auto" else int(rank)
+    else:
+        heads, head_dim = int(cfg["num_heads"]), int(cfg["head_dim"])
+        if heads * head_dim != inter:
+            raise ValueError(
+                f"num_heads x head_dim ({heads} x {head_dim}) must equal the SSM width "
+                f"expand x hidden_size ({inter})"
+            )
+        limit = cfg.get("time_step_limit") or (0.0, float("inf"))
+        ssm.update(
+            ssm_num_heads=heads,
+            ssm_head_dim=head_dim,
+            ssm_n_groups=int(cfg.get("n_groups", 1)),
+            ssm_chunk_size=int(cfg.get("chunk_size", 256)),
+            ssm_time_step_limit=tuple(_as_float(v) for v in limit),
+        )
+    return ModelArchConfig(
+        **common,
+        intermediate_size=inter,
+        # No attention: one nominal head (nothing is built from these).
+        num_attention_heads=1,
+        num_key_value_heads=1,
+        head_dim=1,
+        rms_norm_eps=float(cfg.get("layer_norm_epsilon", 1e-5)),
+        layer_types=("mamba",) * layers,
+        **ssm,
+    )
+
+
+def _as_float(v: Any) -> float:
+    """A float, also from transformers' JSON encoding of infinity."""
+    if isinstance(v, dict) and "__float__" in v:
+        return float(v["__float__"])
+    return float(v)
+
+
 def arch_config_from_hf(
     cfg: dict[str, Any], generation_config: dict[str, Any] | None = None
 ) -> ModelArchConfig:
@@ -105,6 +211,11 @@ def arch_config_from_hf(
     architectures = cfg.get("architectures") or [
         _ARCH_BY_MODEL_TYPE.get(model_type, f"<model_type {model_type}>")
     ]
+    if model_type in ("mamba", "mamba2", "jamba"):
+        try:
+            return _ssm_arch_config(cfg, model_type, list(architectures), generation_config or {})
+        except KeyError as e:
+            raise ValueError(f"model config is missing {e.args[0]!r}") from e
     num_heads = int(cfg["num_attention_heads"])
     hidden_size = int(cfg["hidden_size"])
     rope_theta, rope_scaling = parse_rope(cfg)
