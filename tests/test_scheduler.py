@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from kvasir.config import CacheConfig, SchedulerConfig
 from kvasir.core.hashing import hash_token_ids
+from kvasir.core.kv_cache_spec import FullAttentionSpec, KVCacheConfig, MambaStateSpec
 from kvasir.core.outputs import EngineCoreOutput, ModelRunnerOutput, SchedulerOutput
 from kvasir.core.request import Request, RequestStatus
 from kvasir.core.scheduler import Scheduler
@@ -232,6 +233,13 @@ def check_invariants(sched: Scheduler) -> None:
         assert r.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
         assert r.num_computed_tokens == 0
     assert len(sched.running) + len(sched.waiting) == len(sched.requests)
+    slots = kv.state_slots
+    if slots is not None:  # one state slot per running request, none leaked or shared
+        assert set(slots.slot_of) == {r.request_id for r in sched.running}
+        held = list(slots.slot_of.values())
+        assert len(set(held)) == len(held) and not set(held) & set(slots._free)
+        assert len(held) + slots.num_free == slots.num_slots
+        assert all(1 <= s <= slots.num_slots for s in held)
 
 
 @dataclass
@@ -302,7 +310,17 @@ def make_sched(
     caching: bool = True,
     chunked: bool = True,
     max_queued: int | None = None,
+    state_slots: bool = False,
 ) -> Scheduler:
+    """``state_slots``: a hybrid model's layers (attention + a state-space layer), so
+    every request also holds a state slot."""
+    kv_cache_config = None
+    if state_slots:
+        attn = FullAttentionSpec(block_size=block_size, dtype="float32", element_size=4,
+                                 num_kv_heads=1, head_dim=8)  # fmt: skip
+        ssm = MambaStateSpec(block_size=block_size, dtype="float32", element_size=4,
+                             conv_shape=(8, 3), ssm_shape=(8, 16))  # fmt: skip
+        kv_cache_config = KVCacheConfig(num_blocks, (attn, ssm))
     return Scheduler(
         SchedulerConfig(
             max_num_batched_tokens=max_num_batched_tokens,
@@ -314,6 +332,7 @@ def make_sched(
         ),
         CacheConfig(block_size=block_size, enable_prefix_caching=caching),
         num_blocks,
+        kv_cache_config=kv_cache_config,
     )
 
 
@@ -776,9 +795,18 @@ def test_random_workloads_with_speculation(w: dict) -> None:
     assert stats.spec_num_accepted_tokens <= stats.spec_num_draft_tokens
 
 
-def _run_random_workload(w: dict, speculate: bool):  # type: ignore[no-untyped-def]
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(workloads())
+def test_random_workloads_with_state_slots(w: dict) -> None:
+    """A hybrid model's state slots: taken at admission, returned at preemption, finish
+    and abort, never leaked or shared (check_invariants after every step); no prefix
+    caching or forks, and every request still gets its stand-alone output."""
+    _run_random_workload(w, speculate=False, state_slots=True)
+
+
+def _run_random_workload(w: dict, speculate: bool, state_slots: bool = False):  # type: ignore[no-untyped-def]
     cfg = w["cfg"]
-    sched = make_sched(**cfg)
+    sched = make_sched(**cfg, state_slots=state_slots)
     if speculate:
         sched.num_lookahead_tokens = w["lookahead"]
     usable = cfg["num_blocks"] - 1

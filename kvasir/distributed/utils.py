@@ -17,6 +17,11 @@ def validate_parallel_config(
     ``num_devices``: the CUDA GPUs on this host for a CUDA run of the "mp" executor
     (None: not limited, e.g. the CPU or Ray across hosts)."""
     tp, pp = config.tensor_parallel_size, config.pipeline_parallel_size
+    if "mamba" in arch.layer_types and config.world_size > 1:
+        raise ValueError(
+            "state-space (Mamba) layers do not support tensor parallelism or pipeline "
+            "parallelism yet; use --tensor-parallel-size 1 --pipeline-parallel-size 1"
+        )
     for what, n in (
         ("num_attention_heads", arch.num_attention_heads),
         ("vocab_size", arch.vocab_size),

@@ -187,6 +187,19 @@ class EngineCore:
                     f"; tensor parallel {pc.tensor_parallel_size} x pipeline parallel "
                     f"{pc.pipeline_parallel_size} ({pc.executor_backend} executor)"
                 )
+            from kvasir.core.kv_cache_spec import state_bytes_per_request
+
+            specs = kv_cache_config.layer_specs if kv_cache_config is not None else ()
+            state = state_bytes_per_request(specs)
+            if state and kv_cache_config is not None:  # state-space layers: a fixed slot per request beside the KV cache
+                per_token = kv_cache_config.bytes_per_block / bs
+                logger.info(
+                    "kvasir: state-space layers: %.1f KiB of state per request (%d slots), "
+                    "KV cache %.1f KiB per token; prefix caching off",
+                    state / 1024,
+                    config.scheduler_config.max_num_seqs,
+                    per_token / 1024,
+                )
             msg = (
                 f"kvasir: KV cache {usable} blocks x {bs} tokens = {tokens} tokens "
                 f"({num_blocks * info.kv_bytes_per_block / 2**30:.2f} GiB per rank, "
