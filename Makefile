@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch installs quickly here; on a GPU host use e.g. TORCH_SPEC="torch".
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup run generate test lint bench-cpu clean
+.PHONY: setup run generate test test-compat lint bench-cpu clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,7 +25,13 @@ generate: setup
 	$(BIN)/kvasir generate
 
 test: setup
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests --ignore=tests/compat
+
+# lm-eval, litellm, langchain-openai and the conformance suite against a real server:
+# slower and with heavy extras, so apart from `make test` (CI runs both).
+test-compat: setup
+	$(BIN)/python -m pip install -q -e '.[compat]'
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/compat
 
 lint: setup
 	$(BIN)/ruff check kvasir tests benchmarks

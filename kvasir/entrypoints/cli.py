@@ -220,6 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     from kvasir.observability.top import add_top_parser
 
     add_top_parser(sub)
+
+    from kvasir.conformance.runner import add_conformance_parser
+
+    add_conformance_parser(sub)
     add_eval_parser(sub)
     return parser
 
@@ -228,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
 # ``main(args) -> int``; a new evaluation adds one line here.
 EVAL_COMMANDS: dict[str, tuple[str, str]] = {
     "perplexity": ("kvasir.eval.perplexity", "sliding-window perplexity of a text file"),
+    "lm-eval": ("kvasir.eval.lm_eval", "EleutherAI's lm-evaluation-harness against a server"),
 }
 
 
