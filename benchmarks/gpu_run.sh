@@ -10,6 +10,7 @@
 #   bash benchmarks/gpu_run.sh verify  # every GPU test, then latency + throughput (no HF)
 #   bash benchmarks/gpu_run.sh mixed   # GPU tests for mixed-step graphs, then graphs on/off benches
 #   bash benchmarks/gpu_run.sh pdl     # PDL chain test + kernel tests, then PDL on/off: profile, latency; GEMV sweep
+#   bash benchmarks/gpu_run.sh models  # SSM/MoE GPU tests + kernels, then bench_ssm_context.py on the CPU
 #   bash benchmarks/gpu_run.sh serve   # kvasir serve (Llama-3-8B shape) + bench serve at 3 rates
 # The wheels: see /work/.library/device/README.md (msgspec, gguf, pyzmq, fastapi, ...).
 set -uo pipefail
@@ -23,6 +24,13 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv | tee
 K=(python3 -m kvasir.entrypoints.cli)
 M8=(--load-format dummy --model llama-3-8b)
 case "$MODE" in
+models)  # SSM + MoE: kernels and engines on the GPU, then the CPU decode-vs-context bench
+  timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_ssm_moe.py \
+    tests/kernels/test_fused_moe.py tests/kernels/test_mamba_kernels.py 2>&1 | tail -25 | tee "$OUT/tests.log"
+  lscpu | grep -E "Model name|^CPU\(s\)" | tee "$OUT/cpu.txt"
+  timeout 260 python3 benchmarks/bench_ssm_context.py --contexts 1024 4096 16384 --device cpu \
+    --out "$OUT" 2>&1 | grep -v Warn | tail -8
+  ;;
 quick)
   timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -25 | tee "$OUT/tests.log"
   timeout 150 "${K[@]}" bench latency "${M8[@]}" --max-model-len 8192 --max-num-batched-tokens 8192 \

@@ -81,6 +81,7 @@ def _moe_gemm_kernel(
     stride_om,
     GATED: tl.constexpr,
     MUL_WEIGHT: tl.constexpr,
+    IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -113,14 +114,20 @@ def _moe_gemm_kernel(
             mask=mask_n[None, :] & mask_k[:, None],
             other=0.0,
         )  # [BLOCK_K, BLOCK_N]
-        acc += tl.dot(a, w)
+        if IEEE:  # float32 weights: exact products, not TF32
+            acc += tl.dot(a, w, input_precision="ieee")
+        else:
+            acc += tl.dot(a, w)
         if GATED:
             w_up = tl.load(
                 w_base + (offs_n[None, :] + N) * stride_wn + kk[:, None],
                 mask=mask_n[None, :] & mask_k[:, None],
                 other=0.0,
             )
-            acc_up += tl.dot(a, w_up)
+            if IEEE:
+                acc_up += tl.dot(a, w_up, input_precision="ieee")
+            else:
+                acc_up += tl.dot(a, w_up)
     if GATED:
         # Round gate and up to the input dtype first, as the unfused linear + SiLU do.
         g = acc.to(a_ptr.dtype.element_ty).to(tl.float32)
@@ -171,6 +178,7 @@ def _launch(
         out.stride(0),
         GATED=gated,
         MUL_WEIGHT=topk_w is not None,
+        IEEE=a.dtype == torch.float32,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
