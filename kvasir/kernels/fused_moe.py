@@ -43,19 +43,26 @@ def moe_align(
     n = flat.numel()
     device = flat.device
     num_blocks = triton.cdiv(n + num_experts * (block_m - 1), block_m)
-    here = flat >= 0
-    key = torch.where(here, flat, num_experts)
+    size = num_blocks * block_m
+    # Only fixed-shape tensor ops below (no bincount, no boolean indexing): no host
+    # sync, so the whole layer can be captured in a CUDA graph.
+    key = torch.where(flat >= 0, flat, num_experts)
     order = torch.argsort(key, stable=True)
     sorted_key = key[order]
-    counts = torch.bincount(key, minlength=num_experts + 1)[:num_experts]
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=device)
+    counts.scatter_add_(0, key, torch.ones_like(key))
+    counts = counts[:num_experts]
     padded = (counts + block_m - 1) // block_m * block_m
     padded_start = torch.cumsum(padded, 0) - padded
     start = torch.cumsum(counts, 0) - counts
     kept = sorted_key < num_experts
     e = torch.where(kept, sorted_key, 0)
     dest = padded_start[e] + torch.arange(n, device=device) - start[e]
-    sorted_ids = torch.full((num_blocks * block_m,), n, dtype=torch.int64, device=device)
-    sorted_ids[dest[kept]] = order[kept]
+    # Assignments to other ranks' experts go to one spare slot past the end.
+    dest = torch.where(kept, dest, size)
+    sorted_ids = torch.full((size + 1,), n, dtype=torch.int64, device=device)
+    sorted_ids.scatter_(0, dest, order)
+    sorted_ids = sorted_ids[:size]
     block_start = torch.arange(num_blocks, device=device) * block_m
     ends = torch.cumsum(padded, 0)
     block_expert = torch.searchsorted(ends, block_start, right=True)

@@ -168,6 +168,8 @@ class FusedMoE(nn.Module):
             self.num_local_experts, self.first_expert = num_experts, 0
             self.intermediate_size_per_partition = intermediate_size // tp
         self.reduce_results = reduce_results and not self.expert_parallel and tp > 1
+        # The all-to-all exchange sizes come to the host each step: no CUDA graphs.
+        self.cuda_graph_safe = not self.expert_parallel
         method: FusedMoEMethod | None = None
         qc = ctx.quant_config
         if qc is not None:

@@ -40,6 +40,7 @@ class StateSpaceLayer(nn.Module):
 
     conv_state: torch.Tensor
     ssm_state: torch.Tensor
+    cuda_graph_safe = False  # reads host-side state slots every step
 
     def __init__(self, conv_channels: int, conv_kernel: int, ssm_shape: tuple[int, ...]):
         super().__init__()

@@ -251,8 +251,9 @@ class ModelRunner:
             and self.buffers.metadata_builder.supports_cuda_graphs
             # Pipeline stages send and receive between kernels: they run eagerly.
             and self.parallel.pp_size == 1
-            # State-space layers read host-side state slots (eager).
-            and not self.num_state_bytes
+            # Layers that read host-side values every step (state-space layers' state
+            # slots, expert parallelism's exchange sizes) run eagerly.
+            and all(getattr(m, "cuda_graph_safe", True) for m in self.model.modules())
         ):
             self.cuda_graph = CUDAGraphRunner(self)
             self.cuda_graph.capture()
