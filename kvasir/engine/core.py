@@ -191,7 +191,9 @@ class EngineCore:
 
             specs = kv_cache_config.layer_specs if kv_cache_config is not None else ()
             state = state_bytes_per_request(specs)
-            if state and kv_cache_config is not None:  # state-space layers: a fixed slot per request beside the KV cache
+            if (
+                state and kv_cache_config is not None
+            ):  # state-space layers: a fixed slot per request beside the KV cache
                 per_token = kv_cache_config.bytes_per_block / bs
                 logger.info(
                     "kvasir: state-space layers: %.1f KiB of state per request (%d slots), "
