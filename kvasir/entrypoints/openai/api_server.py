@@ -51,6 +51,7 @@ from kvasir.entrypoints.openai.serving_chat import OpenAIServingChat, messages_t
 from kvasir.entrypoints.openai.serving_common import PARAM_NAMES, ServingContext
 from kvasir.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from kvasir.entrypoints.openai.serving_embedding import EmbeddingRequest, OpenAIServingEmbedding
+from kvasir.entrypoints.openai.serving_responses import OpenAIServingResponses, ResponsesRequest
 from kvasir.metrics.prometheus import CONTENT_TYPE
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -225,6 +226,20 @@ def _add_embedding_and_responses_routes(
     @app.post("/v1/embeddings", responses=_ERRORS)
     async def create_embedding(request: EmbeddingRequest, raw_request: Request) -> Response:
         return await embedding.create_embedding(request, raw_request)
+
+    responses = OpenAIServingResponses(ctx, state.extra.get("responses_store_size", 1000))
+
+    @app.post("/v1/responses", responses=_ERRORS)
+    async def create_response(request: ResponsesRequest, raw_request: Request) -> Response:
+        return await responses.create_response(request, raw_request)
+
+    @app.get("/v1/responses/{response_id}", responses=_ERRORS)
+    async def retrieve_response(response_id: str) -> dict:
+        return responses.retrieve(response_id)
+
+    @app.delete("/v1/responses/{response_id}", responses=_ERRORS)
+    async def delete_response(response_id: str) -> dict:
+        return responses.delete(response_id)
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
