@@ -57,7 +57,7 @@ def embed_server(tiny):
     srv = start_server(
         "--model", path, "--tokenizer", default_model_path(), "--max-model-len", "256",
         "--kv-cache-gb", "0.02", "--max-num-batched-tokens", "16",
-        "--matryoshka-dimensions", "16,32",
+        "--matryoshka-dimensions", "16,32", "--responses-store-size", "2",
     )  # fmt: skip
     try:
         yield srv
@@ -178,3 +178,21 @@ def test_llm_embed_matches_hf(tiny) -> None:
     assert kv.num_free_blocks == kv.num_usable_blocks
     with pytest.raises(ValueError, match="dimensions"):
         llm.embed("hi" if llm.get_tokenizer() else [1, 2], PoolingParams(dimensions=1000))
+
+
+def test_responses_store_bounded_by_flag(embed_server) -> None:
+    """This module's server also runs with --responses-store-size 2 (a cheap tiny model
+    for a /v1/responses check): the oldest response is dropped from the store."""
+    with embed_server.client() as http:
+        ids = []
+        for i in range(3):
+            r = http.post("/v1/responses", json={"input": f"n{i}", "max_output_tokens": 1})
+            assert r.status_code == 200, r.text
+            ids.append(r.json()["id"])
+        assert http.get(f"/v1/responses/{ids[0]}").status_code == 404
+        assert http.get(f"/v1/responses/{ids[2]}").status_code == 200
+        r = http.post(
+            "/v1/responses",
+            json={"input": "x", "previous_response_id": ids[0], "max_output_tokens": 1},
+        )
+        assert r.status_code == 400 and r.json()["error"]["param"] == "previous_response_id"

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import openai
 import pytest
-from server_utils import MODEL, start_server
+from server_utils import MODEL
+
+from kvasir.entrypoints.openai.serving_responses import ResponseStore
 
 
 def _greedy_chat(client, messages: list[dict], max_tokens: int) -> str:
@@ -127,40 +129,33 @@ def test_store_false_and_unknown_previous_response_id(client, http) -> None:
     assert http.get("/v1/responses/resp_nope").status_code == 404
 
 
-@pytest.mark.parametrize(
-    ("body", "param"),
-    [
-        ({"input": ""}, "input"),
-        ({"input": []}, "input"),
-        ({"input": [{"role": "wizard", "content": "x"}]}, "input[0].role"),
-        (
-            {"input": [{"role": "user", "content": [{"type": "input_image"}]}]},
-            "input[0].content[0].type",
-        ),
-        ({"input": "x", "max_output_tokens": 0}, "max_output_tokens"),
-        ({"input": "x", "max_output_tokens": 100000}, "max_output_tokens"),
-        ({"input": "x", "temperature": -1}, "temperature"),
-        ({"input": "x", "top_p": 0}, "top_p"),
-    ],
-)
-def test_bad_input_is_400(http, body: dict, param: str) -> None:
-    r = http.post("/v1/responses", json={"model": MODEL, **body})
-    assert r.status_code == 400, r.text
-    assert r.json()["error"]["param"] == param, r.json()
+BAD = [
+    ({"input": ""}, "input"),
+    ({"input": []}, "input"),
+    ({"input": [{"role": "wizard", "content": "x"}]}, "input[0].role"),
+    (
+        {"input": [{"role": "user", "content": [{"type": "input_image"}]}]},
+        "input[0].content[0].type",
+    ),
+    ({"input": "x", "max_output_tokens": 0}, "max_output_tokens"),
+    ({"input": "x", "max_output_tokens": 100000}, "max_output_tokens"),
+    ({"input": "x", "temperature": -1}, "temperature"),
+    ({"input": "x", "top_p": 0}, "top_p"),
+]
+
+
+def test_bad_input_is_400(http) -> None:
+    for body, param in BAD:
+        r = http.post("/v1/responses", json={"model": MODEL, **body})
+        assert r.status_code == 400, (body, r.text)
+        assert r.json()["error"]["param"] == param, (body, r.json())
     ok = http.post("/v1/responses", json={"model": MODEL, "input": "hi", "max_output_tokens": 2})
     assert ok.status_code == 200
 
 
 def test_store_is_bounded() -> None:
-    srv = start_server("--responses-store-size", "2", "--max-model-len", "256")
-    try:
-        with srv.client() as http:
-            ids = []
-            for i in range(3):
-                r = http.post("/v1/responses", json={"input": f"n{i}", "max_output_tokens": 1})
-                assert r.status_code == 200, r.text
-                ids.append(r.json()["id"])
-            assert http.get(f"/v1/responses/{ids[0]}").status_code == 404  # dropped
-            assert http.get(f"/v1/responses/{ids[2]}").status_code == 200
-    finally:
-        assert srv.stop() == 0
+    store = ResponseStore(2)
+    for i in range(3):
+        store.put({"id": f"r{i}"}, [{"role": "user", "content": str(i)}])
+    assert store.get("r0") is None and store.get("r2") is not None and len(store) == 2
+    assert ResponseStore(0).get("r0") is None

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import pytest
 from server_utils import MODEL
 
 BODY = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 6}
@@ -43,34 +42,32 @@ def test_best_of_and_beam_search(client) -> None:
     )
     assert len(beams.choices) == 3
     assert len({c.text for c in beams.choices}) == 3
-    greedy = client.completions.create(**BODY, temperature=0.0)
-    assert greedy.choices[0].text  # beam search did not get in the way
     chat = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4, n=2,
+        model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2, n=2,
         extra_body={"use_beam_search": True},
     )  # fmt: skip
     assert len(chat.choices) == 2
 
 
-@pytest.mark.parametrize(
-    ("body", "param"),
-    [
-        ({"logit_bias": {"5": 101}}, "logit_bias"),
-        ({"logit_bias": {"5": -100.5}}, "logit_bias"),
-        ({"logit_bias": {"99999999": 1}}, "logit_bias"),
-        ({"logit_bias": {"x": 1}}, "logit_bias"),
-        ({"best_of": 1, "n": 2}, "best_of"),
-        ({"best_of": 3, "n": 2, "stream": True}, "best_of"),
-        ({"allowed_token_ids": [99999999]}, "allowed_token_ids"),
-        ({"allowed_token_ids": []}, "allowed_token_ids"),
-        ({"bad_words": [""]}, "bad_words"),
-        ({"use_beam_search": True, "stream": True}, "use_beam_search"),
-        ({"use_beam_search": True, "n": 11}, "n"),
-    ],
-)
-def test_bad_sampling_extras_are_400(http, body: dict, param: str) -> None:
-    r = http.post("/v1/completions", json={**BODY, **body})
-    assert r.status_code == 400, r.text
-    assert r.json()["error"]["param"] == param, r.json()
+BAD = [
+    ({"logit_bias": {"5": 101}}, "logit_bias"),
+    ({"logit_bias": {"5": -100.5}}, "logit_bias"),
+    ({"logit_bias": {"99999999": 1}}, "logit_bias"),
+    ({"logit_bias": {"x": 1}}, "logit_bias"),
+    ({"best_of": 1, "n": 2}, "best_of"),
+    ({"best_of": 3, "n": 2, "stream": True}, "best_of"),
+    ({"allowed_token_ids": [99999999]}, "allowed_token_ids"),
+    ({"allowed_token_ids": []}, "allowed_token_ids"),
+    ({"bad_words": [""]}, "bad_words"),
+    ({"use_beam_search": True, "stream": True}, "use_beam_search"),
+    ({"use_beam_search": True, "n": 11}, "n"),
+]
+
+
+def test_bad_sampling_extras_are_400(http) -> None:
+    for body, param in BAD:
+        r = http.post("/v1/completions", json={**BODY, **body})
+        assert r.status_code == 400, (body, r.text)
+        assert r.json()["error"]["param"] == param, (body, r.json())
     ok = http.post("/v1/completions", json={**BODY, "temperature": 0})
     assert ok.status_code == 200
