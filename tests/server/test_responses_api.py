@@ -91,12 +91,15 @@ def test_stream_events(client) -> None:
 def test_stream_final_response_and_previous_response_id(client) -> None:
     # A short answer that ends on its own: the stream completes.
     with client.responses.stream(
-        model=MODEL, input="Reply with just the word yes.", max_output_tokens=48, temperature=0.0
+        model=MODEL,
+        input="Is the sky blue? Answer yes or no.",
+        max_output_tokens=16,
+        temperature=0.0,
     ) as stream:
         final = stream.get_final_response()
     assert final.status == "completed" and final.output_text
     follow = client.responses.create(
-        model=MODEL, input="Now say it again.", previous_response_id=final.id,
+        model=MODEL, input="Are you sure?", previous_response_id=final.id,
         max_output_tokens=8, temperature=0.0,
     )  # fmt: skip
     assert follow.previous_response_id == final.id
@@ -104,9 +107,9 @@ def test_stream_final_response_and_previous_response_id(client) -> None:
     ref = _greedy_chat(
         client,
         [
-            {"role": "user", "content": "Reply with just the word yes."},
+            {"role": "user", "content": "Is the sky blue? Answer yes or no."},
             {"role": "assistant", "content": final.output_text},
-            {"role": "user", "content": "Now say it again."},
+            {"role": "user", "content": "Are you sure?"},
         ],
         8,
     )
