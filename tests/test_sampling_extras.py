@@ -196,7 +196,7 @@ def test_token_masks_match_per_row_reference() -> None:
     assert torch.equal(logits, logits.clone())  # the input is left alone
 
 
-def test_masks_under_speculative_decoding(model_dir: str) -> None:
+def test_masks_under_speculative_decoding(model_dir: str, llm: LLM) -> None:
     spec = LLM(
         model=model_dir, tokenizer=default_model_path(), max_model_len=256, kv_cache_gb=0.02,
         log=False, speculative_config={"method": "ngram", "num_speculative_tokens": 3},
@@ -213,5 +213,19 @@ def test_masks_under_speculative_decoding(model_dir: str) -> None:
         use_tqdm=False,
     )[0].outputs[0]  # fmt: skip
     assert set(out.token_ids) <= set(allowed)
+    # Multi-token bad words and biases: greedy speculative decoding gives exactly the
+    # tokens of the plain engine (the drafts before a position count as its output).
+    greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    ref = llm.generate(prompt, greedy, use_tqdm=False)
+    toks = ref[0].outputs[0].token_ids
+    words = [toks[2:4], toks[5:8], [toks[9]]]
+    params = SamplingParams(
+        temperature=0.0, max_tokens=12, ignore_eos=True, bad_words_token_ids=words,
+        bad_words=["placeholder"], logit_bias={toks[1]: -3.0},
+    )  # fmt: skip
+    plain = llm.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids
+    fast = spec.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids
+    assert fast == plain and plain != toks
+    assert not any(_contains(plain, w) for w in words)
     stats = spec.llm_engine.engine_core.scheduler.make_stats()
     assert stats.spec_num_draft_tokens > 0  # the drafts went through the masked verifier
