@@ -69,7 +69,16 @@ def checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
 
 def _prompts() -> list[list[int]]:
     g = torch.Generator().manual_seed(1)
-    return [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (37, 5, 1, 20, 16)]
+    return [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (37, 5, 1, 20, 16, 29)]
+
+
+def _params() -> list[SamplingParams]:
+    """n = 2 (the children fork their parent's state) and, where no fork can happen,
+    prompt logprobs (every prompt position computed)."""
+    fork = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, logprobs=1, n=2)
+    plp = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, logprobs=1,
+                         prompt_logprobs=1)  # fmt: skip
+    return [fork, fork, plp, fork, fork, plp]
 
 
 def _check(outs: list[Any], hf: torch.nn.Module) -> None:
@@ -85,6 +94,7 @@ def _check(outs: list[Any], hf: torch.nn.Module) -> None:
             for j, t in enumerate(c.token_ids):
                 assert abs(c.logprobs[j][t].logprob - lp[n - 1 + j, t].item()) < 1e-4
             assert c.token_ids == o.outputs[0].token_ids  # greedy n = 2: the same twice
+        assert len(o.outputs) == (1 if o.prompt_logprobs is not None else 2)
         if o.prompt_logprobs is not None:
             for j, pos in enumerate(o.prompt_logprobs[1:]):
                 t = prompt[j + 1]
@@ -99,17 +109,17 @@ def test_engine_matches_hf(checkpoint) -> None:
     if name == "jamba":
         kw["num_gpu_blocks_override"] = 20  # 19 usable blocks of 4: preemptions
     llm = LLM(model=path, block_size=4, max_model_len=64, max_num_batched_tokens=16,
-              max_num_seqs=4, **kw)  # fmt: skip
+              max_num_seqs=8, **kw)  # fmt: skip
     try:
-        params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, logprobs=1, n=2,
-                                prompt_logprobs=1)  # fmt: skip
-        outs = llm.generate(_prompts(), params, use_tqdm=False)
+        outs = llm.generate(_prompts(), _params(), use_tqdm=False)
         _check(outs, hf)
         scheduler = llm.llm_engine.engine_core.scheduler
         kv = scheduler.kv_cache_manager
         assert kv.state_slots is not None
         assert kv.state_slots.num_free == kv.state_slots.num_slots  # every slot back
         assert not kv.enable_caching
+        # n = 2: children started from a copy of their parent's state at the fork point
+        assert scheduler.num_state_forks > 0
         if name == "jamba":
             assert scheduler.num_preemptions > 0
     finally:

@@ -216,10 +216,8 @@ class KVCacheManager:
         num_evictable_computed = sum(1 for b in new_computed_blocks if b.ref_cnt == 0)
         if num_new_blocks > self.block_pool.get_num_free_blocks() - num_evictable_computed:
             return None
-        if self.state_slots is not None:
-            assert not new_computed_blocks, "state-space models share no blocks"
-            if self.state_slots.allocate(request.request_id) is None:
-                return None
+        if self.state_slots is not None and self.state_slots.allocate(request.request_id) is None:
+            return None
 
         self.block_pool.touch(new_computed_blocks)
         new_blocks = self.block_pool.get_new_blocks(num_new_blocks)

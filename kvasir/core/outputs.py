@@ -33,6 +33,9 @@ class NewRequestData:
     # State-space layers: the request's state slot (-1: the model has none). A slot is
     # kept until the request finishes or is preempted.
     state_slot: int = -1
+    # An n > 1 child forking its parent: copy this slot's state into ``state_slot``
+    # before the step (the parent's state at ``num_computed_tokens``). -1: none.
+    state_copy_from: int = -1
 
 
 @dataclass

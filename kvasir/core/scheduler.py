@@ -171,6 +171,11 @@ class Scheduler:
         self.spec_num_accepted_tokens = 0
         self.spec_accepted_per_pos: list[int] = []
         self._last_spec_k = 0.0
+        # State-space models' n > 1 forks: child id -> the parent's state slot to copy,
+        # and (per schedule()) what each scheduled request had computed before the step.
+        self._state_copies: dict[str, int] = {}
+        self.num_state_forks = 0  # cumulative
+        self._computed_before_step: dict[str, int] = {}
 
     # ------------------------------------------------------------------ intake
 
@@ -224,6 +229,10 @@ class Scheduler:
         placeholders = self._num_output_placeholders
         placeholder_added: set[str] = set()
         spec_scheduled: dict[str, list[int]] = {}
+        # State-space models: parents whose n > 1 children wait to fork (see _state_fork).
+        forking: set[str] = set()
+        if kv.state_slots is not None:
+            forking = {r.fork_of for r in self.waiting if r.fork_of is not None}  # type: ignore[misc]
 
         # Running requests: decodes and unfinished prefill chunks.
         i = 0
@@ -241,6 +250,7 @@ class Scheduler:
                 i += 1
                 continue
             num_new = min(num_new, token_budget)
+            num_new = self._cap_at_fork(request, num_new, forking)
             # Speculative decoding: drafts after the known tokens, and KV slots past
             # them for the proposer's own draft steps (only when this step samples).
             num_spec = lookahead = 0
@@ -301,6 +311,7 @@ class Scheduler:
             i += 1
 
         # Waiting requests; none in a step that had to preempt (it would thrash).
+        self._computed_before_step = {r: c.num_computed_tokens for r, c in cached_reqs.items()}
         if not preempted_ids:
             now = time.time()
             skipped: list[Request] = []
@@ -322,6 +333,7 @@ class Scheduler:
                 if not chunked and num_new > token_budget:
                     break
                 num_new = min(num_new, token_budget)
+                num_new = self._cap_at_fork(request, num_new, forking)
                 lookahead = 0
                 if num_computed + num_new == request.num_tokens:  # it samples: room to draft
                     lookahead = min(
@@ -336,12 +348,14 @@ class Scheduler:
                         request, num_new, computed_blocks, num_computed
                     )
                 if new_block_ids is None:
+                    self._state_copies.pop(request.request_id, None)
                     break  # the head does not fit: nobody jumps ahead of it
                 self.waiting.pop()
                 if from_cache:
                     kv.record_prefix_cache_stats(request.num_tokens, num_computed)
                 request.status = RequestStatus.RUNNING
                 self.running.append(request)
+                self._computed_before_step[request.request_id] = num_computed
                 if request.num_cached_tokens < 0:
                     request.num_cached_tokens = num_computed
                 if request.first_scheduled_time is None:
@@ -356,6 +370,7 @@ class Scheduler:
                         num_computed_tokens=num_computed,
                         pooling_params=request.pooling_params,
                         state_slot=kv.get_state_slot(request.request_id),
+                        state_copy_from=self._state_copies.pop(request.request_id, -1),
                     )
                 )
                 num_scheduled[request.request_id] = num_new
@@ -451,9 +466,7 @@ class Scheduler:
         kv = self.kv_cache_manager
         fork_blocks: list[KVCacheBlock] = []
         if kv.state_slots is not None:
-            # State-space layers: the recurrent state at a block boundary is not kept,
-            # so n > 1 children and prefix hits recompute their prompt.
-            return False, [], 0, False
+            return self._state_fork(request)
         if request.fork_of is not None:
             parent = self.requests.get(request.fork_of)
             if (
@@ -478,6 +491,54 @@ class Scheduler:
         if len(fork_blocks) >= len(cached_blocks) and fork_blocks:
             return False, fork_blocks, len(fork_blocks) * self.block_size, False
         return False, cached_blocks, len(cached_blocks) * self.block_size, from_cache
+
+    def _state_fork_point(self, parent: Request) -> int:
+        """Where an n > 1 child of a state-space model forks: the last block boundary
+        before the parent's last prompt token (0: no fork)."""
+        return (parent.num_prompt_tokens - 1) // self.block_size * self.block_size
+
+    def _state_fork(self, request: Request) -> tuple[bool, list[KVCacheBlock], int, bool]:
+        """``_prefix_for`` for a model with state-space layers. There is no prefix cache
+        (the recurrent state at a block boundary is not kept), but an n > 1 child forks
+        its parent at ``F = _state_fork_point``: the parent's prefill stops at F while
+        children wait (``_cap_at_fork``); in the step after that, each child shares the
+        parent's first F tokens' blocks and starts from a copy of the parent's state
+        slot (``NewRequestData.state_copy_from``), recomputing only the tokens from F.
+        A child that misses that step (no room) prefills its prompt itself."""
+        kv = self.kv_cache_manager
+        parent = self.requests.get(request.fork_of) if request.fork_of is not None else None
+        if (
+            parent is None
+            or parent is request
+            or request.status != RequestStatus.WAITING  # resumed children recompute
+            or request.sampling_params.prompt_logprobs is not None
+            or parent.prompt_token_ids != request.prompt_token_ids
+        ):
+            return False, [], 0, False
+        fork = self._state_fork_point(parent)
+        if fork == 0:
+            return False, [], 0, False
+        if parent.status != RequestStatus.RUNNING:
+            return True, [], 0, False  # wait for the parent to reach the fork point
+        # Tokens the parent had computed before this step: what its state slot holds.
+        before = self._computed_before_step.get(parent.request_id, parent.num_computed_tokens)
+        if before != fork:
+            # Not there yet: wait. Past it (this child missed the step): prefill.
+            return (before < fork), [], 0, False
+        self._state_copies[request.request_id] = kv.get_state_slot(parent.request_id)
+        self.num_state_forks += 1
+        return False, kv.get_fork_blocks(parent, fork), fork, False
+
+    def _cap_at_fork(self, request: Request, num_new: int, forking: set[str]) -> int:
+        """A state-space model's parent with children waiting to fork stops its prefill
+        at the fork point, so its state slot holds exactly that prefix for a step."""
+        if request.request_id not in forking:
+            return num_new
+        fork = self._state_fork_point(request)
+        c = request.num_computed_tokens
+        if c < fork < c + num_new:
+            return fork - c
+        return num_new
 
     # ------------------------------------------------------------------ results
 

@@ -42,6 +42,14 @@ def has_state_layers(model: torch.nn.Module) -> bool:
     return any(isinstance(m, StateSpaceLayer) for m in model.modules())
 
 
+def copy_state(model: torch.nn.Module, src: int, dst: int) -> None:
+    """Every state-space layer's state slot ``src`` into slot ``dst``."""
+    for m in model.modules():
+        if isinstance(m, StateSpaceLayer):
+            m.conv_state[dst].copy_(m.conv_state[src])
+            m.ssm_state[dst].copy_(m.ssm_state[src])
+
+
 def allocate_state_caches(model: torch.nn.Module, num_slots: int, device: torch.device) -> int:
     """Give every state-space layer of ``model`` its ``num_slots`` state slots (slot 0
     is scratch for padding and profiling); returns the bytes allocated."""

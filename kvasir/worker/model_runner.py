@@ -312,6 +312,8 @@ class ModelRunner:
                 state_slot=new.state_slot,
             )
             self.requests[new.req_id] = st
+            if new.state_copy_from >= 0:  # an n > 1 child: its parent's state so far
+                kv_cache_sizing.copy_state(self.model, new.state_copy_from, new.state_slot)
             ib.add(
                 st,
                 list(new.prompt_token_ids) + list(new.output_token_ids),
