@@ -169,3 +169,21 @@ def test_arch_configs() -> None:
     assert m1.ssm_version == 1 and m1.ssm_intermediate_size == 5120 and m1.ssm_dt_rank == 160
     m2 = load_arch_config(ModelConfig(model="mamba2-2.7b", load_format="dummy"))
     assert m2.ssm_version == 2 and m2.ssm_num_heads * m2.ssm_head_dim == m2.ssm_intermediate_size
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"num_heads": 6}, "num_heads x head_dim"),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"state_size": 0}, "ssm_state_size"),
+    ],
+)
+def test_unsupported_ssm_variants_refused(tmp_path, changes: dict[str, Any], message: str) -> None:
+    import json
+
+    cfg = CONFIGS["mamba2"]().to_dict()
+    cfg.update(architectures=["Mamba2ForCausalLM"], **changes)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=message):
+        load_arch_config(ModelConfig(model=str(tmp_path), load_format="dummy"))
