@@ -1,4 +1,4 @@
-"""``kvasir`` command line: generate, chat, serve, bench, plan, top, eval.
+"""``kvasir`` command line: generate, chat, serve, bench, plan, top, eval, quantize.
 
 The command line decides what reaches the terminal: results (generated text, benchmark
 tables and their JSON summary line) are printed to stdout by each command; messages to
@@ -225,6 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_conformance_parser(sub)
     add_eval_parser(sub)
+
+    from kvasir.quantization.writer import add_quantize_parser
+
+    add_quantize_parser(sub)
     return parser
 
 

@@ -36,6 +36,7 @@ class Attention(nn.Module):
             for name in ("k_scale", "v_scale"):
                 p = nn.Parameter(torch.ones(num_kv_heads, dtype=torch.float32), requires_grad=False)
                 p.weight_loader = self._load_kv_scale  # type: ignore[attr-defined]
+                p.keep_dtype = True  # type: ignore[attr-defined]
                 self.register_parameter(name, p)
             self.process_weights_after_loading()
 

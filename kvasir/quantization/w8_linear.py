@@ -138,10 +138,12 @@ class W8LinearMethod(LinearMethod):
         else:
             shape = (n,)
         scale = nn.Parameter(torch.full(shape, float("nan")), requires_grad=False)
+        scale.keep_dtype = True  # type: ignore[attr-defined]
         layer.register_parameter("weight_scale", scale)
         set_weight_loader(scale, functools.partial(self._load_weight_scale, layer))
         if s.act_static:
             input_scale = nn.Parameter(torch.zeros(1), requires_grad=False)
+            input_scale.keep_dtype = True  # type: ignore[attr-defined]
             layer.register_parameter("input_scale", input_scale)
             set_weight_loader(input_scale, _load_input_scale)
 

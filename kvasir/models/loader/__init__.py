@@ -132,12 +132,28 @@ def _build_empty_model(
     # weights are copied in after.
     with torch.device(ctx.parallel.device):
         model = model_cls(arch_config, ctx)
-    model = model.to(dtype=ctx.params_dtype)  # the norms; the linears are in it already
+    _cast_floating(model, ctx.params_dtype)  # the norms; the linears are in it already
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):
             module.reset_buffers()
     model.requires_grad_(False)
     return model
+
+
+def _cast_floating(model: nn.Module, dtype: torch.dtype) -> None:
+    """``model.to(dtype)`` except for 8-bit tensors (FP8 weights and KV caches) and
+    parameters marked ``keep_dtype`` (quantisation scales stay float32)."""
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            if (
+                p.is_floating_point()
+                and p.element_size() > 1
+                and not getattr(p, "keep_dtype", False)
+            ):
+                p.data = p.data.to(dtype)
+        for name, b in module.named_buffers(recurse=False):
+            if b is not None and b.is_floating_point() and b.element_size() > 1:
+                setattr(module, name, b.to(dtype))
 
 
 def load_model(
