@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import enum
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 _MAX_LOGPROBS = 20
 
@@ -13,6 +15,63 @@ class RequestOutputKind(enum.Enum):
     CUMULATIVE = 0  # every output carries all text/tokens so far
     DELTA = 1  # every output carries only what is new since the last one
     FINAL_ONLY = 2  # one output, when the request finishes
+
+
+@dataclass
+class StructuredOutputsParams:
+    """A constraint on the generated text (vLLM's ``StructuredOutputsParams``): exactly
+    one of a JSON schema (``json``, a dict or its JSON text), any JSON object
+    (``json_object``), a regular expression, a list of choices, or an EBNF/GBNF
+    ``grammar``. Enforced by ``kvasir.structured_output`` (xgrammar) in the engine.
+
+    ``json`` is kept as JSON text (the grammar cache's key; property order is kept, as
+    it is the order the object is generated in).
+    Whether the schema, regex or grammar compiles is checked by the input processor
+    (``kvasir.structured_output.validate``), not here: this layer imports no backend.
+    """
+
+    json: str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool = False
+
+    def __post_init__(self) -> None:
+        if self.json is not None and not isinstance(self.json, str):
+            try:
+                self.json = json.dumps(self.json)  # key order kept: it is the output's
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"structured_outputs.json must be a JSON schema: {e}") from None
+        kinds = self.kinds()
+        if len(kinds) != 1:
+            raise ValueError(
+                "structured_outputs must set exactly one of json, json_object, regex, "
+                f"choice, grammar; got {kinds or 'none'}"
+            )
+        if self.choice is not None and (
+            not isinstance(self.choice, list)
+            or not self.choice
+            or any(not isinstance(c, str) for c in self.choice)
+        ):
+            raise ValueError(
+                f"structured_outputs.choice must be a non-empty list of strings, got {self.choice!r}"
+            )
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"structured_outputs.{name} must be a non-empty string")
+
+    def kinds(self) -> list[str]:
+        names = [n for n in ("json", "regex", "choice", "grammar") if getattr(self, n) is not None]
+        return names + (["json_object"] if self.json_object else [])
+
+    @property
+    def kind(self) -> str:
+        return self.kinds()[0]
+
+    @property
+    def spec(self) -> Any:
+        return True if self.kind == "json_object" else getattr(self, self.kind)
 
 
 @dataclass
@@ -53,8 +112,11 @@ class SamplingParams:
     # best_of >= n candidates are sampled; the n with the highest cumulative logprob
     # are returned.
     best_of: int | None = None
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         elif self.stop is None:

@@ -70,6 +70,12 @@ class SchedulerOutput:
     # Speculative decoding: request id -> the drafts it verifies this step. They are
     # the last len(drafts) of its num_scheduled_tokens (after its known tokens).
     scheduled_spec_decode_tokens: dict[str, list[int]] = field(default_factory=dict)
+    # Structured outputs (filled by the engine's StructuredOutputManager after
+    # schedule()): request id -> its first row in ``grammar_bitmask``, which holds
+    # 1 + len(drafts) rows per constrained request that samples, as int32 words
+    # ([rows, ceil(vocab_size / 32)], bit set = token allowed).
+    structured_output_request_ids: dict[str, int] = field(default_factory=dict)
+    grammar_bitmask: bytes | None = None
 
 
 @dataclass

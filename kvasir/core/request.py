@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import time
+from typing import Protocol
 
 from kvasir.pooling_params import PoolingParams
 from kvasir.sampling_params import SamplingParams
@@ -27,6 +28,16 @@ class RequestStatus(enum.IntEnum):
             RequestStatus.FINISHED_LENGTH_CAPPED: "length",
             RequestStatus.FINISHED_ABORTED: "abort",
         }.get(self)
+
+
+class GrammarState(Protocol):
+    """A structured-output request's grammar, as the scheduler sees it (implemented by
+    ``kvasir.structured_output.manager.GrammarState``)."""
+
+    def is_ready(self) -> bool: ...
+    def accept_tokens(self, token_ids: list[int]) -> None: ...
+    def validate_tokens(self, token_ids: list[int]) -> list[int]: ...
+    def is_terminated(self) -> bool: ...
 
 
 class Request:
@@ -78,6 +89,8 @@ class Request:
         # the runner's last step (verified, or dropped, by the next one), and this
         # request's acceptance so far (drafts scheduled / accepted).
         self.spec_token_ids: list[int] = []
+        # Structured outputs: set by the engine for a constrained request.
+        self.structured_output: GrammarState | None = None
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0
 

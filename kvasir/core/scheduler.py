@@ -325,6 +325,11 @@ class Scheduler:
                     # request's id reused while its step is in the pipeline): later.
                     skipped.append(self.waiting.pop())
                     continue
+                if request.structured_output is not None and not (
+                    request.structured_output.is_ready()
+                ):
+                    skipped.append(self.waiting.pop())  # its grammar is compiling
+                    continue
                 hold, computed_blocks, num_computed, from_cache = self._prefix_for(request)
                 if hold:  # a child whose parent's prompt is not computed yet
                     skipped.append(self.waiting.pop())
@@ -597,8 +602,16 @@ class Scheduler:
                 new_token_ids.append(token_id)
                 if self._check_stop(request, token_id):
                     break
+            grammar = request.structured_output
+            if grammar is not None and new_token_ids:
+                grammar.accept_tokens(new_token_ids)
+                if not request.is_finished() and grammar.is_terminated():
+                    request.status = RequestStatus.FINISHED_STOPPED
             if i is not None and not request.is_finished():
                 request.spec_token_ids = model_runner_output.spec_token_ids.get(rid, [])
+                if grammar is not None and request.spec_token_ids:
+                    # Drafts the grammar refuses would be rejected anyway: cut them.
+                    request.spec_token_ids = grammar.validate_tokens(request.spec_token_ids)
             if not new_token_ids:
                 continue  # a prefill chunk short of the end: nothing to report
             logprobs = model_runner_output.logprobs.get(rid)

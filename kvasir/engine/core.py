@@ -21,6 +21,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import msgspec
 
@@ -36,6 +37,9 @@ from kvasir.core.scheduler import Scheduler
 from kvasir.engine.messages import EngineCoreRequest
 from kvasir.engine.step_stats import StepStats, make_step_stats
 from kvasir.executor.base import PendingOutput
+
+if TYPE_CHECKING:
+    from kvasir.structured_output.manager import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
 
@@ -164,6 +168,8 @@ class EngineCore:
 
             pool = self.scheduler.kv_cache_manager.block_pool
             self._kv_sampler = KVBlockResidencySampler(pool, kv_cache_metrics_sample, time.time())
+        # Structured outputs: built at the first constrained request (none: no cost).
+        self.structured_output: StructuredOutputManager | None = None
         self.startup_time = time.perf_counter() - t0
         self.model_info = ModelInfo(
             model_name=config.model_config.served_model_name or config.model_config.model,
@@ -226,7 +232,52 @@ class EngineCore:
             fork_of=req.fork_of,
             pooling_params=req.pooling_params,
         )
-        self.scheduler.add_request(request)
+        so_params = req.sampling_params.structured_outputs
+        if so_params is not None:
+            request.structured_output = self._structured_outputs().add_request(
+                req.request_id, so_params
+            )
+        try:
+            self.scheduler.add_request(request)
+        except ValueError:
+            if so_params is not None:
+                self._structured_outputs().remove_finished({req.request_id})
+            raise
+
+    def _structured_outputs(self) -> StructuredOutputManager:
+        if self.structured_output is None:
+            from kvasir.structured_output.manager import StructuredOutputManager
+
+            config, arch = self.config, self.arch_config
+            eos = list(self.model_info.eos_token_ids)
+
+            def make_backend():  # on the compile thread: loads the tokenizer
+                from kvasir.models.loader import load_tokenizer
+                from kvasir.structured_output.backend import XgrammarBackend
+
+                tokenizer = load_tokenizer(config.model_config)
+                if tokenizer is None:
+                    raise ValueError("structured outputs need a tokenizer; this model has none")
+                return XgrammarBackend(tokenizer, arch.vocab_size, eos)
+
+            self.structured_output = StructuredOutputManager(make_backend, arch.vocab_size)
+        return self.structured_output
+
+    def _schedule(self) -> SchedulerOutput:
+        """``schedule()``, plus the structured-output bitmask of the step's constrained
+        requests (and aborts of those whose grammar failed to compile)."""
+        som = self.structured_output
+        if som is None or not som.num_active:
+            return self.scheduler.schedule()
+        failed = som.take_failed()
+        if failed:
+            for rid, err in failed:
+                logger.error("request %s: its grammar failed to compile (%s)", rid, err)
+            self.scheduler.abort_requests([rid for rid, _ in failed])
+        so = self.scheduler.schedule()
+        som.remove_finished(so.finished_req_ids)
+        som.fill_bitmask(so, self.scheduler.requests)
+        return so
 
     def abort_requests(self, request_ids: list[str]) -> None:
         self.scheduler.abort_requests(request_ids)
@@ -238,7 +289,7 @@ class EngineCore:
             self.last_step_stats = None
             return self._take_aborted(), self.scheduler.make_stats()
         start, t0 = time.time(), time.perf_counter()
-        so = self.scheduler.schedule()
+        so = self._schedule()
         t1 = time.perf_counter()
         # Even an empty step goes to the runner: it drops finished requests' state.
         mro = self.executor.execute_model(so)
@@ -267,10 +318,15 @@ class EngineCore:
         with pipeline parallelism. A step with nothing to launch reads one back."""
         sched = self.scheduler
         so, launched = None, None
+        som = self.structured_output
+        if som is not None and som.num_active and self._in_flight:
+            # A grammar's bitmask needs the tokens in flight: read them back first
+            # (constrained steps run without overlap).
+            return self._drain_in_flight()
         start, t0 = time.time(), time.perf_counter()
         schedule_s = 0.0
         if sched.has_unfinished_requests():
-            so = sched.schedule()
+            so = self._schedule()
             schedule_s = time.perf_counter() - t0
             # Even an empty step goes to the runner: it drops finished requests' state.
             launched = self.executor.execute_model_async(so)
@@ -297,6 +353,14 @@ class EngineCore:
         self._record_step(so, start, schedule_s, execute_s, update_s)
         return outputs, sched.make_stats()
 
+    def _drain_in_flight(self) -> tuple[list[EngineCoreOutput], SchedulerStats]:
+        outputs = self._take_aborted()
+        while self._in_flight:
+            prev_so, prev = self._in_flight.popleft()
+            outputs += self.scheduler.update_from_output(prev_so, prev.get_output())
+        self.last_step_stats = None
+        return outputs, self.scheduler.make_stats()
+
     def _take_aborted(self) -> list[EngineCoreOutput]:
         take = getattr(self.scheduler, "take_aborted_outputs", None)
         return take() if take is not None else []
@@ -309,6 +373,8 @@ class EngineCore:
 
     def shutdown(self) -> None:
         self._in_flight.clear()
+        if self.structured_output is not None:
+            self.structured_output.shutdown()
         self.executor.shutdown()
 
 

@@ -87,6 +87,10 @@ class InputProcessor:
                 f"prompt is too long: {len(ids)} tokens + at least 1 generated token exceeds "
                 f"max_model_len ({self.max_model_len})"
             )
+        if params.structured_outputs is not None:
+            from kvasir.structured_output import validate
+
+            validate(params.structured_outputs)
         for t in params.stop_token_ids or []:
             if t >= self.vocab_size:
                 raise ValueError(f"stop_token_ids must be in [0, {self.vocab_size}), got {t}")

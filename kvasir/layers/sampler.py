@@ -48,6 +48,8 @@ class SamplingMetadata:
     # bad_words: the last L-1 tokens of each row's output ([B, L-1] int64, right-aligned,
     # -1 where the output is shorter); rebuilt every step (see InputBatch).
     recent_output_ids: torch.Tensor | None = None
+    # Structured outputs: [B, ceil(V / 32)] int32, bit set = allowed (-1: unconstrained).
+    token_bitmask: torch.Tensor | None = None
 
 
 class TokenMasks(NamedTuple):
@@ -82,8 +84,8 @@ class SamplerOutput(NamedTuple):
 class Sampler(nn.Module):
     """Samples one token per row of ``logits`` ([B, V] float32).
 
-    Order (vLLM v1): raw logprobs -> allowed_token_ids / bad_words / logit_bias ->
-    min_tokens mask -> penalties -> greedy argmax /
+    Order (vLLM v1): raw logprobs -> grammar bitmask (structured outputs) ->
+    allowed_token_ids / bad_words / logit_bias -> min_tokens mask -> penalties -> greedy argmax /
     (temperature -> top-k -> top-p -> min-p -> exponential race). Does not modify the
     caller's ``logits``.
     """
@@ -95,6 +97,10 @@ class Sampler(nn.Module):
         if md.max_num_logprobs is not None:
             raw_logprobs = torch.log_softmax(logits, dim=-1)  # [B, V]
 
+        if md.token_bitmask is not None:
+            from kvasir.structured_output.bitmask import apply_token_bitmask
+
+            logits = apply_token_bitmask(logits, md.token_bitmask)
         if md.token_masks is not None:
             logits = apply_token_masks(logits, md.token_masks, md.recent_output_ids)
         if md.min_tokens_stop_ids:

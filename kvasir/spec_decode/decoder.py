@@ -113,10 +113,10 @@ class SpecDecoder:
         if num_drafts.any():
             assert hidden is not None  # a verifying step is never a decode-only graph
             tokens, num_accepted, lp_lists = self._verify(
-                runner, step, hidden, sample_idx, states, num_drafts, spec
+                runner, so, step, hidden, sample_idx, states, num_drafts, spec
             )
         else:
-            tokens, lp_lists = self._sample_one(runner, step, hidden, all_logits, sample_idx)
+            tokens, lp_lists = self._sample_one(runner, so, step, hidden, all_logits, sample_idx)
             num_accepted = np.zeros(len(states), dtype=np.int64)
         lengths = num_accepted + 1
         # Into the persistent batch: known tokens and the KV the target keeps.
@@ -158,6 +158,7 @@ class SpecDecoder:
     def _sample_one(
         self,
         runner: ModelRunner,
+        so: SchedulerOutput,
         step: StepInputs,
         hidden: torch.Tensor | None,
         all_logits: torch.Tensor | None,
@@ -175,6 +176,8 @@ class SpecDecoder:
             idx = to_device(step.query_start_loc[1:][sample_idx] - 1, d)
             logits = runner.model.compute_logits(hidden.index_select(0, idx))  # [S, vocab]
         md = runner._sampling_metadata(rows_s, step.dense and len(sample_idx) == len(step.rows))
+        if so.structured_output_request_ids:
+            md = runner._with_grammar_bitmask(md, so, step, sample_idx)
         out = runner.sampler(logits, md)
         tokens = out.sampled_token_ids.cpu().numpy().reshape(-1, 1)
         lp = None
@@ -185,6 +188,7 @@ class SpecDecoder:
     def _verify(
         self,
         runner: ModelRunner,
+        so: SchedulerOutput,
         step: StepInputs,
         hidden: torch.Tensor,
         sample_idx: np.ndarray,
@@ -221,6 +225,14 @@ class SpecDecoder:
         raw_logprobs = None
         if md.max_num_logprobs is not None:
             raw_logprobs = torch.log_softmax(logits, dim=-1)
+        if so.structured_output_request_ids:
+            # Row e's mask is the grammar's after drafts 0..j-1 (kvasir.structured_output).
+            from kvasir.structured_output.bitmask import apply_token_bitmask, rows_bitmask
+
+            req_ids_e = [states[i].req_id for i in req_e.tolist()]
+            mask = rows_bitmask(so, req_ids_e, logits.shape[1], d, pos_e.tolist())
+            if mask is not None:
+                logits = apply_token_bitmask(logits, mask)
         if ib.num_min_tokens:
             num_out = ib.num_tokens[rows_e] - ib.num_prompt_tokens[rows_e] + pos_e
             stop = {}

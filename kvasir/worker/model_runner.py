@@ -418,6 +418,8 @@ class ModelRunner:
                 logits = self.model.compute_logits(hidden.index_select(0, idx))  # [S, vocab]
             rows_s = rows[sample_idx]
             md = self._sampling_metadata(rows_s, step.dense and num_sampled == n)
+            if so.structured_output_request_ids:
+                md = self._with_grammar_bitmask(md, so, step, sample_idx)
             out = self.sampler(logits, md)
             sampled, lp = out.sampled_token_ids, out.logprobs_tensors
             ib.prev_sample_index[rows_s] = np.arange(num_sampled)
@@ -575,6 +577,17 @@ class ModelRunner:
             out[st.req_id] = logprobs_to_lists(lp)
             st.prompt_logprobs_done = last
         return out
+
+    def _with_grammar_bitmask(
+        self, md: SamplingMetadata, so: SchedulerOutput, step: StepInputs, sample_idx: np.ndarray
+    ) -> SamplingMetadata:
+        """Structured outputs: the sampled rows' grammar bitmask (see
+        ``kvasir.structured_output``)."""
+        from kvasir.structured_output.bitmask import rows_bitmask
+
+        req_ids = [step.req_ids[i] for i in sample_idx.tolist()]
+        mask = rows_bitmask(so, req_ids, self.arch_config.vocab_size, self.device)
+        return md if mask is None else replace(md, token_bitmask=mask)
 
     def _sampling_metadata(self, rows: np.ndarray, whole_batch: bool) -> SamplingMetadata:
         """Per-row sampling tensors for ``rows``; reused while the batch is unchanged and

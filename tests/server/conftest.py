@@ -35,3 +35,17 @@ def client(server: ServerProc):
 def http(server: ServerProc) -> Iterator[httpx.Client]:
     with server.client() as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def tools_server() -> Iterator[ServerProc]:
+    """A server that parses tool calls (Hermes format) and reasoning (``qwen3``),
+    shared by the structured-output and tool-calling modules."""
+    srv = start_server(
+        "--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--reasoning-parser", "qwen3"
+    )
+    try:
+        yield srv
+    finally:
+        rc = srv.stop()
+        assert rc == 0, srv.log()

@@ -156,17 +156,18 @@ def test_body_over_limit_is_413(server: ServerProc, http) -> None:
 def test_unsupported_features_are_400(http) -> None:
     msgs = [{"role": "user", "content": "x"}]
     cases = [
-        (
+        (  # this server parses no tool calls (no --enable-auto-tool-choice)
             {
                 "model": MODEL,
                 "messages": msgs,
                 "tools": [{"type": "function", "function": {"name": "f"}}],
+                "tool_choice": "auto",
             },
-            "tools",
+            "tool_choice",
         ),
         (
-            {"model": MODEL, "messages": msgs, "response_format": {"type": "json_object"}},
-            "response_format.type",
+            {"model": MODEL, "messages": msgs, "response_format": {"type": "json_schema"}},
+            "response_format.json_schema.schema",
         ),
         ({"model": MODEL, "messages": msgs, "logit_bias": {"5": 101.0}}, "logit_bias"),
         (

@@ -306,6 +306,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "server process, oldest dropped first; 0: none kept)",
     )
     _add_observability_args(parser)
+    _add_chat_args(parser)
     g.add_argument(
         "--uvicorn-log-level",
         default="info",
@@ -313,6 +314,45 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     EngineArgs.add_cli_args(parser)
     return parser
+
+
+def _add_chat_args(parser: argparse.ArgumentParser) -> None:
+    from kvasir.entrypoints.openai.reasoning_parsers import REASONING_PARSERS
+    from kvasir.entrypoints.openai.tool_parsers import TOOL_PARSERS
+
+    c = parser.add_argument_group("tool calling and reasoning")
+    c.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help='parse the model\'s own tool calls (tool_choice "auto"); needs --tool-call-parser',
+    )
+    c.add_argument(
+        "--tool-call-parser",
+        choices=sorted(TOOL_PARSERS),
+        default=None,
+        help="the model's tool-call format: hermes (Qwen2/3, SmolLM2), llama3_json, mistral",
+    )
+    c.add_argument(
+        "--reasoning-parser",
+        choices=sorted(REASONING_PARSERS),
+        default=None,
+        help="split <think>...</think> into reasoning_content",
+    )
+
+
+def check_chat_args(args: argparse.Namespace) -> None:
+    if getattr(args, "enable_auto_tool_choice", False) and args.tool_call_parser is None:
+        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser")
+
+
+def configure_chat(ctx: ServingContext, args: argparse.Namespace) -> None:
+    """Copy the tool-calling and reasoning flags onto the serving context."""
+    check_chat_args(args)
+    auto = bool(getattr(args, "enable_auto_tool_choice", False))
+    parser = getattr(args, "tool_call_parser", None)
+    ctx.enable_auto_tool_choice = auto
+    ctx.tool_call_parser = parser
+    ctx.reasoning_parser = getattr(args, "reasoning_parser", None)
 
 
 def _add_observability_args(parser: argparse.ArgumentParser) -> None:

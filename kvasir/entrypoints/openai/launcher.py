@@ -24,7 +24,7 @@ import uvicorn
 
 from kvasir.engine.async_llm import AsyncLLM
 from kvasir.entrypoints.cli import configure_logging
-from kvasir.entrypoints.openai.api_server import build_app
+from kvasir.entrypoints.openai.api_server import build_app, check_chat_args, configure_chat
 from kvasir.entrypoints.openai.middleware import ServerState
 from kvasir.entrypoints.openai.serving_common import ServingContext
 from kvasir.entrypoints.openai.serving_embedding import parse_matryoshka
@@ -148,6 +148,7 @@ async def serve(args: argparse.Namespace) -> int:
     from kvasir.observability.tracing import TracingConfig, init_tracing
 
     engine_args = EngineArgs.from_cli_args(args)
+    check_chat_args(args)
     served = _served_model_name(args)
     if args.kv_cache_metrics and not 0 < args.kv_cache_metrics_sample <= 1:
         raise ValueError(
@@ -200,7 +201,9 @@ async def serve(args: argparse.Namespace) -> int:
             "responses_store_size": args.responses_store_size,
         },
     )
-    app = build_app(state, ServingContext(engine, served, args.retry_after))
+    ctx = ServingContext(engine, served, args.retry_after)
+    configure_chat(ctx, args)
+    app = build_app(state, ctx)
     uv_config = uvicorn.Config(
         app,
         log_level=args.uvicorn_log_level,

@@ -41,6 +41,19 @@ class ErrorResponse(BaseModel):
 # ---------------------------------------------------------------- shared
 
 
+class JsonSchemaFormat(OpenAIModel):
+    name: str = "response"
+    description: str | None = None
+    # "schema" would shadow a pydantic BaseModel attribute: the alias keeps the wire name.
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(OpenAIModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class StreamOptions(OpenAIModel):
     include_usage: bool = False
     continuous_usage_stats: bool = False  # vLLM: usage on every chunk
@@ -94,6 +107,17 @@ class SamplingFields(OpenAIModel):
     bad_words: list[str] | None = Field(None, description="Words that are never generated.")
     use_beam_search: bool = Field(False, description="Beam search with n beams (vLLM).")
     length_penalty: float = Field(1.0, description="Beam search: score / length**penalty.")
+    # Structured outputs (kvasir.structured_output): OpenAI's response_format, vLLM's
+    # structured_outputs object and its older guided_* fields. At most one applies.
+    response_format: ResponseFormat | None = None
+    structured_outputs: dict[str, Any] | None = Field(
+        None, description="vLLM: one of json, json_object, regex, choice, grammar."
+    )
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = Field(None, description="Ignored (xgrammar).")
 
 
 # ---------------------------------------------------------------- completions
@@ -160,10 +184,9 @@ class ChatMessage(OpenAIModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ChatContentPart] | None = None
     name: str | None = None
-
-
-class ResponseFormat(OpenAIModel):
-    type: Literal["text", "json_object", "json_schema"]
+    tool_calls: list[dict[str, Any]] | None = None  # assistant: calls it made
+    tool_call_id: str | None = None  # tool: the call this answers
+    reasoning_content: str | None = None
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -174,9 +197,13 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=_MAX_LOGPROBS)
-    response_format: ResponseFormat | None = Field(None, description="Only type=text.")
-    tools: list[dict[str, Any]] | None = Field(None, description="Not supported.")
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = Field(
+        None, description='Function tools: [{"type": "function", "function": {...}}].'
+    )
+    tool_choice: str | dict[str, Any] | None = Field(
+        None, description='"none", "auto", "required" or {"type": "function", ...}.'
+    )
+    parallel_tool_calls: bool = True
     # vLLM extras
     add_generation_prompt: bool = True
     continue_final_message: bool = False
@@ -200,6 +227,8 @@ class ChatCompletionLogProbs(BaseModel):
 class ChatResponseMessage(BaseModel):
     role: str = "assistant"
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[dict[str, Any]] = Field(default_factory=list)
 
 
 class ChatCompletionResponseChoice(BaseModel):
@@ -222,6 +251,8 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: str | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatCompletionStreamChoice(BaseModel):

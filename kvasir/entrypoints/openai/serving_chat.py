@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import AsyncGenerator
@@ -12,6 +13,7 @@ from fastapi import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from kvasir.engine.async_llm import EngineDeadError, RequestRejectedError
+from kvasir.entrypoints.openai.chat_output import ChatOutputBuilder
 from kvasir.entrypoints.openai.errors import OpenAIError, bad_request
 from kvasir.entrypoints.openai.observability import observation, tokenize_span
 from kvasir.entrypoints.openai.protocol import ChatCompletionRequest, ChatMessage
@@ -35,7 +37,14 @@ from kvasir.entrypoints.openai.serving_common import (
     until_disconnect,
     usage_dict,
 )
+from kvasir.entrypoints.openai.structured import structured_outputs_for
+from kvasir.entrypoints.openai.tool_parsers import (
+    ResolvedToolChoice,
+    resolve_tool_choice,
+    tool_choice_constraint,
+)
 from kvasir.outputs import PositionLogprobs, RequestOutput
+from kvasir.sampling_params import StructuredOutputsParams
 
 # HF apply_chat_template arguments that chat_template_kwargs must not override.
 _RESERVED_TEMPLATE_KWARGS = {
@@ -74,8 +83,34 @@ def messages_to_dicts(messages: list[ChatMessage]) -> list[dict]:
         d: dict[str, Any] = {"role": m.role, "content": content or ""}
         if m.name is not None:
             d["name"] = m.name
+        if m.tool_calls:
+            d["tool_calls"] = [_template_tool_call(tc, i, j) for j, tc in enumerate(m.tool_calls)]
+        if m.tool_call_id is not None:
+            d["tool_call_id"] = m.tool_call_id
+        if m.reasoning_content is not None:
+            d["reasoning_content"] = m.reasoning_content
         out.append(d)
     return out
+
+
+def _template_tool_call(tc: dict[str, Any], i: int, j: int) -> dict[str, Any]:
+    """An assistant message's tool call for the template: templates index
+    ``function.arguments`` as a mapping, the API sends it as JSON text."""
+    fn = tc.get("function") if isinstance(tc, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        raise bad_request(
+            "a tool call needs function.name", f"messages[{i}].tool_calls[{j}].function"
+        )
+    args = fn.get("arguments", {})
+    if isinstance(args, str):
+        try:
+            args = json.loads(args) if args.strip() else {}
+        except json.JSONDecodeError:
+            raise bad_request(
+                "function.arguments must be JSON text",
+                f"messages[{i}].tool_calls[{j}].function.arguments",
+            ) from None
+    return {**tc, "type": "function", "function": {**fn, "arguments": args}}
 
 
 def chat_logprobs(
@@ -109,7 +144,7 @@ class OpenAIServingChat:
     def __init__(self, ctx: ServingContext) -> None:
         self.ctx = ctx
 
-    def _render(self, req: ChatCompletionRequest) -> list[int]:
+    def _render(self, req: ChatCompletionRequest, tools: ResolvedToolChoice) -> list[int]:
         kwargs = dict(req.chat_template_kwargs or {})
         bad = sorted(set(kwargs) & _RESERVED_TEMPLATE_KWARGS)
         if bad:
@@ -120,7 +155,15 @@ class OpenAIServingChat:
                 "continue_final_message",
             )
         if req.continue_final_message:
+            if req.messages[-1].role != "assistant":
+                raise bad_request(
+                    "continue_final_message needs the last message to be the assistant's",
+                    "continue_final_message",
+                )
             kwargs["continue_final_message"] = True
+        if tools.functions and tools.mode != "none" or (req.tools and tools.mode == "none"):
+            # The template sees the tools (vLLM passes them for tool_choice "none" too).
+            kwargs["tools"] = req.tools
         try:
             return self.ctx.engine.input_processor.apply_chat_template(
                 messages_to_dicts(req.messages),
@@ -132,18 +175,50 @@ class OpenAIServingChat:
         except Exception as e:  # jinja2 errors ("roles must alternate" ...) are input errors
             raise bad_request(f"could not apply the chat template: {e}", "messages") from None
 
+    def _tool_choice(self, req: ChatCompletionRequest) -> ResolvedToolChoice:
+        try:
+            return resolve_tool_choice(req.tools, req.tool_choice, self.ctx.enable_auto_tool_choice)
+        except ValueError as e:
+            msg = str(e)
+            param = msg.split(" ", 1)[0] if msg.startswith("tools[") else "tool_choice"
+            raise bad_request(msg, param) from None
+
+    def _checked_tool_constraint(
+        self, constraint: StructuredOutputsParams, tools: ResolvedToolChoice
+    ) -> StructuredOutputsParams:
+        from kvasir.structured_output import validate
+
+        try:
+            validate(constraint)
+        except ValueError as e:
+            names = list(tools.functions)
+            i = names.index(tools.named) if tools.named is not None else 0
+            param = f"tools[{i}].function.parameters" if tools.named or len(names) == 1 else "tools"
+            raise bad_request(
+                f"the function parameters are not a usable JSON schema: {e}", param
+            ) from None
+        return constraint
+
+    def _builder(self, tools: ResolvedToolChoice) -> ChatOutputBuilder:
+        return ChatOutputBuilder(tools, self.ctx.tool_call_parser, self.ctx.reasoning_parser)
+
     async def create_chat_completion(
         self, req: ChatCompletionRequest, raw_request: Request
     ) -> Response:
         ctx = self.ctx
         ctx.check_model(req.model)
         check_unsupported(req)
-        if req.tools and req.tool_choice != "none":
-            raise bad_request("tool calling is not supported", "tools")
-        if req.response_format is not None and req.response_format.type != "text":
-            raise bad_request(
-                "only response_format type 'text' is supported", "response_format.type"
-            )
+        tools = self._tool_choice(req)
+        structured = structured_outputs_for(req)
+        tool_constraint = tool_choice_constraint(tools, req.parallel_tool_calls)
+        if tool_constraint is not None:
+            if structured is not None:
+                raise bad_request(
+                    f"tool_choice {req.tool_choice!r} cannot be combined with another "
+                    "structured-output constraint",
+                    "tool_choice",
+                )
+            structured = self._checked_tool_constraint(tool_constraint, tools)
         if req.top_logprobs is not None and not req.logprobs:
             raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
         max_name = (
@@ -155,12 +230,23 @@ class OpenAIServingChat:
         rename = {"max_tokens": max_name, "prompt": "messages"}
         obs = observation(raw_request)
         with tokenize_span(ctx.engine.tracing, obs):
-            prompt_ids = self._render(req)
+            prompt_ids = self._render(req, tools)
         check_length(ctx, len(prompt_ids), max_tokens, "messages", max_name)
         k = (req.top_logprobs or 0) if req.logprobs else None
         if req.use_beam_search:
+            if structured is not None:
+                raise bad_request(
+                    "structured outputs and tool_choice required/named cannot be combined "
+                    "with beam search",
+                    "use_beam_search",
+                )
             return await chat_beam_search(ctx, req, raw_request, prompt_ids, max_tokens)
-        params = make_sampling_params(req, max_tokens, k, req.stream, rename=rename)
+        params = make_sampling_params(
+            req, max_tokens, k, req.stream, rename=rename, structured_outputs=structured
+        )
+        builders = [self._builder(tools) for _ in range(req.n)]
+        if builders[0].tool_parser is not None and builders[0].tool_parser.needs_special_tokens:
+            params.skip_special_tokens = False  # the call markers are special tokens
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         gen = ctx.engine.generate(
@@ -182,7 +268,7 @@ class OpenAIServingChat:
             raise ctx.engine_error(e, rename) from None
         if req.stream:
             return StreamingResponse(
-                self._stream(req, request_id, created, first, gen, len(prompt_ids), k),
+                self._stream(req, request_id, created, first, gen, len(prompt_ids), k, builders),
                 media_type="text/event-stream",
             )
         try:
@@ -202,12 +288,13 @@ class OpenAIServingChat:
                 logprobs = {
                     "content": chat_logprobs(ctx.tokenizer, c.token_ids, c.logprobs or [], k)
                 }
+            message, finish_reason = builders[c.index].message(c.text, c.finish_reason)
             choices.append(
                 {
                     "index": c.index,
-                    "message": {"role": "assistant", "content": c.text},
+                    "message": message,
                     "logprobs": logprobs,
-                    "finish_reason": c.finish_reason,
+                    "finish_reason": finish_reason,
                     "stop_reason": c.stop_reason,
                 }
             )
@@ -231,6 +318,7 @@ class OpenAIServingChat:
         gen: AsyncGenerator[RequestOutput, None],
         num_prompt: int,
         k: int | None,
+        builders: list[ChatOutputBuilder],
     ) -> AsyncGenerator[bytes, None]:
         ctx = self.ctx
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -286,13 +374,16 @@ class OpenAIServingChat:
                     usage = None
                     if include_usage and continuous:
                         usage = usage_dict(num_prompt, sum(generated), cached)
+                    delta, finish_reason = builders[c.index].delta(c.text, c.finish_reason)
+                    if not delta and finish_reason is None and logprobs is None:
+                        continue  # held back (a possible tag or tool call)
                     yield chunk(
                         [
                             {
                                 "index": c.index,
-                                "delta": {"content": c.text},
+                                "delta": delta,
                                 "logprobs": logprobs,
-                                "finish_reason": c.finish_reason,
+                                "finish_reason": finish_reason,
                                 "stop_reason": c.stop_reason,
                             }
                         ],

@@ -16,7 +16,7 @@ from kvasir.engine.async_llm import AsyncLLM, EngineDeadError, RequestRejectedEr
 from kvasir.entrypoints.openai.errors import OpenAIError, bad_request, from_value_error
 from kvasir.entrypoints.openai.protocol import SamplingFields
 from kvasir.outputs import Logprob, PositionLogprobs, RequestOutput
-from kvasir.sampling_params import RequestOutputKind, SamplingParams
+from kvasir.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -37,6 +37,11 @@ class ServingContext:
         self.max_model_len = engine.model_info.max_model_len
         self.tokenizer = engine.tokenizer
         self.retry_after_s = retry_after_s
+        # Chat extras (set by the launcher from --enable-auto-tool-choice,
+        # --tool-call-parser and --reasoning-parser).
+        self.enable_auto_tool_choice = False
+        self.tool_call_parser: str | None = None
+        self.reasoning_parser: str | None = None
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.served_model_name:
@@ -88,6 +93,7 @@ PARAM_NAMES = set(SamplingFields.model_fields) | {
     "best_of",
     "suffix",
     "tools",
+    "tool_choice",
     "response_format",
     "request_id",
 }
@@ -106,7 +112,14 @@ def make_sampling_params(
     prompt_logprobs: int | None = None,
     rename: dict[str, str] | None = None,
     best_of: int | None = None,
+    structured_outputs: StructuredOutputsParams | None = None,
 ) -> SamplingParams:
+    """``structured_outputs``: a constraint the caller built (tool choice); without one,
+    the request's own structured-output fields (``structured_outputs_for``)."""
+    if structured_outputs is None:
+        from kvasir.entrypoints.openai.structured import structured_outputs_for
+
+        structured_outputs = structured_outputs_for(req)
     try:
         return SamplingParams(
             n=req.n,
@@ -133,6 +146,7 @@ def make_sampling_params(
             spaces_between_special_tokens=req.spaces_between_special_tokens,
             include_stop_str_in_output=req.include_stop_str_in_output,
             output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
+            structured_outputs=structured_outputs,
         )
     except ValueError as e:
         raise from_value_error(e, PARAM_NAMES, rename) from None
