@@ -30,7 +30,7 @@ class StructuredOutputsParams:
     (``kvasir.structured_output.validate``), not here: this layer imports no backend.
     """
 
-    json: str | None = None
+    json: str | dict[str, Any] | None = None  # kept as str after __post_init__
     regex: str | None = None
     choice: list[str] | None = None
     grammar: str | None = None

@@ -26,10 +26,11 @@ def grammar_of(params: StructuredOutputsParams) -> xgr.Grammar:
     try:
         if kind == "json":
             assert params.json is not None
-            schema = json.loads(params.json)
+            text = params.json if isinstance(params.json, str) else json.dumps(params.json)
+            schema = json.loads(text)
             if not isinstance(schema, dict) and not isinstance(schema, bool):
                 raise ValueError("a JSON schema must be an object")
-            return xgr.Grammar.from_json_schema(params.json, any_whitespace=False, strict_mode=True)
+            return xgr.Grammar.from_json_schema(text, any_whitespace=False, strict_mode=True)
         if kind == "json_object":
             return xgr.Grammar.builtin_json_grammar()
         if kind == "regex":

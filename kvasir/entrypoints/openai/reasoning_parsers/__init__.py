@@ -40,11 +40,11 @@ class ReasoningParser:
         """(reasoning, content, number of trailing characters held back)."""
         lead = text.lstrip()
         offset = len(text) - len(lead)
+        if not final and len(lead) < len(_START) and _START.startswith(lead):
+            return "", "", len(text)  # could still become "<think>"
         if lead.startswith(_START):
             body = lead[len(_START) :]
         elif self.start_required:
-            if not final and _START.startswith(lead):
-                return "", "", len(text)  # could still become "<think>"
             return "", text, 0
         else:
             body = text if offset == 0 else lead

@@ -7,6 +7,7 @@ import json
 
 from kvasir.entrypoints.openai.tool_parsers.base import (
     ExtractedToolCalls,
+    ToolCall,
     ToolParser,
     call_from_json,
 )
@@ -42,7 +43,7 @@ class Llama3JsonToolParser(ToolParser):
         if body.startswith(_TAG):
             body = body[len(_TAG) :]
         decoder = json.JSONDecoder()
-        calls = []
+        calls: list[ToolCall] = []
         pos = 0
         while True:
             while pos < len(body) and body[pos] in " \t\r\n;":
