@@ -3,6 +3,7 @@ field): OpenAI's ``response_format``, vLLM's ``structured_outputs`` and ``guided
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from kvasir.entrypoints.openai.errors import bad_request
@@ -28,7 +29,8 @@ def make_structured_params(kwargs: dict[str, Any], param: str) -> StructuredOutp
     except TypeError as e:
         raise bad_request(f"{param}: {e}", param) from None
     except ValueError as e:
-        raise bad_request(str(e).replace("structured_outputs", param, 1), param) from None
+        msg = re.sub(r"^structured_outputs(\.\w+)?", param, str(e), count=1)
+        raise bad_request(msg, param) from None
     return params
 
 
