@@ -74,6 +74,7 @@ def moe_align(
 def _moe_gemm_kernel(
     a_ptr,  # [rows, K]
     w_ptr,  # [E, N (x2 if GATED), K]
+    ws_ptr,  # [E, N (x2 if GATED)] float32 per-channel weight scales (SCALED)
     out_ptr,  # [num_assignments, N]
     sorted_ids_ptr,  # [num_blocks * BLOCK_M] int32
     block_expert_ptr,  # [num_blocks] int32
@@ -86,7 +87,9 @@ def _moe_gemm_kernel(
     stride_we,
     stride_wn,
     stride_om,
+    stride_se,
     GATED: tl.constexpr,
+    SCALED: tl.constexpr,
     MUL_WEIGHT: tl.constexpr,
     IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -120,7 +123,7 @@ def _moe_gemm_kernel(
             w_base + offs_n[None, :] * stride_wn + kk[:, None],
             mask=mask_n[None, :] & mask_k[:, None],
             other=0.0,
-        )  # [BLOCK_K, BLOCK_N]
+        ).to(a.dtype)  # [BLOCK_K, BLOCK_N]; 8-bit weights widen exactly
         if IEEE:  # float32 weights: exact products, not TF32
             acc += tl.dot(a, w, input_precision="ieee")
         else:
@@ -130,11 +133,16 @@ def _moe_gemm_kernel(
                 w_base + (offs_n[None, :] + N) * stride_wn + kk[:, None],
                 mask=mask_n[None, :] & mask_k[:, None],
                 other=0.0,
-            )
+            ).to(a.dtype)
             if IEEE:
                 acc_up += tl.dot(a, w_up, input_precision="ieee")
             else:
                 acc_up += tl.dot(a, w_up)
+    if SCALED:  # per-output-channel scales factor out of the K sum
+        s_base = ws_ptr + expert.to(tl.int64) * stride_se
+        acc *= tl.load(s_base + offs_n, mask=mask_n, other=0.0)[None, :]
+        if GATED:
+            acc_up *= tl.load(s_base + N + offs_n, mask=mask_n, other=0.0)[None, :]
     if GATED:
         # Round gate and up to the input dtype first, as the unfused linear + SiLU do.
         g = acc.to(a_ptr.dtype.element_ty).to(tl.float32)
@@ -154,6 +162,7 @@ def _moe_gemm_kernel(
 def _launch(
     a: torch.Tensor,
     w: torch.Tensor,
+    w_scale: torch.Tensor | None,
     out: torch.Tensor,
     sorted_ids: torch.Tensor,
     block_expert: torch.Tensor,
@@ -171,6 +180,7 @@ def _launch(
     _moe_gemm_kernel[grid](
         a,
         w,
+        w_scale if w_scale is not None else out,
         out,
         sorted_ids,
         block_expert,
@@ -183,7 +193,9 @@ def _launch(
         w.stride(0),
         w.stride(1),
         out.stride(0),
+        w_scale.stride(0) if w_scale is not None else 0,
         GATED=gated,
+        SCALED=w_scale is not None,
         MUL_WEIGHT=topk_w is not None,
         IEEE=a.dtype == torch.float32,
         BLOCK_M=block_m,
@@ -199,8 +211,12 @@ def fused_moe(
     topk_weights: torch.Tensor,  # [T, top_k]
     topk_ids: torch.Tensor,  # [T, top_k] local expert ids, -1: not on this rank
     block_m: int = 16,
+    w13_scale: torch.Tensor | None = None,  # [E, 2I] float32: w13 is 8-bit (W8A16)
+    w2_scale: torch.Tensor | None = None,  # [E, H]
 ) -> torch.Tensor:  # [T, H]
-    """The Triton path: ``sum_j w[t, j] * expert_{ids[t, j]}(x[t])`` for every token."""
+    """The Triton path: ``sum_j w[t, j] * expert_{ids[t, j]}(x[t])`` for every token.
+    With scales, the 8-bit weights are widened in the kernel and their per-channel
+    scales applied to the accumulators."""
     t, h = x.shape
     top_k = topk_ids.shape[1]
     num_experts, two_i, _ = w13.shape
@@ -209,11 +225,11 @@ def fused_moe(
     sorted_ids, block_expert = moe_align(topk_ids, num_experts, block_m)
     n = t * top_k
     act = torch.empty(n, inter, dtype=x.dtype, device=x.device)
-    _launch(x, w13, act, sorted_ids, block_expert, None, top_k, inter, True, block_m)
+    _launch(x, w13, w13_scale, act, sorted_ids, block_expert, None, top_k, inter, True, block_m)
     # Assignments to other ranks' experts are never written: start from zeros.
     y = torch.zeros(n, h, dtype=x.dtype, device=x.device)
     weights = topk_weights.reshape(-1).to(torch.float32).contiguous()
-    _launch(act, w2, y, sorted_ids, block_expert, weights, 1, h, False, block_m)
+    _launch(act, w2, w2_scale, y, sorted_ids, block_expert, weights, 1, h, False, block_m)
     return y.view(t, top_k, h).sum(dim=1)
 
 
@@ -223,6 +239,8 @@ def fused_moe_torch(
     w2: torch.Tensor,  # [E, H, I]
     topk_weights: torch.Tensor,  # [T, top_k]
     topk_ids: torch.Tensor,  # [T, top_k], -1: not on this rank
+    w13_scale: torch.Tensor | None = None,  # [E, 2I]: 8-bit weights, dequantised per expert
+    w2_scale: torch.Tensor | None = None,  # [E, H]
 ) -> torch.Tensor:  # [T, H]
     """The reference (and the CPU path): one gated MLP per expert that has tokens, over
     just those tokens, summed back with the routing weights (HF transformers' order)."""
@@ -235,8 +253,12 @@ def fused_moe_torch(
     for e in torch.unique(flat[flat >= 0]).tolist():
         idx = torch.nonzero(flat == e).squeeze(1)
         tok = idx // top_k
-        gu = F.linear(x[tok], w13[e])
+        we13, we2 = w13[e], w2[e]
+        if w13_scale is not None and w2_scale is not None:
+            we13 = (we13.float() * w13_scale[e][:, None]).to(x.dtype)
+            we2 = (we2.float() * w2_scale[e][:, None]).to(x.dtype)
+        gu = F.linear(x[tok], we13)
         act = F.silu(gu[:, :inter]) * gu[:, inter:]
-        y = F.linear(act, w2[e]) * weights[idx, None].to(x.dtype)
+        y = F.linear(act, we2) * weights[idx, None].to(x.dtype)
         out.index_add_(0, tok, y)
     return out

@@ -122,6 +122,52 @@ class UnquantizedFusedMoEMethod(FusedMoEMethod):
         return fused_moe_torch(x, layer.w13_weight, layer.w2_weight, topk_weights, topk_ids)
 
 
+class W8FusedMoEMethod(UnquantizedFusedMoEMethod):
+    """Expert weights in 8 bits (FP8 E4M3 or INT8) with one float32 scale per output
+    channel of each expert, quantised once after loading (the full-precision copy is
+    dropped); activations stay in the model dtype (W8A16). CUDA: the same Triton kernel,
+    widening the weights in its loads and scaling the accumulators; elsewhere each
+    expert's weights are dequantised for its tokens."""
+
+    def __init__(self, weight_dtype: torch.dtype) -> None:
+        if weight_dtype not in (torch.int8, torch.float8_e4m3fn):
+            raise ValueError(
+                f"MoE expert weights: 8-bit dtype must be int8 or fp8, got {weight_dtype}"
+            )
+        self.weight_dtype = weight_dtype
+
+    def process_weights_after_loading(self, layer: FusedMoE) -> None:
+        from kvasir.quantization.utils import quantize_weight
+
+        for name in ("w13_weight", "w2_weight"):
+            w = getattr(layer, name).data  # [E, N, K]
+            qs = [quantize_weight(w[e], self.weight_dtype, "channel") for e in range(w.shape[0])]
+            delattr(layer, name)
+            q = torch.stack([q for q, _ in qs]) if qs else w.to(self.weight_dtype)
+            scale = torch.stack([s for _, s in qs]) if qs else w.new_empty(0, w.shape[1])
+            layer.register_parameter(name, nn.Parameter(q, requires_grad=False))
+            layer.register_parameter(
+                name.replace("weight", "scale"), nn.Parameter(scale.float(), requires_grad=False)
+            )
+
+    def apply(
+        self,
+        layer: FusedMoE,
+        x: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+    ) -> torch.Tensor:
+        from kvasir.kernels.fused_moe import fused_moe, fused_moe_torch
+
+        w13, w2 = layer.w13_weight, layer.w2_weight
+        s13, s2 = layer.w13_scale, layer.w2_scale
+        if x.is_cuda:
+            return fused_moe(
+                x, w13, w2, topk_weights, topk_ids, w13_scale=s13, w2_scale=s2
+            )  # fmt: skip
+        return fused_moe_torch(x, w13, w2, topk_weights, topk_ids, w13_scale=s13, w2_scale=s2)
+
+
 class FusedMoE(nn.Module):
     """The routed experts of one MoE layer (see the module docstring).
 

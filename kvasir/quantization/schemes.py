@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -15,6 +15,9 @@ from kvasir.layers.linear import LinearBase, LinearMethod
 from kvasir.quantization import QuantizationConfig, register_quantization_config
 from kvasir.quantization.utils import FP8_E4M3
 from kvasir.quantization.w8_linear import PATH_DESCRIPTIONS, W8LinearMethod, W8Scheme
+
+if TYPE_CHECKING:
+    from kvasir.layers.fused_moe import FusedMoE, FusedMoEMethod
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +92,21 @@ class W8Config(QuantizationConfig):
         method = W8LinearMethod(self.scheme, self.device)
         self._path = method.path
         return method
+
+    def get_moe_method(self, layer: FusedMoE, prefix: str) -> FusedMoEMethod | None:
+        """MoE experts: 8-bit per-channel weights quantised at load, activations in the
+        model dtype (``W8FusedMoEMethod``); checkpoint-quantised experts are refused."""
+        from kvasir.layers.fused_moe import W8FusedMoEMethod
+
+        if layer_matches(prefix, self.ignore):
+            return None
+        if self.scheme.prequantized:
+            raise ValueError(
+                f"{prefix}: loading MoE experts quantised in the checkpoint is not "
+                f"supported; load the unquantised checkpoint with --quantization "
+                f"{self.name} (experts are then quantised at load)"
+            )
+        return W8FusedMoEMethod(self.scheme.weight_dtype)
 
     def describe(self) -> str:
         from kvasir.quantization.w8_linear import select_path

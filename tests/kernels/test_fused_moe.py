@@ -88,3 +88,23 @@ def test_select_experts_renormalize() -> None:
     torch.testing.assert_close(w.sum(-1), torch.ones(1))
     # softmax over the top-k logits alone is the same (Mixtral's other formulation)
     torch.testing.assert_close(w, torch.softmax(logits[:, [2, 1]], -1))
+
+
+@pytest.mark.parametrize("qdtype", [torch.int8, torch.float8_e4m3fn])
+def test_fused_moe_8bit_experts_match_dequantised_reference(qdtype: torch.dtype) -> None:
+    """W8A16 experts: the kernel widens the 8-bit weights and applies their per-channel
+    scales; the reference dequantises first."""
+    from kvasir.quantization.utils import quantize_weight
+
+    x, w13, w2, weights, ids = _case(21, 64, 48, 6, 2, torch.float32, seed=5)
+    q13, s13 = zip(*(quantize_weight(w, qdtype, "channel") for w in w13.cpu()), strict=True)
+    q2, s2 = zip(*(quantize_weight(w, qdtype, "channel") for w in w2.cpu()), strict=True)
+    q13t, s13t = torch.stack(q13).to(DEVICE), torch.stack(s13).to(DEVICE)
+    q2t, s2t = torch.stack(q2).to(DEVICE), torch.stack(s2).to(DEVICE)
+    deq13 = q13t.float() * s13t[:, :, None]
+    deq2 = q2t.float() * s2t[:, :, None]
+    ref = fused_moe_torch(x, deq13, deq2, weights, ids)
+    out = fused_moe(x, q13t, q2t, weights, ids, w13_scale=s13t, w2_scale=s2t)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    cpu = fused_moe_torch(x, q13t, q2t, weights, ids, w13_scale=s13t, w2_scale=s2t)
+    torch.testing.assert_close(cpu, ref, atol=2e-5, rtol=2e-5)
