@@ -69,7 +69,9 @@ def test_w8a8_gemm(qdtype, strategy, act, m, shape) -> None:
     xq, xs = quantize_activation(x, qdtype, act)
     y = quant_matmul(xq, q, s, xs, out_dtype=torch.float32)
     ref = quant_matmul_ref(xq, q, s, xs, out_dtype=torch.float32)
-    assert rel_err(y, ref) < 1e-5
+    # INT8 dots are exact in int32; Hopper's FP8 tensor cores accumulate with fewer
+    # bits than float32 (measured 1.1e-4 on the H200).
+    assert rel_err(y, ref) < (1e-5 if qdtype == torch.int8 else 1e-3)
     # And the whole W8A8 product stays within 8-bit error of the float one.
     exact = x.double().cpu() @ w.double().T
     assert rel_err(y, exact) < (0.02 if qdtype == torch.int8 else 0.08)
