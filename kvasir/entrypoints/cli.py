@@ -1,4 +1,4 @@
-"""``kvasir`` command line: generate, chat, serve, bench, plan, top, eval, quantize.
+"""``kvasir`` command line: generate, chat, serve, router, bench, plan, top, eval, quantize.
 
 The command line decides what reaches the terminal: results (generated text, benchmark
 tables and their JSON summary line) are printed to stdout by each command; messages to
@@ -229,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     from kvasir.quantization.writer import add_quantize_parser
 
     add_quantize_parser(sub)
+    _add_router_parser(sub)
     return parser
 
 
@@ -248,6 +249,16 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
         ep = esub.add_parser(name, help=help_text, description=mod.__doc__)
         mod.add_cli_args(ep)
         ep.set_defaults(func=mod.main)
+
+
+def _add_router_parser(sub: argparse._SubParsersAction) -> None:
+    """``kvasir router``: see kvasir/router/cli.py."""
+    try:
+        from kvasir.router.cli import add_router_parser
+    except ImportError as e:  # pragma: no cover - server dependencies missing
+        logger.warning("kvasir router unavailable: %r", e)
+        return
+    add_router_parser(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -62,7 +62,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         404: "Unknown model",
         413: "Request body over --max-request-body-bytes",
         429: "Waiting queue full (--max-queued-requests); see the Retry-After header",
-        503: "Server draining (SIGTERM) or engine dead",
+        503: "Server draining (SIGTERM or POST /admin/drain) or engine dead",
     }.items()
 }
 
@@ -101,14 +101,58 @@ def build_app(state: ServerState, ctx: ServingContext) -> FastAPI:
                 503, "The engine is dead.", "service_unavailable_error", None, "engine_dead"
             ).to_response()
         if state.draining:
-            return OpenAIError(
+            err = OpenAIError(
                 503,
                 "The server is shutting down.",
                 "service_unavailable_error",
                 None,
                 "server_draining",
-            ).to_response()
-        return JSONResponse({"status": "ok"})
+            )
+            # ``draining`` beside the error object: routers stop sending new work at once.
+            return JSONResponse({**err.to_dict(), **_load(), "draining": True}, status_code=503)
+        return JSONResponse({"status": "ok", "draining": False, **_load()})
+
+    def _load() -> dict:
+        # What a router's power-of-two and cache-aware policies balance on.
+        reg = engine.metrics.registry
+        labels = {"model_name": ctx.served_model_name}
+        return {
+            "num_in_flight": engine.num_in_flight,
+            "num_requests_running": reg.get_sample_value("kvasir:num_requests_running", labels),
+            "num_requests_waiting": reg.get_sample_value("kvasir:num_requests_waiting", labels),
+            "kv_cache_usage_perc": reg.get_sample_value("kvasir:kv_cache_usage_perc", labels),
+        }
+
+    @app.post("/admin/drain")
+    async def admin_drain() -> dict:
+        """What SIGTERM does (stop taking new requests, let in-flight ones finish up to
+        --shutdown-timeout, abort the rest) without exiting. ``safe_to_stop`` turns true
+        once nothing is in flight; ``POST /admin/undrain`` takes requests again."""
+        start = state.extra.get("drain")
+        if start is not None and not state.draining:
+            start()
+        state.draining = True
+        return _drain_status()
+
+    @app.get("/admin/drain")
+    async def admin_drain_status() -> dict:
+        return _drain_status()
+
+    @app.post("/admin/undrain")
+    async def admin_undrain() -> dict:
+        cancel = state.extra.get("undrain")
+        if cancel is not None:
+            cancel()
+        state.draining = False
+        return _drain_status()
+
+    def _drain_status() -> dict:
+        n = engine.num_in_flight
+        return {
+            "draining": state.draining,
+            "num_in_flight": n,
+            "safe_to_stop": state.draining and n == 0,
+        }
 
     @app.get("/version", response_model=VersionResponse)
     async def version() -> dict:

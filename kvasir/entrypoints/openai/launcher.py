@@ -58,6 +58,7 @@ class Drainer:
         self.timeout = timeout
         self.exit_code = 0
         self._task: asyncio.Task | None = None
+        self._admin_task: asyncio.Task | None = None
         self._hurry = asyncio.Event()
 
     def on_signal(self, sig: int) -> None:
@@ -76,7 +77,24 @@ class Drainer:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._exit_after_dead())
 
-    async def _drain(self) -> None:
+    def admin_drain(self) -> None:
+        """``POST /admin/drain``: the SIGTERM drain without the exit."""
+        if self._task is not None or self._admin_task is not None:
+            return
+        logger.info("admin drain (up to %.0fs); the server keeps running", self.timeout)
+        self.state.draining = True
+        self._admin_task = asyncio.get_running_loop().create_task(self._drain(exit=False))
+
+    def admin_undrain(self) -> None:
+        if self._task is not None:
+            return  # a signal's drain ends in an exit; it cannot be taken back
+        if self._admin_task is not None:
+            self._admin_task.cancel()
+            self._admin_task = None
+        logger.info("undrain: taking new requests again")
+        self.state.draining = False
+
+    async def _drain(self, exit: bool = True) -> None:
         deadline = time.monotonic() + self.timeout
         while self.engine.num_in_flight and time.monotonic() < deadline:
             if self._hurry.is_set():
@@ -88,7 +106,8 @@ class Drainer:
         for rid in left:
             self.engine.finish_aborted(rid)
         await self._wait_flushed(_FLUSH_TIMEOUT_S)
-        self.server.should_exit = True
+        if exit:
+            self.server.should_exit = True
 
     async def _exit_after_dead(self) -> None:
         await asyncio.sleep(_DEAD_GRACE_S)
@@ -215,6 +234,8 @@ async def serve(args: argparse.Namespace) -> int:
     server = _Server(uv_config)
     drainer = Drainer(state, engine, server, args.shutdown_timeout)
     engine.add_dead_callback(drainer.on_engine_dead)
+    state.extra["drain"] = drainer.admin_drain
+    state.extra["undrain"] = drainer.admin_undrain
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, drainer.on_signal, sig)

@@ -17,6 +17,8 @@ from kvasir.entrypoints.openai.errors import OpenAIError
 
 # Open without a key and while draining (health checks must see the 503 themselves).
 OPEN_PATHS = frozenset({"/health", "/metrics", "/version", "/ping"})
+# Admin paths (key-protected) that still answer while draining.
+ADMIN_PATHS = frozenset({"/admin/drain", "/admin/undrain"})
 # API documentation is not an inference path either.
 DOC_PATHS = frozenset({"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
 
@@ -84,7 +86,7 @@ class ServerMiddleware:
                 ),
             )
             return
-        if st.dead or st.draining:
+        if (st.dead or st.draining) and path not in ADMIN_PATHS:
             msg = "The engine is dead." if st.dead else "The server is shutting down."
             await _send_error(
                 send,

@@ -344,18 +344,18 @@ class OpenAIServingChat:
                 async for _, out in merge_async_iterators([gen]):
                     yield out
 
+        return_ids = bool((req.model_extra or {}).get("return_token_ids"))
         # The role comes first, in a chunk of its own per choice (as OpenAI sends it).
         for i in range(req.n):
-            yield chunk(
-                [
-                    {
-                        "index": i,
-                        "delta": {"role": "assistant", "content": ""},
-                        "logprobs": None,
-                        "finish_reason": None,
-                    }
-                ]
-            )
+            role: dict[str, Any] = {
+                "index": i,
+                "delta": {"role": "assistant", "content": ""},
+                "logprobs": None,
+                "finish_reason": None,
+            }
+            if return_ids:
+                role["prompt_token_ids"] = list(first.prompt_token_ids or [])
+            yield chunk([role])
         it = outputs()
         try:
             async for out in it:
@@ -375,20 +375,18 @@ class OpenAIServingChat:
                     if include_usage and continuous:
                         usage = usage_dict(num_prompt, sum(generated), cached)
                     delta, finish_reason = builders[c.index].delta(c.text, c.finish_reason)
-                    if not delta and finish_reason is None and logprobs is None:
+                    if not delta and finish_reason is None and logprobs is None and not return_ids:
                         continue  # held back (a possible tag or tool call)
-                    yield chunk(
-                        [
-                            {
-                                "index": c.index,
-                                "delta": delta,
-                                "logprobs": logprobs,
-                                "finish_reason": finish_reason,
-                                "stop_reason": c.stop_reason,
-                            }
-                        ],
-                        usage,
-                    )
+                    choice: dict[str, Any] = {
+                        "index": c.index,
+                        "delta": delta,
+                        "logprobs": logprobs,
+                        "finish_reason": finish_reason,
+                        "stop_reason": c.stop_reason,
+                    }
+                    if return_ids:  # vLLM's extension; kvasir router migrates on them
+                        choice["token_ids"] = list(c.token_ids)
+                    yield chunk([choice], usage)
             if include_usage:
                 yield chunk([], usage_dict(num_prompt, sum(generated), cached))
         except (RequestRejectedError, EngineDeadError, ValueError, OpenAIError) as e:

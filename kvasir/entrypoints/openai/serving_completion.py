@@ -261,6 +261,8 @@ class OpenAIServingCompletion:
         offsets = [0] * (len(gens) * n)
         started: set[int] = set()
         cached = [0] * len(gens)
+        return_ids = bool((req.model_extra or {}).get("return_token_ids"))
+        ids_sent: set[int] = set()
 
         async def outputs() -> AsyncGenerator[tuple[int, RequestOutput], None]:
             for i, f in enumerate(firsts):
@@ -318,6 +320,11 @@ class OpenAIServingCompletion:
                             }
                         ],
                     }
+                    if return_ids:  # vLLM's extension; kvasir router migrates on them
+                        chunk["choices"][0]["token_ids"] = list(c.token_ids)
+                        if idx not in ids_sent:
+                            ids_sent.add(idx)
+                            chunk["choices"][0]["prompt_token_ids"] = prompt_ids[i]
                     if include_usage and continuous:
                         chunk["usage"] = usage_dict(num_prompt, sum(generated), sum(cached))
                     yield sse(chunk)
