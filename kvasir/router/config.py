@@ -174,16 +174,21 @@ class RouterConfig:
                     )
                 )
             except ConfigError as e:
-                raise ConfigError(str(e), line) from None
+                key = "url" if "url" in str(e) else "id"
+                raise ConfigError(str(e), _line_after(text, line, key)) from None
         models = {}
         for name, m in doc.get("models", {}).items():
             line = _line_of(text, f'"{name}"') or _line_of(text, name)
             if not isinstance(m, dict) or not isinstance(m.get("versions"), dict):
                 raise ConfigError(f"models.{name} needs a versions table", line)
+            for k in set(m) - {"versions", "shadow"}:
+                raise ConfigError(f"models.{name}: unknown key {k!r}", _line_after(text, line, k))
             try:
                 models[name] = ModelRoute(dict(m["versions"]), m.get("shadow"))
             except ConfigError as e:
-                raise ConfigError(f"models.{name}: {e}", line) from None
+                raise ConfigError(
+                    f"models.{name}: {e}", _line_after(text, line, "versions")
+                ) from None
         kwargs.update(overrides)
         try:
             return cls(replicas=tuple(replicas), models=models, **kwargs)
@@ -206,3 +211,17 @@ def _line_of(text: str, needle: str, nth: int = 0) -> int | None:
                 return no
             seen += 1
     return None
+
+
+def _line_after(text: str, start: int | None, key: str) -> int | None:
+    """The line of ``key = ...`` in the table that begins at line ``start``."""
+    if start is None:
+        return None
+    lines = text.splitlines()
+    for no in range(start, len(lines)):  # 0-based index ``start`` is the next line
+        line = lines[no].strip()
+        if line.startswith("["):
+            break
+        if re.match(rf"{re.escape(key)}\s*=", line):
+            return no + 1
+    return start
