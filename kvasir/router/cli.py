@@ -15,6 +15,9 @@ import logging
 import os
 import signal
 import socket
+from contextlib import contextmanager
+
+import uvicorn
 
 from kvasir.router.config import POLICIES, ConfigError, RouterConfig
 
@@ -175,9 +178,23 @@ def make_config(args: argparse.Namespace) -> tuple[RouterConfig, str | None, dic
     return cfg, text, overrides
 
 
-async def serve(args: argparse.Namespace) -> int:
-    import uvicorn
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling (it would re-raise SIGTERM at exit):
+    SIGTERM stops accepting, lets in-flight requests finish, and exits 0."""
 
+    @contextmanager
+    def capture_signals(self):  # type: ignore[override]
+        yield
+
+
+def _stop(server: uvicorn.Server, sig: int) -> None:
+    if server.should_exit:
+        server.force_exit = True  # a second signal: stop now
+    logger.info("received %s: stopping after in-flight requests", signal.Signals(sig).name)
+    server.should_exit = True
+
+
+async def serve(args: argparse.Namespace) -> int:
     from kvasir.router.app import Router, build_app
 
     cfg, text, overrides = make_config(args)
@@ -198,7 +215,7 @@ async def serve(args: argparse.Namespace) -> int:
     sock.listen(4096)
     host, port = sock.getsockname()[:2]
     await router.start()
-    server = uvicorn.Server(
+    server = _Server(
         uvicorn.Config(
             build_app(router),
             log_level=args.uvicorn_log_level,
@@ -209,6 +226,8 @@ async def serve(args: argparse.Namespace) -> int:
     )
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGHUP, router.reload_file)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, _stop, server, sig)
     logger.info(
         "router listening on http://%s:%s (%d replicas, policy %s)",
         host,
@@ -219,7 +238,8 @@ async def serve(args: argparse.Namespace) -> int:
     try:
         await server.serve(sockets=[sock])
     finally:
-        loop.remove_signal_handler(signal.SIGHUP)
+        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
         await router.stop()
         sock.close()
     return 0

@@ -140,7 +140,8 @@ class RouterConfig:
             doc = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
             m = re.search(r"line (\d+)", str(e))
-            raise ConfigError(f"not valid TOML: {e}", int(m.group(1)) if m else None) from None
+            line = int(m.group(1)) if m else max(1, len(text.splitlines()))  # "at end of document"
+            raise ConfigError(f"not valid TOML: {e}", line) from None
         known = {f.name for f in fields(cls)} - {"replicas", "models"}
         kwargs: dict[str, Any] = {}
         for key, value in doc.items():
