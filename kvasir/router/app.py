@@ -21,13 +21,14 @@ import asyncio
 import hmac
 import json
 import logging
+import socket
 import time
 from dataclasses import replace
 
 from fastapi import FastAPI, Request
 from starlette.responses import JSONResponse, Response
 
-from kvasir.router.config import ConfigError, RouterConfig
+from kvasir.router.config import ConfigError, ReplicaSpec, RouterConfig
 from kvasir.router.etcd_state import EtcdState
 from kvasir.router.fleet import Fleet
 from kvasir.router.health import HealthChecker
@@ -55,6 +56,7 @@ class Router:
         config_text: str | None = None,
         config_path: str | None = None,
         flag_overrides: dict | None = None,
+        flag_replicas: tuple[ReplicaSpec, ...] = (),
     ) -> None:
         self.metrics = RouterMetrics()
         self.fleet = Fleet(cfg, self.metrics)
@@ -65,16 +67,59 @@ class Router:
         self.config_text = config_text
         self.config_path = config_path
         self.flag_overrides = flag_overrides or {}
+        self._flag_replicas = flag_replicas  # --replica/--spare: kept across reloads
         self.etcd = EtcdState(etcd_url, etcd_prefix, self._apply_shared) if etcd_url else None
         # Shared state seen before the replica exists locally (e.g. a config reload).
         self._cordons: set[str] = set()
         self._drains: set[str] = set()
+        # --replica-dns HOST:PORT: every address HOST resolves to is a replica (a
+        # Kubernetes headless Service lists its ready pods this way).
+        self.dns: list[tuple[str, int]] = []
+        self._discovered: tuple[ReplicaSpec, ...] = ()
+        self._discovered_all: set[ReplicaSpec] = set()  # those in the live config
+        self.health.before_round = self.discover
 
     async def start(self) -> None:
         if self.etcd is not None:
             await self.etcd.start()
         await self.health.check_all()
         self.health.start()
+
+    async def discover(self) -> None:
+        if not self.dns:
+            return
+        loop = asyncio.get_running_loop()
+        found: list[ReplicaSpec] = []
+        for host, port in self.dns:
+            try:
+                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except OSError as e:
+                logger.warning("cannot resolve %s: %s", host, e)
+                continue
+            for addr in sorted({i[4][0] for i in infos}):
+                url_host = f"[{addr}]" if ":" in addr else addr
+                found.append(
+                    ReplicaSpec(f"{host}-{addr}".replace("%", "-"), f"http://{url_host}:{port}")
+                )
+        if tuple(found) != self._discovered:
+            self._discovered = tuple(found)
+            self._apply(self._base_cfg())
+            logger.info("discovered replicas: %s", [r.url for r in found])
+
+    def _base_cfg(self) -> RouterConfig:
+        cfg = self.fleet.cfg
+        own = tuple(r for r in cfg.replicas if r not in self._discovered_all)
+        return replace(cfg, replicas=own)
+
+    def _apply(self, cfg: RouterConfig) -> None:
+        """Swap in ``cfg`` plus the discovered replicas, keeping shared cordons."""
+        ids = {r.id for r in cfg.replicas}
+        extra = tuple(r for r in self._discovered if r.id not in ids)
+        self._discovered_all = set(extra)
+        self.fleet.apply_config(replace(cfg, replicas=cfg.replicas + extra))
+        for r in self.fleet.replicas.values():
+            r.cordoned = r.cordoned or r.id in self._cordons
+            r.draining = r.draining or r.id in self._drains
 
     async def stop(self) -> None:
         await self.health.stop()
@@ -148,10 +193,7 @@ class Router:
 
     def _reload(self, text: str) -> None:
         cfg = RouterConfig.from_toml(text, **self.flag_overrides)
-        self.fleet.apply_config(cfg)
-        for r in self.fleet.replicas.values():
-            r.cordoned = r.cordoned or r.id in self._cordons
-            r.draining = r.draining or r.id in self._drains
+        self._apply(replace(cfg, replicas=cfg.replicas + self._flag_replicas))
         self.config_text = text
         logger.info(
             "config loaded: %d replicas, policy %s, models %s",

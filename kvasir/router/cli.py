@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 from contextlib import contextmanager
 
 import uvicorn
@@ -60,6 +61,14 @@ def add_router_parser(sub: argparse._SubParsersAction) -> None:
         default=[],
         metavar="[ID=]URL",
         help="an N+1 hot spare: takes traffic only while another is ejected",
+    )
+    p.add_argument(
+        "--replica-dns",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="every address HOST resolves to is a replica, re-resolved each "
+        "health round (a Kubernetes headless Service)",
     )
     p.add_argument("--config", default=None, help="TOML config (replicas, models, versions)")
     p.add_argument("--host", default="0.0.0.0")
@@ -173,9 +182,19 @@ def make_config(args: argparse.Namespace) -> tuple[RouterConfig, str | None, dic
             rid, url = f"spare{i}", u
         spares.append(ReplicaSpec(rid, url.rstrip("/"), spare=True))
     cfg = replace(cfg, replicas=cfg.replicas + tuple(spares))
-    if not cfg.replicas and not args.etcd:
-        raise ValueError("no replicas: give --replica URL or a --config with [[replicas]]")
+    if not cfg.replicas and not args.etcd and not args.replica_dns:
+        raise ValueError("no replicas: give --replica URL, --replica-dns HOST:PORT or a --config")
     return cfg, text, overrides
+
+
+def _dns_targets(items: list[str]) -> list[tuple[str, int]]:
+    out = []
+    for item in items:
+        host, sep, port = item.rpartition(":")
+        if not sep or not port.isdigit() or not host:
+            raise ValueError(f"--replica-dns {item!r}: expected HOST:PORT")
+        out.append((host, int(port)))
+    return out
 
 
 class _Server(uvicorn.Server):
@@ -198,6 +217,7 @@ async def serve(args: argparse.Namespace) -> int:
     from kvasir.router.app import Router, build_app
 
     cfg, text, overrides = make_config(args)
+    file_replicas = set(RouterConfig.from_toml(text).replicas) if text else set()
     router = Router(
         cfg,
         admin_key=args.admin_key or None,
@@ -207,7 +227,9 @@ async def serve(args: argparse.Namespace) -> int:
         config_text=text,
         config_path=args.config,
         flag_overrides=overrides,
+        flag_replicas=tuple(r for r in cfg.replicas if r not in file_replicas),
     )
+    router.dns = _dns_targets(args.replica_dns)
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -251,3 +273,20 @@ def run_router(args: argparse.Namespace) -> int:
     configure_logging()
     logging.getLogger("kvasir.router").setLevel(logging.INFO)
     return asyncio.run(serve(args))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m kvasir.router.cli`` (what ``kvasir router`` runs, without importing
+    the engine: the router needs no torch)."""
+    parser = argparse.ArgumentParser(prog="kvasir")
+    add_router_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["router", *(argv if argv is not None else sys.argv[1:])])
+    try:
+        return run_router(args)
+    except (ValueError, OSError) as e:
+        print(f"kvasir router: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

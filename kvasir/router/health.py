@@ -34,6 +34,7 @@ class HealthChecker:
         self._last_canary: dict[str, float] = {}
         self._task: asyncio.Task | None = None
         self.on_change = None  # callback(replica) when health flips (etcd sharing)
+        self.before_round = None  # async callback before each round (DNS discovery)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="router-health")
@@ -55,6 +56,8 @@ class HealthChecker:
             await asyncio.sleep(self.fleet.cfg.health_interval_s)
 
     async def check_all(self) -> None:
+        if self.before_round is not None:
+            await self.before_round()
         reps = list(self.fleet.replicas.values())
         await asyncio.gather(*(self.check(r) for r in reps))
         self.fleet.update_gauges()

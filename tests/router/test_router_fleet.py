@@ -23,7 +23,7 @@ import pytest
 from router_utils import RouterProc, metric, start_router
 from server_utils import REPO_ROOT, ServerProc, start_server
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 PROMPTS = [
     "The history of the Roman Empire",
@@ -100,7 +100,8 @@ def _complete(url: str, prompt: str, n: int = NUM_TOKENS) -> str:
 def reference(replicas) -> dict[str, str]:
     """Each prompt's uninterrupted greedy output, straight from one replica."""
     url = replicas["a"].url
-    return {p: _complete(url, p) for p in PROMPTS}
+    with ThreadPoolExecutor(len(PROMPTS)) as ex:
+        return dict(zip(PROMPTS, ex.map(lambda p: _complete(url, p), PROMPTS), strict=True))
 
 
 def _stream_text(
