@@ -77,7 +77,7 @@ class Router:
         self.dns: list[tuple[str, int]] = []
         self._discovered: tuple[ReplicaSpec, ...] = ()
         self._discovered_all: set[ReplicaSpec] = set()  # those in the live config
-        self.health.before_round = self.discover
+        self.health.before_round = self.discover  # type: ignore[assignment]
 
     async def start(self) -> None:
         if self.etcd is not None:
@@ -96,7 +96,7 @@ class Router:
             except OSError as e:
                 logger.warning("cannot resolve %s: %s", host, e)
                 continue
-            for addr in sorted({i[4][0] for i in infos}):
+            for addr in sorted({str(i[4][0]) for i in infos}):
                 url_host = f"[{addr}]" if ":" in addr else addr
                 found.append(
                     ReplicaSpec(f"{host}-{addr}".replace("%", "-"), f"http://{url_host}:{port}")

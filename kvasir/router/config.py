@@ -159,12 +159,12 @@ class RouterConfig:
             kwargs[key] = value
         replicas = []
         for i, r in enumerate(doc.get("replicas", [])):
-            line = _line_of(text, "[[replicas]]", i)
+            rline = _line_of(text, "[[replicas]]", i)
             if not isinstance(r, dict) or "url" not in r:
-                raise ConfigError(f"replicas[{i}] needs a url", line)
+                raise ConfigError(f"replicas[{i}] needs a url", rline)
             extra = set(r) - {"id", "url", "version", "spare"}
             if extra:
-                raise ConfigError(f"replicas[{i}]: unknown key(s) {sorted(extra)}", line)
+                raise ConfigError(f"replicas[{i}]: unknown key(s) {sorted(extra)}", rline)
             try:
                 replicas.append(
                     ReplicaSpec(
@@ -176,19 +176,19 @@ class RouterConfig:
                 )
             except ConfigError as e:
                 key = "url" if "url" in str(e) else "id"
-                raise ConfigError(str(e), _line_after(text, line, key)) from None
+                raise ConfigError(str(e), _line_after(text, rline, key)) from None
         models = {}
         for name, m in doc.get("models", {}).items():
-            line = _line_of(text, f'"{name}"') or _line_of(text, name)
+            mline = _line_of(text, f'"{name}"') or _line_of(text, name)
             if not isinstance(m, dict) or not isinstance(m.get("versions"), dict):
-                raise ConfigError(f"models.{name} needs a versions table", line)
+                raise ConfigError(f"models.{name} needs a versions table", mline)
             for k in set(m) - {"versions", "shadow"}:
-                raise ConfigError(f"models.{name}: unknown key {k!r}", _line_after(text, line, k))
+                raise ConfigError(f"models.{name}: unknown key {k!r}", _line_after(text, mline, k))
             try:
                 models[name] = ModelRoute(dict(m["versions"]), m.get("shadow"))
             except ConfigError as e:
                 raise ConfigError(
-                    f"models.{name}: {e}", _line_after(text, line, "versions")
+                    f"models.{name}: {e}", _line_after(text, mline, "versions")
                 ) from None
         kwargs.update(overrides)
         try:

@@ -77,15 +77,23 @@ class HealthChecker:
         if ok:
             if not was:
                 logger.info("replica %s is healthy again", r.id)
+                r.consecutive_failures = 0
             r.healthy = True
             r.reinstate()
         else:
             r.last_error = why
-            if was:
+            r.consecutive_failures += 1
+            # Refused connections: the replica is gone, out at once. Slow or failing
+            # answers: out after --eject-failures in a row (a busy replica is not dead).
+            if was and (
+                "ConnectError" in why or r.consecutive_failures >= cfg.eject_consecutive_failures
+            ):
                 logger.warning("replica %s failed its health check: %s", r.id, why)
                 self.metrics.ejections.labels(r.id, "active").inc()
                 r.eject(cfg)
-            r.healthy = False
+                r.healthy = False
+            elif not was:
+                r.healthy = False
         if was != r.healthy and self.on_change is not None:
             self.on_change(r)
         return ok

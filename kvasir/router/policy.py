@@ -143,9 +143,10 @@ class CacheAware(Policy):
 def make_policy(cfg: RouterConfig) -> Policy:
     if cfg.policy == "cache_aware":
         return CacheAware(cfg)
-    return {
+    classes: dict[str, type[Policy]] = {
         "round_robin": RoundRobin,
         "least_outstanding": LeastOutstanding,
         "power_of_two": PowerOfTwo,
         "session_affinity": SessionAffinity,
-    }[cfg.policy]()
+    }
+    return classes[cfg.policy]()

@@ -60,7 +60,7 @@ def router(replicas):
     r = start_router(
         *_replica_flags(replicas),
         "--policy", "round_robin",
-        "--health-interval", "0.3",
+        "--health-interval", "0.3", "--health-timeout", "30",
         "--canary-interval", "0",
         "--eject-base", "30",
     )  # fmt: skip
@@ -173,7 +173,7 @@ def test_passthrough_equals_direct(router, replicas, reference):
 
 def test_cache_aware_keeps_prefixes_together(replicas):
     r = start_router(*_replica_flags(replicas), "--policy", "cache_aware",
-                     "--canary-interval", "0", "--balance-abs-threshold", "64")  # fmt: skip
+                     "--canary-interval", "0", "--balance-abs-threshold", "64", "--health-timeout", "30")  # fmt: skip
     try:
         _wait_routable(r, 3)
         systems = [f"System {i}: " + (f"you answer questions about topic {i}. ") * 12
@@ -287,7 +287,7 @@ def test_replica_admin_drain_is_seen_by_the_router(router, replicas):
 
 def test_hedge_around_a_frozen_replica(replicas):
     r = start_router(*_replica_flags(replicas), "--policy", "round_robin", "--hedge-after", "500",
-                     "--canary-interval", "0", "--health-interval", "60")  # fmt: skip
+                     "--canary-interval", "0", "--health-interval", "60", "--health-timeout", "30")  # fmt: skip
     frozen = replicas["b"]
     try:
         _wait_routable(r, 3)
