@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -187,3 +188,79 @@ def test_unsupported_ssm_variants_refused(tmp_path, changes: dict[str, Any], mes
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=message):
         load_arch_config(ModelConfig(model=str(tmp_path), load_format="dummy"))
+
+
+@pytest.mark.parametrize("name", ["mamba", "mamba2"])
+def test_gguf_checkpoint_matches_hf(name: str, tmp_path) -> None:
+    """A GGUF file laid out as llama.cpp's converter writes Mamba / Mamba-2 (the gguf
+    package's SSM tensor names and ``{arch}.ssm.*`` metadata; A stored as -exp(A_log),
+    the conv kernel squeezed, Mamba-2's A/D as [heads, 1] and its norm per group)
+    gives HF's logprobs."""
+    gguf = pytest.importorskip("gguf")
+    torch.manual_seed(0)
+    cfg = CONFIGS[name]()
+    hf = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    _randomize(hf, seed=4)
+    arch = gguf.MODEL_ARCH.MAMBA if name == "mamba" else gguf.MODEL_ARCH.MAMBA2
+    names = gguf.TensorNameMap(arch, cfg.num_hidden_layers)
+    path = tmp_path / f"{name}.gguf"
+    w = gguf.GGUFWriter(str(path), name)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(2048)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_ssm_conv_kernel(cfg.conv_kernel)
+    w.add_ssm_inner_size(cfg.expand * cfg.hidden_size)
+    w.add_ssm_state_size(cfg.state_size)
+    w.add_layer_norm_rms_eps(cfg.layer_norm_epsilon)
+    if name == "mamba":
+        w.add_ssm_time_step_rank(cfg.time_step_rank)
+    else:
+        w.add_ssm_time_step_rank(cfg.num_heads)
+        w.add_ssm_group_count(cfg.n_groups)
+    for hf_name, t in hf.state_dict().items():
+        a = t.float().numpy().copy()
+        if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        base, _, kind = hf_name.rpartition(".")
+        if kind == "dt_bias":  # the converter names Mamba-2's dt_bias dt_proj.bias
+            gname = names.get_name(base + ".dt_proj") + ".bias"
+        elif kind in ("A_log", "D"):
+            gname = names.get_name(hf_name)
+        else:
+            gname = names.get_name(base) + f".{kind}"
+        assert gname is not None, hf_name
+        if kind == "A_log":
+            a = -np.exp(a)
+        if hf_name.endswith("conv1d.weight"):
+            a = a.squeeze(1)
+        if name == "mamba2":
+            if kind in ("A_log", "D"):
+                a = a.reshape(-1, 1)
+            if hf_name.endswith("mixer.norm.weight"):
+                a = a.reshape(cfg.n_groups, -1)
+        w.add_tensor(gname, a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    # One full-prompt forward (no state carried, no tokenizer needed in the file).
+    from model_utils import PagedRunner
+
+    from kvasir.attention.backend import get_backend_cls
+    from kvasir.models.loader import load_model
+
+    mc = ModelConfig(model=str(path))
+    arch_config = load_arch_config(mc)
+    assert arch_config.model_type == name and arch_config.ssm_version == (
+        1 if name == "mamba" else 2
+    )
+    model = load_model(
+        mc, arch_config, get_backend_cls("torch"), torch.float32, torch.device("cpu")
+    )
+    prompt = torch.randint(3, VOCAB, (21,), generator=torch.Generator().manual_seed(5)).tolist()
+    runner = PagedRunner(model, arch_config, num_blocks=8, block_size=4)
+    runner.add_request("a")
+    ours = runner.step([("a", prompt)])[0]
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt])).logits[0].float()
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)

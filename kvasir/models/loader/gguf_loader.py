@@ -25,7 +25,32 @@ _ARCHS = {
     "llama": ("LlamaForCausalLM", "llama"),
     "qwen2": ("Qwen2ForCausalLM", "qwen2"),
     "qwen3": ("Qwen3ForCausalLM", "qwen3"),
+    "mamba": ("MambaForCausalLM", "mamba"),
+    "mamba2": ("Mamba2ForCausalLM", "mamba2"),
 }
+_SSM_ARCHS = ("mamba", "mamba2")
+# State-space GGUF names (the gguf package's MODEL_TENSOR.SSM_*) -> HF mixer names.
+_SSM_GLOBAL_NAMES = {
+    "token_embd.weight": "backbone.embeddings.weight",
+    "output_norm.weight": "backbone.norm_f.weight",
+    "output.weight": "lm_head.weight",
+}
+_SSM_LAYER_NAMES = {
+    "attn_norm.weight": "norm.weight",
+    "ssm_in.weight": "mixer.in_proj.weight",
+    "ssm_in.bias": "mixer.in_proj.bias",
+    "ssm_conv1d.weight": "mixer.conv1d.weight",
+    "ssm_conv1d.bias": "mixer.conv1d.bias",
+    "ssm_x.weight": "mixer.x_proj.weight",
+    "ssm_dt.weight": "mixer.dt_proj.weight",
+    "ssm_dt.bias": "mixer.dt_proj.bias",  # Mamba-2: its dt_bias
+    "ssm_a": "mixer.A_log",
+    "ssm_d": "mixer.D",
+    "ssm_norm.weight": "mixer.norm.weight",
+    "ssm_out.weight": "mixer.out_proj.weight",
+    "ssm_out.bias": "mixer.out_proj.bias",
+}
+_SSM_LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+(?:\.weight|\.bias)?)")
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -99,6 +124,8 @@ def gguf_arch_config(gguf: GGUFFile, path: str) -> ModelArchConfig:
     names = gguf.tensor_map
     if "token_embd.weight" not in names:
         raise ValueError(f"GGUF file '{path}' has no token_embd.weight tensor")
+    if arch in _SSM_ARCHS:
+        return _ssm_arch_config(gguf, path, arch, hf_arch)
 
     def key(name: str, default: Any = None) -> Any:
         value = _field(gguf, f"{arch}.{name}", default)
@@ -137,6 +164,73 @@ def gguf_arch_config(gguf: GGUFFile, path: str) -> ModelArchConfig:
     )
 
 
+def _ssm_arch_config(gguf: GGUFFile, path: str, arch: str, hf_arch: str) -> ModelArchConfig:
+    """Mamba / Mamba-2 from llama.cpp's ``{arch}.ssm.*`` metadata (through the same
+    HF-config reader, so the checks are the same)."""
+    from kvasir.models.loader.hf_config import arch_config_from_hf
+
+    def key(name: str) -> Any:
+        value = _field(gguf, f"{arch}.{name}")
+        if value is None:
+            raise ValueError(f"GGUF file '{path}' lacks metadata '{arch}.{name}'")
+        return value
+
+    names = gguf.tensor_map
+    hidden = int(key("embedding_length"))
+    inner = int(key("ssm.inner_size"))
+    cfg: dict[str, Any] = {
+        "architectures": [hf_arch],
+        "model_type": arch,
+        "vocab_size": int(names["token_embd.weight"].shape[0]),
+        "hidden_size": hidden,
+        "num_hidden_layers": int(key("block_count")),
+        "state_size": int(key("ssm.state_size")),
+        "conv_kernel": int(key("ssm.conv_kernel")),
+        "intermediate_size": inner,
+        "expand": inner // hidden,
+        "layer_norm_epsilon": float(_field(gguf, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+        "max_position_embeddings": int(_field(gguf, f"{arch}.context_length", 1 << 20)),
+        "tie_word_embeddings": "output.weight" not in names,
+        "use_bias": "blk.0.ssm_in.bias" in names,
+        "use_conv_bias": "blk.0.ssm_conv1d.bias" in names,
+        "bos_token_id": _field(gguf, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": _field(gguf, "tokenizer.ggml.eos_token_id"),
+    }
+    if arch == "mamba":
+        cfg["time_step_rank"] = int(key("ssm.time_step_rank"))
+    else:
+        heads = int(names["blk.0.ssm_a"].shape[0])  # one A per head
+        cfg.update(num_heads=heads, head_dim=inner // heads, n_groups=int(key("ssm.group_count")))
+    return arch_config_from_hf(cfg)
+
+
+def _ssm_tensor(name: str, weight: np.ndarray, arch_config: ModelArchConfig) -> np.ndarray:
+    """llama.cpp's conversions undone: A stored as -exp(A_log), the conv kernel squeezed
+    to [channels, width], Mamba-2's D and A as [heads, 1] and its norm per group."""
+    if name.endswith(".mixer.A_log"):
+        a_log = np.log(-weight.astype(np.float32))
+        return a_log.reshape(-1) if arch_config.ssm_version == 2 else a_log
+    if name.endswith(".mixer.conv1d.weight") and weight.ndim == 2:
+        return weight[:, None, :]
+    if arch_config.ssm_version == 2 and (
+        name.endswith(".mixer.D") or name.endswith(".mixer.norm.weight")
+    ):
+        return weight.reshape(-1)
+    return weight
+
+
+def _ssm_hf_name(name: str, arch_config: ModelArchConfig) -> str | None:
+    if name in _SSM_GLOBAL_NAMES:
+        return _SSM_GLOBAL_NAMES[name]
+    m = _SSM_LAYER_RE.fullmatch(name)
+    if m is None or m.group(2) not in _SSM_LAYER_NAMES:
+        return None
+    hf = _SSM_LAYER_NAMES[m.group(2)]
+    if arch_config.ssm_version == 2 and hf == "mixer.dt_proj.bias":
+        hf = "mixer.dt_bias"
+    return f"backbone.layers.{m.group(1)}.{hf}"
+
+
 def _unpermute(weight: np.ndarray, num_heads: int) -> np.ndarray:
     """Undo llama.cpp's q/k permutation (HF's interleaved->half-split RoPE layout)."""
     # rows [num_heads, head_dim // 2, 2] -> [num_heads, 2, head_dim // 2]; numpy, not
@@ -162,9 +256,17 @@ def iterate_gguf(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(hf_name, float32 tensor)`` one dequantized tensor at a time."""
     permuted = _field(gguf, "general.architecture") == "llama"
+    ssm = _field(gguf, "general.architecture") in _SSM_ARCHS
     for tensor in gguf.tensors:
         if tensor.name == _ROPE_FREQS:
             continue  # folded into arch_config.rope_scaling
+        if ssm:
+            hf_name = _ssm_hf_name(tensor.name, arch_config)
+            if hf_name is None:
+                raise ValueError(f"unexpected tensor {tensor.name!r} in GGUF file '{path}'")
+            weight = _ssm_tensor(hf_name, dequantize(tensor, path), arch_config)
+            yield hf_name, torch.from_numpy(np.ascontiguousarray(weight))
+            continue
         hf_name = gguf_hf_name(tensor.name)
         if hf_name is None:
             raise ValueError(f"unexpected tensor {tensor.name!r} in GGUF file '{path}'")
