@@ -177,24 +177,27 @@ def _engine_prompts() -> list[list[int]]:
     return seqs + [seqs[0][:16] + [5, 6]]  # a prefix-cache hit
 
 
-@pytest.fixture(scope="module")
-def single_rank(qwen2_moe: tuple[Any, str]) -> list[Any]:
-    """One rank, few KV blocks (preemptions), chunked prefill, a prefix hit, n = 2: HF's
-    greedy tokens."""
-    hf, path = qwen2_moe
-    llm = LLM(model=path, num_gpu_blocks_override=24, max_num_seqs=4, **_ENGINE)
+def _crowded(path: str) -> list[Any]:
+    """One rank, few KV blocks (preemptions), chunked prefill, a prefix hit, n = 2."""
+    llm = LLM(model=path, num_gpu_blocks_override=14, max_num_seqs=4, **_ENGINE)
     try:
         outs = llm.generate(_engine_prompts(), _PARAMS, use_tqdm=False)
+        assert llm.llm_engine.engine_core.scheduler.num_preemptions > 0
     finally:
         llm.llm_engine.engine_core.shutdown()
-    for s, o in zip(_engine_prompts(), outs, strict=True):
-        ref = _greedy_hf(hf, s, _PARAMS.max_tokens)
-        assert [c.token_ids for c in o.outputs] == [ref, ref]
     return outs
 
 
-def test_engine_greedy_crowded(single_rank: list[Any]) -> None:
-    assert len(single_rank) == len(_engine_prompts())
+def test_engine_greedy_crowded(pair: Pair) -> None:
+    """Every variant through the crowded engine: HF's greedy tokens, for both samples."""
+    for s, o in zip(_engine_prompts(), _crowded(pair.path), strict=True):
+        ref = _greedy_hf(pair.hf, s, _PARAMS.max_tokens)
+        assert [c.token_ids for c in o.outputs] == [ref, ref]
+
+
+@pytest.fixture(scope="module")
+def single_rank(qwen2_moe: tuple[Any, str]) -> list[Any]:
+    return _crowded(qwen2_moe[1])
 
 
 @pytest.mark.parametrize("expert_parallel", [False, True], ids=["tp2", "ep2"])
