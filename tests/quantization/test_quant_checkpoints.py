@@ -250,3 +250,33 @@ def test_bad_quantisation_input_is_refused(tmp_path) -> None:
     qc = {"quant_method": "fp8", "activation_scheme": "dynamic"}
     with pytest.raises(ValueError, match=r"quantization 'int8' conflicts with the checkpoint"):
         load(ModelConfig(model=with_qc(qc).model, quantization="int8"))
+
+
+def test_compressed_tensors_kv_cache_scales(tmp_path) -> None:
+    """A ``kv_cache_scheme`` checkpoint: its per-tensor ``self_attn.k_scale`` /
+    ``v_scale`` reach the attention layers with an FP8 cache (and go unused, with a
+    warning, without one)."""
+    model = _tiny_hf()
+    _write_with_library(model, str(tmp_path), "float", True)
+    path = str(tmp_path / "model.safetensors")
+    state = load_file(path)
+    for i in range(2):
+        state[f"model.layers.{i}.self_attn.k_scale"] = torch.tensor([0.03 + 0.01 * i])
+        state[f"model.layers.{i}.self_attn.v_scale"] = torch.tensor([0.02])
+    save_file(state, path)
+    cfg = json.load(open(tmp_path / "config.json"))
+    cfg["quantization_config"]["kv_cache_scheme"] = {
+        "num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False, "symmetric": True,
+    }  # fmt: skip
+    json.dump(cfg, open(tmp_path / "config.json", "w"))
+    mc = ModelConfig(model=str(tmp_path))
+    arch = load_arch_config(mc)
+    ours = load_model(mc, arch, get_backend_cls("torch"), torch.float32, torch.device("cpu"),
+                      kv_cache_dtype="fp8")  # fmt: skip
+    attn = [m for n, m in ours.named_modules() if n.endswith("self_attn.attn")]
+    assert [round(float(a.k_scale[0]), 4) for a in attn] == [0.03, 0.04]
+    assert float(attn[0].v_scale[1]) == pytest.approx(0.02)
+    assert attn[0].backend.kv_scales is not None and attn[0].k_scale.dtype == torch.float32
+    ref = _hf_logprobs(_dequantised_reference(str(tmp_path), model))
+    fp8_kv = _kvasir_logits(str(tmp_path), kv_cache_dtype="fp8")
+    assert (fp8_kv - ref).abs().max() < 0.1
