@@ -280,3 +280,40 @@ def test_compressed_tensors_kv_cache_scales(tmp_path) -> None:
     ref = _hf_logprobs(_dequantised_reference(str(tmp_path), model))
     fp8_kv = _kvasir_logits(str(tmp_path), kv_cache_dtype="fp8")
     assert (fp8_kv - ref).abs().max() < 0.1
+
+
+def test_kvasir_quantize_smoothquant_calibration(tmp_path) -> None:
+    """``--calib``: SmoothQuant keeps the float function (weights' columns times s,
+    the norm before them over s) and the smoothed W8A8 checkpoint loads in kvasir."""
+    import copy
+
+    from kvasir.models.default import default_model_path
+    from kvasir.models.loader import load_tokenizer
+    from kvasir.quantization.writer import _smooth, quantize_checkpoint
+
+    tok = load_tokenizer(ModelConfig(model=default_model_path()))
+    cfg = transformers.LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+    )  # fmt: skip
+    torch.manual_seed(2)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight[:, 3] *= 20.0  # an outlier channel
+    src, dst = tmp_path / "float", tmp_path / "q"
+    model.save_pretrained(str(src))
+    tok.save_pretrained(str(src))
+    calib = tmp_path / "calib.txt"
+    calib.write_text("To be, or not to be, that is the question. " * 20)
+    smoothed = copy.deepcopy(model)
+    assert _smooth(smoothed, tok, str(calib)) == 4  # 2 layers x (qkv, gate/up)
+    ids = torch.tensor([tok.encode("Whether 'tis nobler in the mind to suffer")])
+    with torch.no_grad():
+        torch.testing.assert_close(smoothed(ids).logits, model(ids).logits, atol=1e-4, rtol=1e-4)
+    norm0 = smoothed.model.layers[0].input_layernorm.weight
+    assert not torch.allclose(norm0, model.model.layers[0].input_layernorm.weight)
+    quantize_checkpoint(str(src), str(dst), "w8a8", calib=str(calib))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(dst)).eval()
+    assert hf(ids).logits.shape[-1] == len(tok)
+    with pytest.raises(ValueError, match="calib .* applies to method 'w8a8' only"):
+        quantize_checkpoint(str(src), str(tmp_path / "x"), "fp8", calib=str(calib))
