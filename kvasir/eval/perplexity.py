@@ -196,7 +196,7 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="JSON",
         help="also run a baseline: the same flags with the unquantised defaults "
-        '(quantization none, kv_cache_dtype auto) overridden by this JSON, e.g. \'{"dtype": '
+        '(quantization none, kv_cache_dtype auto, no calculate_kv_scales) overridden by this JSON, e.g. \'{"dtype": '
         '"float32"}\'; prints the relative change',
     )
     g.add_argument("--json", default=None, metavar="PATH", help="also write the result as JSON")
@@ -223,6 +223,7 @@ def main(args: argparse.Namespace) -> int:
             base_over["quantization"] = None
         if "kv_cache_dtype" in fields:
             base_over["kv_cache_dtype"] = "auto"
+            base_over["calculate_kv_scales"] = False
         base_over.update(_baseline_overrides(args.compare))
         base, _, base_cfg = _run_config(args, base_over, token_ids)
         delta = res.perplexity / base.perplexity - 1.0
