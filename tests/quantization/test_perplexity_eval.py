@@ -74,8 +74,9 @@ def test_cli_prints_perplexity_and_json(tmp_path) -> None:
     r = subprocess.run(
         [sys.executable, "-m", "kvasir.entrypoints.cli", "eval", "perplexity",
          "--dataset", str(data), "--max-model-len", "64", "--stride", "48",
-         "--max-windows", "2", "--kv-cache-gb", "0.05", "--json", str(out), "--no-progress"],
-        capture_output=True, text=True, timeout=300,
+         "--max-windows", "2", "--kv-cache-gb", "0.05", "--json", str(out), "--no-progress",
+         "--kv-cache-dtype", "fp8", "--calculate-kv-scales", "--compare"],
+        capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout.strip().splitlines()[-1])
@@ -83,6 +84,17 @@ def test_cli_prints_perplexity_and_json(tmp_path) -> None:
     assert summary["num_windows"] == 2 and summary["num_scored_tokens"] == 63 + 48
     # A repeated sentence is easy to predict once seen: far below the vocabulary size.
     assert 1.0 < summary["perplexity"] < 20.0
+    # --compare: the same windows with the unquantised cache, and the relative change.
+    base = summary["baseline"]
+    assert (
+        summary["config"]["kv_cache_dtype"] == "fp8" and base["config"]["kv_cache_dtype"] == "auto"
+    )
+    assert base["num_scored_tokens"] == summary["num_scored_tokens"]
+    assert summary["relative_delta"] == pytest.approx(
+        summary["perplexity"] / base["perplexity"] - 1
+    )
+    assert summary["perplexity"] != base["perplexity"]
+    assert "fp8_e4m3" in r.stderr  # the start-up line names the cache dtype
     assert "perplexity" in r.stdout.splitlines()[0]
     bad = subprocess.run(
         [sys.executable, "-m", "kvasir.entrypoints.cli", "eval", "perplexity",
