@@ -162,3 +162,131 @@ def test_store_is_bounded() -> None:
         store.put({"id": f"r{i}"}, [{"role": "user", "content": str(i)}])
     assert store.get("r0") is None and store.get("r2") is not None and len(store) == 2
     assert ResponseStore(0).get("r0") is None
+
+
+# ---------------------------------------------------------------- text.format and tools
+# Against the shared tools server (Hermes tool-call parser), through h18a's structured
+# outputs and tool calling.
+
+WEATHER = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "The weather in a city.",
+    "parameters": {
+        "type": "object",
+        "properties": {
+            "city": {"type": "string", "maxLength": 20},
+            "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+        },
+        "required": ["city", "unit"],
+        "additionalProperties": False,
+    },
+}
+
+
+@pytest.fixture
+def tools_client(tools_server):
+    return openai.OpenAI(
+        base_url=tools_server.url + "/v1", api_key=tools_server.api_key, max_retries=0,
+        timeout=300.0,
+    )  # fmt: skip
+
+
+def test_text_format_json_schema(tools_client) -> None:
+    import json
+
+    import jsonschema
+    from pydantic import BaseModel, Field
+
+    schema = {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 12},
+            "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        },
+        "required": ["name", "age"],
+        "additionalProperties": False,
+    }
+    r = tools_client.responses.create(
+        model=MODEL, input="Make up a person.", max_output_tokens=40, temperature=0.0,
+        text={"format": {"type": "json_schema", "name": "person", "schema": schema}},
+    )  # fmt: skip
+    assert r.status == "completed", r.output_text
+    jsonschema.validate(json.loads(r.output_text), schema)
+    assert r.text.format.type == "json_schema"
+
+    class City(BaseModel):
+        name: str = Field(max_length=12)
+        population: int = Field(ge=0, le=10**8)
+
+    parsed = tools_client.responses.parse(
+        model=MODEL, input="A city as JSON.", text_format=City, max_output_tokens=40,
+        temperature=0.0,
+    )  # fmt: skip
+    assert isinstance(parsed.output_parsed, City)
+
+
+def test_function_tools_required_named_and_streamed(tools_client) -> None:
+    import json
+
+    import jsonschema
+
+    ask = "What is the weather in Paris?"
+    r = tools_client.responses.create(
+        model=MODEL, input=ask, tools=[WEATHER], tool_choice="required",
+        max_output_tokens=60, temperature=0.0,
+    )  # fmt: skip
+    calls = [o for o in r.output if o.type == "function_call"]
+    assert calls and all(c.name == "get_weather" for c in calls), r.output
+    for c in calls:
+        jsonschema.validate(json.loads(c.arguments), WEATHER["parameters"])
+        assert c.call_id
+    # A named function, streamed: the call with the function-call events.
+    kinds = []
+    with tools_client.responses.stream(
+        model=MODEL, input=ask, tools=[WEATHER],
+        tool_choice={"type": "function", "name": "get_weather"},
+        max_output_tokens=40, temperature=0.0,
+    ) as stream:  # fmt: skip
+        for ev in stream:
+            kinds.append(ev.type)
+        final = stream.get_final_response()
+    assert "response.function_call_arguments.delta" in kinds
+    assert kinds[-2:] == ["response.output_item.done", "response.completed"]
+    (named,) = [o for o in final.output if o.type == "function_call"]
+    assert named.name == "get_weather"
+    jsonschema.validate(json.loads(named.arguments), WEATHER["parameters"])
+    # The call's result goes back through the template, here through
+    # previous_response_id (the stored call is part of the conversation).
+    cont = tools_client.responses.create(
+        model=MODEL, previous_response_id=r.id, tools=[WEATHER], tool_choice="none",
+        input=[{"type": "function_call_output", "call_id": calls[0].call_id,
+                "output": '{"temperature": 21}'}],
+        max_output_tokens=4, temperature=0.0,
+    )  # fmt: skip
+    assert cont.output[0].type == "message" and cont.output_text
+
+
+TOOL_BAD = [
+    ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "nope"}}}},
+     "text.format.schema"),
+    ({"text": {"format": {"type": "yaml"}}}, "text.format.type"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
+    ({"tools": [WEATHER], "tool_choice": "required",
+      "text": {"format": {"type": "json_object"}}}, "tool_choice"),
+]  # fmt: skip
+
+
+def test_bad_format_and_tools_are_400(tools_server) -> None:
+    with tools_server.client() as http:
+        for body, param in TOOL_BAD:
+            r = http.post(
+                "/v1/responses",
+                json={"model": MODEL, "input": "hi", "max_output_tokens": 4, **body},
+            )
+            assert r.status_code == 400, (body, r.text)
+            assert r.json()["error"]["param"] == param, (body, r.json())
+        ok = http.post("/v1/responses", json={"input": "hi", "max_output_tokens": 2})
+        assert ok.status_code == 200

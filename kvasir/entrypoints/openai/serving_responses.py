@@ -9,6 +9,13 @@ message). ``stream: true`` sends the documented semantic events in order:
 ``response.output_item.done``, then ``response.completed`` (or
 ``response.incomplete`` when ``max_output_tokens`` cut the text short).
 
+``text.format`` (``json_schema`` / ``json_object``) constrains the text through structured
+outputs; function ``tools`` go to the chat template, ``tool_choice`` ``required`` / a named
+function is enforced with structured outputs and ``auto`` parsed by the server's
+``--tool-call-parser``; calls come back as ``function_call`` output items (streamed: all
+items are sent at the end, each with its events), and ``function_call`` /
+``function_call_output`` input items go back through the template.
+
 ``previous_response_id`` continues a stored conversation: responses are kept in an
 in-memory store of at most ``--responses-store-size`` entries (oldest dropped first).
 The store belongs to one server process: it is lost on restart and not shared between
@@ -30,6 +37,7 @@ from pydantic import Field
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from kvasir.engine.async_llm import EngineDeadError, RequestRejectedError
+from kvasir.entrypoints.openai.chat_output import ChatOutputBuilder
 from kvasir.entrypoints.openai.errors import OpenAIError, bad_request, from_value_error
 from kvasir.entrypoints.openai.protocol import OpenAIModel
 from kvasir.entrypoints.openai.serving_common import (
@@ -41,8 +49,14 @@ from kvasir.entrypoints.openai.serving_common import (
     num_cached,
     until_disconnect,
 )
+from kvasir.entrypoints.openai.structured import make_structured_params
+from kvasir.entrypoints.openai.tool_parsers import (
+    ResolvedToolChoice,
+    resolve_tool_choice,
+    tool_choice_constraint,
+)
 from kvasir.outputs import RequestOutput
-from kvasir.sampling_params import RequestOutputKind, SamplingParams
+from kvasir.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 
 _json = msgspec.json.Encoder()
 _PARAMS = {
@@ -175,6 +189,74 @@ def input_messages(value: str | list[dict[str, Any]]) -> list[dict]:
     return out
 
 
+def chat_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    """Responses function tools (``{"type": "function", "name", "parameters", ...}``) in
+    chat completions' shape (``{"type": "function", "function": {...}}``)."""
+    if not tools:
+        return None
+    out = []
+    for i, tool in enumerate(tools):
+        kind = tool.get("type")
+        if kind != "function":
+            raise bad_request(
+                f"tool type {kind!r} is not supported (function tools only)", f"tools[{i}].type"
+            )
+        fn = {k: tool[k] for k in ("name", "description", "parameters", "strict") if k in tool}
+        out.append({"type": "function", "function": fn})
+    return out
+
+
+def chat_tool_choice(tool_choice: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+    if isinstance(tool_choice, dict) and "function" not in tool_choice and "name" in tool_choice:
+        return {
+            "type": tool_choice.get("type", "function"),
+            "function": {"name": tool_choice["name"]},
+        }
+    return tool_choice
+
+
+def text_format_constraint(text: dict[str, Any] | None) -> StructuredOutputsParams | None:
+    """``text.format``: ``text`` (none), ``json_object`` or ``json_schema`` (its ``schema``)."""
+    fmt = (text or {}).get("format")
+    if fmt is None:
+        return None
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return make_structured_params({"json_object": True}, "text.format")
+    if kind == "json_schema":
+        schema = fmt.get("schema")
+        if not isinstance(schema, dict):
+            raise bad_request(
+                "text.format type 'json_schema' needs a schema object", "text.format.schema"
+            )
+        return make_structured_params({"json": schema}, "text.format.schema")
+    raise bad_request(
+        f"text.format type must be 'text', 'json_object' or 'json_schema', got {kind!r}",
+        "text.format.type",
+    )
+
+
+def output_messages(output: list[dict]) -> list[dict]:
+    """A response's output items as the chat messages a follow-up continues from."""
+    msgs: list[dict] = []
+    for item in output:
+        if item["type"] == "message":
+            msgs.append({"role": "assistant", "content": item["content"][0]["text"]})
+        elif item["type"] == "function_call":
+            call = {
+                "id": item["call_id"],
+                "type": "function",
+                "function": {"name": item["name"], "arguments": item["arguments"]},
+            }
+            if msgs and msgs[-1].get("tool_calls") is not None:
+                msgs[-1]["tool_calls"].append(call)
+            else:
+                msgs.append({"role": "assistant", "content": "", "tool_calls": [call]})
+    return msgs
+
+
 class OpenAIServingResponses:
     def __init__(self, ctx: ServingContext, store_size: int) -> None:
         self.ctx = ctx
@@ -182,17 +264,35 @@ class OpenAIServingResponses:
 
     # ---------------------------------------------------------------- request
 
-    def _check_unsupported(self, req: ResponsesRequest) -> None:
-        fmt = (req.text or {}).get("format")
-        if fmt is not None:
-            kind = fmt.get("type") if isinstance(fmt, dict) else None
-            if kind != "text":
+    def _constraints(
+        self, req: ResponsesRequest
+    ) -> tuple[ResolvedToolChoice, StructuredOutputsParams | None]:
+        """The request's tool choice and its one structured-output constraint (from
+        ``text.format`` or from a ``required`` / named tool choice)."""
+        structured = text_format_constraint(req.text)
+        try:
+            choice = resolve_tool_choice(
+                chat_tools(req.tools),
+                chat_tool_choice(req.tool_choice),
+                self.ctx.enable_auto_tool_choice,
+            )
+        except ValueError as e:
+            msg = str(e)
+            param = msg.split(" ", 1)[0] if msg.startswith("tools[") else "tool_choice"
+            param = param.replace(".function", "")
+            raise bad_request(msg.replace(".function", ""), param) from None
+        tool_constraint = tool_choice_constraint(choice, req.parallel_tool_calls)
+        if tool_constraint is not None:
+            if structured is not None:
                 raise bad_request(
-                    f"text.format type {kind!r} is not supported by this server (only 'text')",
-                    "text.format.type",
+                    f"tool_choice {req.tool_choice!r} cannot be combined with text.format",
+                    "tool_choice",
                 )
-        if req.tools:
-            raise bad_request("function tools are not supported by this server", "tools")
+            names = list(choice.functions)
+            i = names.index(choice.named) if choice.named is not None else 0
+            param = f"tools[{i}].parameters" if choice.named or len(names) == 1 else "tools"
+            structured = make_structured_params({"json": tool_constraint.json}, param)
+        return choice, structured
 
     def _conversation(self, req: ResponsesRequest) -> list[dict]:
         history: list[dict] = []
@@ -209,22 +309,30 @@ class OpenAIServingResponses:
             history = list(stored[1])
         return history + input_messages(req.input)
 
-    def _render(self, req: ResponsesRequest, conversation: list[dict]) -> list[int]:
+    def _render(
+        self, req: ResponsesRequest, conversation: list[dict], choice: ResolvedToolChoice
+    ) -> list[int]:
         messages = list(conversation)
         if req.instructions:
             messages = [{"role": "system", "content": req.instructions}] + messages
+        kwargs: dict[str, Any] = {}
+        if choice.functions:  # the template sees the tools (also for tool_choice "none")
+            kwargs["tools"] = chat_tools(req.tools)
         try:
             return self.ctx.engine.input_processor.apply_chat_template(
-                messages, add_generation_prompt=True
+                messages, add_generation_prompt=True, **kwargs
             )
         except OpenAIError:
             raise
         except Exception as e:  # jinja2 errors are input errors
             raise bad_request(f"could not apply the chat template: {e}", "input") from None
 
-    def _params(self, req: ResponsesRequest) -> SamplingParams:
+    def _params(
+        self, req: ResponsesRequest, structured: StructuredOutputsParams | None
+    ) -> SamplingParams:
         try:
             return SamplingParams(
+                structured_outputs=structured,
                 temperature=1.0 if req.temperature is None else req.temperature,
                 top_p=1.0 if req.top_p is None else req.top_p,
                 top_k=-1 if req.top_k is None else req.top_k,
@@ -238,11 +346,11 @@ class OpenAIServingResponses:
     async def create_response(self, req: ResponsesRequest, raw_request: Request) -> Response:
         ctx = self.ctx
         ctx.check_model(req.model)
-        self._check_unsupported(req)
+        choice, structured = self._constraints(req)
         conversation = self._conversation(req)
-        prompt_ids = self._render(req, conversation)
+        prompt_ids = self._render(req, conversation, choice)
         check_length(ctx, len(prompt_ids), req.max_output_tokens, "input", "max_output_tokens")
-        params = self._params(req)
+        params = self._params(req, structured)
         response_id = f"resp_{uuid.uuid4().hex}"
         gen = ctx.engine.generate(prompt_ids, params, response_id, priority=req.priority)
         try:
@@ -253,7 +361,10 @@ class OpenAIServingResponses:
         except (RequestRejectedError, EngineDeadError, ValueError) as e:
             await gen.aclose()
             raise ctx.engine_error(e, _RENAME) from None
-        builder = _ResponseBuilder(req, response_id, ctx.served_model_name, len(prompt_ids))
+        builder = _ResponseBuilder(
+            req, response_id, ctx.served_model_name, len(prompt_ids),
+            ChatOutputBuilder(choice, ctx.tool_call_parser, None) if choice.mode != "none" else None,
+        )  # fmt: skip
         if req.stream:
             return StreamingResponse(
                 self._stream(req, builder, conversation, first, gen), media_type="text/event-stream"
@@ -272,12 +383,12 @@ class OpenAIServingResponses:
         c = final.outputs[0]
         builder.add(c.text, len(c.token_ids), num_cached(final))
         body = builder.response(c.finish_reason)
-        self._remember(req, body, conversation, builder.text)
+        self._remember(req, body, conversation)
         return JSONResponse(body)
 
-    def _remember(self, req: ResponsesRequest, body: dict, conversation: list, text: str) -> None:
+    def _remember(self, req: ResponsesRequest, body: dict, conversation: list) -> None:
         if req.store:
-            self.store.put(body, conversation + [{"role": "assistant", "content": text}])
+            self.store.put(body, conversation + output_messages(body["output"]))
 
     async def _stream(
         self,
@@ -297,11 +408,15 @@ class OpenAIServingResponses:
             return b"event: " + kind.encode() + b"\ndata: " + _json.encode(body) + b"\n\n"
 
         ids = {"item_id": b.message_id, "output_index": 0}
+        # With tools the output's items are known only at the end (a call or text):
+        # they are sent then, each with its events; plain text streams as it comes.
+        live = b.tools is None
         yield event("response.created", response=b.response(None))
         yield event("response.in_progress", response=b.response(None))
-        yield event("response.output_item.added", output_index=0, item=b.message(None))
         part = {"type": "output_text", "text": "", "annotations": []}
-        yield event("response.content_part.added", **ids, content_index=0, part=part)
+        if live:
+            yield event("response.output_item.added", output_index=0, item=b.message(None))
+            yield event("response.content_part.added", **ids, content_index=0, part=part)
         finish_reason = None
         try:
             out: RequestOutput | None = first
@@ -310,7 +425,7 @@ class OpenAIServingResponses:
                 c = out.outputs[0] if out.outputs else None
                 if c is not None:
                     b.add(c.text, len(c.token_ids), num_cached(out))
-                    if c.text:
+                    if c.text and live:
                         yield event(
                             "response.output_text.delta",
                             **ids,
@@ -330,12 +445,33 @@ class OpenAIServingResponses:
             return
         finally:
             await gen.aclose()
-        yield event("response.output_text.done", **ids, content_index=0, text=b.text, logprobs=[])
-        done_part = {"type": "output_text", "text": b.text, "annotations": []}
-        yield event("response.content_part.done", **ids, content_index=0, part=done_part)
-        yield event("response.output_item.done", output_index=0, item=b.message(finish_reason))
         body = b.response(finish_reason)
-        self._remember(req, body, conversation, b.text)
+        for index, item in enumerate(body["output"]):
+            if item["type"] == "function_call":
+                added = {**item, "arguments": "", "status": "in_progress"}
+                yield event("response.output_item.added", output_index=index, item=added)
+                call = {"item_id": item["id"], "output_index": index}
+                yield event(
+                    "response.function_call_arguments.delta", **call, delta=item["arguments"]
+                )
+                yield event(
+                    "response.function_call_arguments.done", **call, arguments=item["arguments"]
+                )
+                yield event("response.output_item.done", output_index=index, item=item)
+                continue
+            text = item["content"][0]["text"]
+            ids = {"item_id": item["id"], "output_index": index}
+            if not live:
+                yield event("response.output_item.added", output_index=index, item=b.message(None))
+                yield event("response.content_part.added", **ids, content_index=0, part=part)
+                yield event(
+                    "response.output_text.delta", **ids, content_index=0, delta=text, logprobs=[]
+                )
+            yield event("response.output_text.done", **ids, content_index=0, text=text, logprobs=[])
+            done_part = {"type": "output_text", "text": text, "annotations": []}
+            yield event("response.content_part.done", **ids, content_index=0, part=done_part)
+            yield event("response.output_item.done", output_index=index, item=item)
+        self._remember(req, body, conversation)
         kind = "response.incomplete" if body["status"] == "incomplete" else "response.completed"
         yield event(kind, response=body)
 
@@ -373,9 +509,15 @@ class _ResponseBuilder:
     """The Response object of one request, as its text comes in."""
 
     def __init__(
-        self, req: ResponsesRequest, response_id: str, model: str, num_prompt: int
+        self,
+        req: ResponsesRequest,
+        response_id: str,
+        model: str,
+        num_prompt: int,
+        tools: ChatOutputBuilder | None = None,
     ) -> None:
         self.req = req
+        self.tools = tools  # parses function calls out of the text (tools given)
         self.id = response_id
         self.message_id = f"msg_{uuid.uuid4().hex}"
         self.model = model
@@ -394,11 +536,34 @@ class _ResponseBuilder:
             self.text, self.num_output = text, num_tokens
         self.num_cached = max(self.num_cached, cached)
 
-    def message(self, finish_reason: str | None) -> dict:
+    def output(self, finish_reason: str) -> list[dict]:
+        """The output items: the text as one message, or with tools the calls the text
+        holds (as function_call items) after any text around them."""
+        if self.tools is None:
+            return [self.message(finish_reason)]
+        msg, _ = self.tools.message(self.text, finish_reason)
+        items = []
+        if msg.get("content"):
+            items.append(self.message(finish_reason, msg["content"]))
+        for tc in msg.get("tool_calls", []):
+            items.append(
+                {
+                    "type": "function_call",
+                    "id": f"fc_{uuid.uuid4().hex}",
+                    "call_id": tc["id"],
+                    "name": tc["function"]["name"],
+                    "arguments": tc["function"]["arguments"],
+                    "status": "completed",
+                }
+            )
+        return items or [self.message(finish_reason, "")]
+
+    def message(self, finish_reason: str | None, text: str | None = None) -> dict:
         status = "in_progress" if finish_reason is None else _status(finish_reason)
         content = []
         if finish_reason is not None:
-            content = [{"type": "output_text", "text": self.text, "annotations": []}]
+            text = self.text if text is None else text
+            content = [{"type": "output_text", "text": text, "annotations": []}]
         return {
             "type": "message",
             "id": self.message_id,
@@ -423,13 +588,13 @@ class _ResponseBuilder:
             "instructions": req.instructions,
             "max_output_tokens": req.max_output_tokens,
             "model": self.model,
-            "output": [self.message(finish_reason)] if done else [],
+            "output": self.output(finish_reason) if finish_reason is not None else [],
             "parallel_tool_calls": req.parallel_tool_calls,
             "previous_response_id": req.previous_response_id,
             "store": req.store,
             "temperature": 1.0 if req.temperature is None else req.temperature,
             "top_p": 1.0 if req.top_p is None else req.top_p,
-            "text": {"format": {"type": "text"}},
+            "text": req.text or {"format": {"type": "text"}},
             "tool_choice": req.tool_choice or "auto",
             "tools": req.tools or [],
             "truncation": "disabled",
