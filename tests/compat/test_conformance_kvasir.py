@@ -76,5 +76,5 @@ def test_conformance_pytest_plugin(kvasir_server: Server) -> None:
     )  # fmt: skip
     out = with_key.stdout
     tools_fail = "chat_tools" in KNOWN_FAILURES
-    assert f"{2 + (not tools_fail)} passed" in out, out
+    assert f"{3 + (not tools_fail)} passed" in out, out  # auth_required passes with the key
     assert ("1 failed" in out) == tools_fail, out

@@ -107,3 +107,32 @@ def test_lm_eval_against_kvasir_serve_matches_llm(
         assert s["resps"][0][0] == text, (ctx_text, s["resps"], text)
         matches += int(text.strip().strip(".").lower() == s["target"].lower())
     assert summary["tasks"]["kvasir_tiny_gen"]["exact_match"] == pytest.approx(matches / 3)
+
+
+def test_lm_eval_model_mode_compare_speculative(tmp_path: Path) -> None:
+    """``--model`` starts ``kvasir serve`` itself (and exports its tokenizer);
+    ``--compare`` evaluates a speculative configuration in the same command. Speculative
+    decoding must not move a log-likelihood: the two configurations score the same."""
+    from kvasir.models.default import default_model_path
+
+    args = [
+        sys.executable, "-m", "kvasir.entrypoints.cli", "eval", "lm-eval",
+        "--model", default_model_path(), "--tasks", "kvasir_tiny_mc",
+        "--include-path", TASKS_DIR, "--limit", "2", "--output-path", str(tmp_path),
+        "--serve-args", "--max-model-len 1024 --kv-cache-gb 0.05",
+        "--compare", '--speculative-config {"method": "ngram", "num_speculative_tokens": 2}',
+    ]  # fmt: skip
+    env = subprocess_env(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    proc = subprocess.run(args, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    base = summary["tasks"]["kvasir_tiny_mc"]
+    assert set(base) >= {"acc", "acc_norm"}
+    assert summary["compare"]["tasks"]["kvasir_tiny_mc"] == pytest.approx(base, abs=1e-9)
+    assert all(
+        v == pytest.approx(0.0, abs=1e-9) for v in summary["delta"]["kvasir_tiny_mc"].values()
+    )
+    assert (tmp_path / "results_main.json").exists() and (
+        tmp_path / "results_compare.json"
+    ).exists()
+    assert "--compare --speculative-config" in proc.stdout
