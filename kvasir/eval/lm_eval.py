@@ -223,6 +223,33 @@ def _evaluate(args: argparse.Namespace, serve_args: list[str], tmp: str, label: 
     return results
 
 
+def serve_args_from(text: str) -> list[str]:
+    """``kvasir serve`` flags from ``--serve-args``/``--compare``: shell words, or a JSON
+    object of engine fields as ``kvasir eval perplexity --compare`` takes
+    (``{"speculative_config": {"method": "ngram"}, "enforce_eager": true}``)."""
+    text = text.strip()
+    if not text.startswith("{"):
+        return shlex.split(text)
+    try:
+        fields = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--compare/--serve-args is not valid JSON ({e}): {text!r}") from None
+    if not isinstance(fields, dict):
+        raise ValueError(f"--compare/--serve-args JSON must be an object, got {text!r}")
+    out: list[str] = []
+    for key, value in fields.items():
+        flag = "--" + str(key).replace("_", "-")
+        if value is True:
+            out.append(flag)
+        elif value is False:
+            out.append("--no-" + flag[2:])
+        elif isinstance(value, (dict, list)):
+            out += [flag, json.dumps(value)]
+        elif value is not None:
+            out += [flag, str(value)]
+    return out
+
+
 def add_cli_args(p: argparse.ArgumentParser) -> None:
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument(
@@ -235,7 +262,8 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--serve-args", default="", help="extra `kvasir serve` flags (with --model)")
     p.add_argument("--compare", default=None, metavar="SERVE_ARGS",
                    help="with --model: also evaluate `kvasir serve MODEL SERVE_ARGS` and print "
-                   "both, e.g. --compare '--speculative-config {\"method\": \"ngram\"}'")  # fmt: skip
+                   "both; shell words or a JSON object of engine fields, e.g. "
+                   "'{\"speculative_config\": {\"method\": \"ngram\"}}'")  # fmt: skip
     p.add_argument("--api-key", default=None, help="bearer token of the server")
     p.add_argument("--model-name", default=None, help="model id to request (default: /v1/models)")
     p.add_argument("--tokenizer", default=None,
@@ -256,7 +284,7 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     if args.compare is not None and not args.model:
         raise ValueError("--compare needs --model (kvasir starts both configurations)")
-    serve_args = shlex.split(args.serve_args)
+    serve_args = serve_args_from(args.serve_args)
     from lm_eval.utils import make_table
 
     with tempfile.TemporaryDirectory(prefix="kvasir-lm-eval-") as tmp:
@@ -264,7 +292,7 @@ def main(args: argparse.Namespace) -> int:
         print(make_table(results))
         summary: dict[str, Any] = {"tasks": metrics(results)}
         if args.compare is not None:
-            other = _evaluate(args, [*serve_args, *shlex.split(args.compare)], tmp, "compare")
+            other = _evaluate(args, [*serve_args, *serve_args_from(args.compare)], tmp, "compare")
             print(f"--compare {args.compare}:")
             print(make_table(other))
             summary["compare"] = {"serve_args": args.compare, "tasks": metrics(other)}

@@ -57,6 +57,7 @@ def monkeypatch_module() -> Any:
     mp.undo()
 
 
+@pytest.mark.timeout(1200)
 def test_litellm_completion_chat_stream_error(
     litellm: Any, kvasir_server: Server, model: str, want: dict[str, str]
 ) -> None:
@@ -79,6 +80,7 @@ def test_litellm_completion_chat_stream_error(
         litellm.completion(messages=MESSAGES, **{**kw, "api_key": "wrong"})
 
 
+@pytest.mark.timeout(1200)
 def test_langchain_openai_chat_stream_completion_error(
     kvasir_server: Server, model: str, want: dict[str, str]
 ) -> None:

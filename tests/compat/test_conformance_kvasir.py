@@ -55,13 +55,14 @@ def test_conformance_command_json_against_kvasir(kvasir_server: Server) -> None:
     assert proc.returncode == (1 if failed else 0)
 
 
+@pytest.mark.timeout(1200)
 def test_conformance_pytest_plugin(kvasir_server: Server) -> None:
     args = [
         sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
         "-p", "kvasir.conformance.pytest_plugin",
         "--pyargs", "kvasir.conformance.test_conformance_suite",
         "--conformance-base-url", kvasir_server.url + "/v1",
-        "-k", "chat_shape or error_n_zero or auth_required or chat_tools",
+        "-k", "chat_shape or error_n_zero or auth_required or models_retrieve",
     ]  # fmt: skip
     without_key = subprocess.run(
         args, cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300
@@ -75,6 +76,5 @@ def test_conformance_pytest_plugin(kvasir_server: Server) -> None:
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     out = with_key.stdout
-    tools_fail = "chat_tools" in KNOWN_FAILURES
-    assert f"{3 + (not tools_fail)} passed" in out, out  # auth_required passes with the key
-    assert ("1 failed" in out) == tools_fail, out
+    # models_retrieve is a known failure (GET /v1/models/{id} is not routed)
+    assert "3 passed" in out and "1 failed" in out and "core:models_retrieve" in out, out

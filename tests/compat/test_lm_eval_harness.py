@@ -53,6 +53,7 @@ def _samples(out_dir: Path, task: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.timeout(1800)
 def test_lm_eval_against_kvasir_serve_matches_llm(
     kvasir_server: Server, llm: LLM, tmp_path: Path
 ) -> None:
@@ -109,6 +110,7 @@ def test_lm_eval_against_kvasir_serve_matches_llm(
     assert summary["tasks"]["kvasir_tiny_gen"]["exact_match"] == pytest.approx(matches / 3)
 
 
+@pytest.mark.timeout(1800)
 def test_lm_eval_model_mode_compare_speculative(tmp_path: Path) -> None:
     """``--model`` starts ``kvasir serve`` itself (and exports its tokenizer);
     ``--compare`` evaluates a speculative configuration in the same command. Speculative
@@ -120,7 +122,7 @@ def test_lm_eval_model_mode_compare_speculative(tmp_path: Path) -> None:
         "--model", default_model_path(), "--tasks", "kvasir_tiny_mc",
         "--include-path", TASKS_DIR, "--limit", "2", "--output-path", str(tmp_path),
         "--serve-args", "--max-model-len 1024 --kv-cache-gb 0.05",
-        "--compare", '--speculative-config {"method": "ngram", "num_speculative_tokens": 2}',
+        "--compare", '{"speculative_config": {"method": "ngram", "num_speculative_tokens": 2}}',
     ]  # fmt: skip
     env = subprocess_env(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     proc = subprocess.run(args, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
@@ -135,4 +137,4 @@ def test_lm_eval_model_mode_compare_speculative(tmp_path: Path) -> None:
     assert (tmp_path / "results_main.json").exists() and (
         tmp_path / "results_compare.json"
     ).exists()
-    assert "--compare --speculative-config" in proc.stdout
+    assert "--compare {" in proc.stdout
