@@ -185,7 +185,7 @@ class Router:
         self.fleet.update_gauges()
         if migrate:
             for s in list(r.streams):
-                await s.move()
+                s.move()
         deadline = time.monotonic() + wait_s
         while r.outstanding and time.monotonic() < deadline:
             await asyncio.sleep(0.05)

@@ -185,29 +185,47 @@ class Proxy:
             route = self.cfg.models[call.model or ""]
             if route.shadow:
                 self._spawn(self._shadow(call, route.shadow))
-        got = await self._open_with_retries(call)
-        if isinstance(got, Response):
-            self.metrics.responses.labels(str(got.status_code)).inc()
-            return got
-        replica, resp = got
-        if call.stream and resp.headers.get("content-type", "").startswith("text/event-stream"):
-            self.metrics.responses.labels(str(resp.status_code)).inc()
-            return StreamingResponse(
-                self._relay(call, replica, resp),
-                status_code=resp.status_code,
-                headers=_response_headers(resp, replica),
-                media_type="text/event-stream",
+        exclude: set[str] = set()
+        for _ in range(self.cfg.max_retries + 1):
+            got = await self._open_with_retries(call, exclude=exclude)
+            if isinstance(got, Response):
+                if got.status_code == 503 and "retry-after" not in got.headers:
+                    got.headers["Retry-After"] = str(self.cfg.retry_after_s)
+                self.metrics.responses.labels(str(got.status_code)).inc()
+                return got
+            replica, resp = got
+            if call.stream and resp.headers.get("content-type", "").startswith("text/event-stream"):
+                self.metrics.responses.labels(str(resp.status_code)).inc()
+                return StreamingResponse(
+                    self._relay(call, replica, resp),
+                    status_code=resp.status_code,
+                    headers=_response_headers(resp, replica),
+                    media_type="text/event-stream",
+                )
+            try:
+                content = await resp.aread()
+            except httpx.TransportError as e:
+                # The replica died mid-body: nothing reached the client, so retry.
+                self._failed(replica, f"body: {type(e).__name__}")
+                self.metrics.retries.labels(replica.id, type(e).__name__).inc()
+                exclude.add(replica.id)
+                continue
+            finally:
+                await resp.aclose()
+                self._done(replica)
+            self.metrics.latency.labels(replica.id, replica.spec.version).observe(
+                time.perf_counter() - call.t0
             )
-        try:
-            content = await resp.aread()
-        finally:
-            await resp.aclose()
-            self._done(replica)
-        self.metrics.latency.labels(replica.id, replica.spec.version).observe(
-            time.perf_counter() - call.t0
+            if resp.status_code < 500:
+                replica.record(True, self.cfg)
+            self.metrics.responses.labels(str(resp.status_code)).inc()
+            return Response(content, resp.status_code, headers=_response_headers(resp, replica))
+        return error_response(
+            503,
+            "every replica failed this request; retry later",
+            "replicas_failed",
+            retry_after=self.cfg.retry_after_s,
         )
-        self.metrics.responses.labels(str(resp.status_code)).inc()
-        return Response(content, resp.status_code, headers=_response_headers(resp, replica))
 
     # ------------------------------------------------------------------ choosing + sending
 
@@ -311,7 +329,12 @@ class Proxy:
                 reason = type(e).__name__
                 self.metrics.retries.labels(replica.id, reason).inc()
                 exclude.add(replica.id)
-                last = error_response(502, f"replica {replica.id} failed: {reason}", "bad_gateway")
+                last = error_response(
+                    503,
+                    f"replica {replica.id} failed ({reason}); retry later",
+                    "replicas_failed",
+                    retry_after=self.cfg.retry_after_s,
+                )
                 continue
             if resp.status_code in _RETRY_STATUS:
                 content = await resp.aread()
@@ -493,6 +516,8 @@ class Proxy:
                                 c.pop("token_ids", None)
                                 c.pop("prompt_token_ids", None)
                         yield _sse(obj)
+                        if stream.move_requested and not st.finished:
+                            raise Broken("drain")  # after the event: the client has it
                     raise Broken("stream ended without [DONE]")
                 except (httpx.HTTPError, httpx.StreamError, Broken) as e:
                     old = stream.replica
@@ -604,10 +629,11 @@ class _Stream:
     move_requested: bool = False  # a drain asked this stream to move
     released: bool = False
 
-    async def move(self) -> None:
-        """Planned drain: close the upstream stream; the relay replays it elsewhere."""
+    def move(self) -> None:
+        """Planned drain: the relay stops reading this replica at its next event and
+        replays the stream elsewhere (it closes the upstream response itself, so no
+        other task touches the connection)."""
         self.move_requested = True
-        await self.resp.aclose()
 
 
 class _StreamState:

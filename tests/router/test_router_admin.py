@@ -53,7 +53,7 @@ def test_no_healthy_replica_is_503_with_retry_after(router):
         r = httpx.post(router.url + "/v1/completions", json=body, timeout=30)
         assert r.status_code == 503, r.text
         assert r.headers["retry-after"] == "1"
-        assert r.json()["error"]["code"] in ("no_healthy_replica", "bad_gateway")
+        assert r.json()["error"]["code"] in ("no_healthy_replica", "replicas_failed")
     assert time.monotonic() - t0 < 10
     h = httpx.get(router.url + "/health")
     assert h.status_code == 503 and h.headers["retry-after"] == "1"
@@ -141,3 +141,20 @@ def test_malformed_config_file_refused_at_start(tmp_path):
     )
     with pytest.raises(RuntimeError, match=r"line 2: replicas\[0\]: unknown key"):
         start_router("--config", str(path))
+
+
+def test_replica_dns_discovery():
+    """--replica-dns HOST:PORT: every address of HOST is a replica (a headless Service)."""
+    url = _dead_url()
+    port = url.rsplit(":", 1)[1]
+    r = start_router("--replica-dns", f"localhost:{port}", "--health-interval", "0.2")
+    try:
+        with r.admin() as c:
+            reps = c.get("/admin/replicas").json()["replicas"]
+        by_url = {x["url"]: x for x in reps}
+        assert f"http://127.0.0.1:{port}" in by_url
+        assert by_url[f"http://127.0.0.1:{port}"]["id"] == "localhost-127.0.0.1"
+    finally:
+        r.stop()
+    with pytest.raises(RuntimeError, match="expected HOST:PORT"):
+        start_router("--replica-dns", "localhost")

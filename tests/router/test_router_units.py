@@ -206,3 +206,16 @@ def test_config_errors_name_the_line(bad, line, words):
     if line is not None:
         assert e.value.line == line, str(e.value)
         assert f"line {line}" in str(e.value)
+
+
+def test_model_and_lora_aware_candidates():
+    cfg = RouterConfig(replicas=tuple(ReplicaSpec(x, f"http://127.0.0.1:{i + 1}")
+                                      for i, x in enumerate("abc")))  # fmt: skip
+    fleet = Fleet(cfg, RouterMetrics())
+    fleet.replicas["a"].models = ("base", "sql-lora")
+    fleet.replicas["b"].models = ("base",)
+    fleet.replicas["c"].models = ("base",)
+    ids = lambda m: sorted(r.id for r in fleet.candidates(m, None, set())[0])  # noqa: E731
+    assert ids("sql-lora") == ["a"]  # only the replica holding the adapter
+    assert ids("base") == ["a", "b", "c"]
+    assert ids("unknown") == ["a", "b", "c"]  # the replicas answer 404 themselves
