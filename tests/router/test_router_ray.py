@@ -40,7 +40,6 @@ def app_url():
     import kvasir_app
 
     port = _free_port()
-    os.environ.setdefault("RAY_raylet_start_wait_time_s", "300")  # slow, shared CI hosts
     ray.init(num_cpus=2, include_dashboard=False, logging_level="warning", log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
