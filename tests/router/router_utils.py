@@ -29,7 +29,7 @@ class RouterProc:
 
     def admin(self) -> httpx.Client:
         return httpx.Client(
-            base_url=self.url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=60
+            base_url=self.url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=900
         )
 
     def stop(self) -> int:
@@ -64,7 +64,7 @@ def start_router(*args: str, admin_key: str | None = ADMIN_KEY) -> RouterProc:
         cmd += ["--admin-key", admin_key]
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=fd, stderr=subprocess.STDOUT)
     os.close(fd)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(
