@@ -110,6 +110,7 @@ class StructuredOutputManager:
         self._futures: dict[tuple[str, str], Future] = {}
         self._states: dict[str, GrammarState] = {}  # request id -> state
         self._bitmask = np.zeros((0, self.num_words), dtype=np.int32)
+        self._last_state: GrammarState | None = None
 
     def _compile(self, params: StructuredOutputsParams) -> tuple[Any, XgrammarBackend]:
         if self._backend is None:
@@ -127,6 +128,7 @@ class StructuredOutputManager:
             self._futures[key] = future
         state = GrammarState(future, time.perf_counter())
         self._states[request_id] = state
+        self._last_state = state  # benchmarks read its compile_wait_s
         return state
 
     def remove_finished(self, request_ids: set[str]) -> None:
