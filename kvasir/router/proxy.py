@@ -127,6 +127,7 @@ class Call:
     tried: set[str] = field(default_factory=set)
     num_retries: int = 0
     version: str | None = None
+    wants_ids: bool = False  # the client itself asked for return_token_ids
 
 
 def prompt_text(body: dict | None) -> str:
@@ -185,6 +186,11 @@ class Proxy:
             route = self.cfg.models[call.model or ""]
             if route.shadow:
                 self._spawn(self._shadow(call, route.shadow))
+        call.wants_ids = bool((call.body or {}).get("return_token_ids"))
+        if call.stream and call.body is not None and self._migratable(call):
+            # The ids the router replays if this stream has to move (stripped again for
+            # clients that did not ask for them).
+            call.body = {**call.body, "return_token_ids": True}
         exclude: set[str] = set()
         for _ in range(self.cfg.max_retries + 1):
             got = await self._open_with_retries(call, exclude=exclude)
@@ -485,7 +491,7 @@ class Proxy:
     ) -> AsyncIterator[bytes]:
         """Pass the replica's SSE events to the client; migrate on a break."""
         migratable = self._migratable(call)
-        want_ids = bool((call.body or {}).get("return_token_ids"))
+        want_ids = call.wants_ids
         chat = call.path == "/v1/chat/completions"
         st = _StreamState()
         num_moves = 0
