@@ -153,7 +153,7 @@ SCHEMA = {
             "type": "array",
             "items": {"type": "string", "enum": ["one", "two", "three"]},
             "minItems": 3,
-            "maxItems": 6,
+            "maxItems": 4,
         },
     },
     "required": ["count", "words"],
@@ -176,7 +176,7 @@ def test_llm_structured_outputs_with_and_without_speculation() -> None:
         llm = LLM(log=False, max_model_len=512, speculative_config=spec)
         texts = []
         for so in constraints:
-            sp = SamplingParams(temperature=0.0, max_tokens=48, structured_outputs=so)
+            sp = SamplingParams(temperature=0.0, max_tokens=96, structured_outputs=so)
             outs = llm.generate(prompts, sp, use_tqdm=False)
             for o in outs:
                 assert o.outputs[0].finish_reason == "stop", o.outputs[0].text
