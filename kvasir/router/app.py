@@ -193,7 +193,10 @@ class Router:
 
     def _reload(self, text: str) -> None:
         cfg = RouterConfig.from_toml(text, **self.flag_overrides)
-        self._apply(replace(cfg, replicas=cfg.replicas + self._flag_replicas))
+        # A replica the config names replaces the --replica flag of the same id.
+        named = {r.id for r in cfg.replicas}
+        flags = tuple(r for r in self._flag_replicas if r.id not in named)
+        self._apply(replace(cfg, replicas=cfg.replicas + flags))
         self.config_text = text
         logger.info(
             "config loaded: %d replicas, policy %s, models %s",
