@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch installs quickly here; on a GPU host use e.g. TORCH_SPEC="torch".
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup run generate test test-compat lint bench-cpu clean
+.PHONY: setup run generate test test-slow test-compat lint bench-cpu clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,10 +25,16 @@ generate: setup
 	$(BIN)/kvasir generate
 
 test: setup
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests --ignore=tests/compat
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests --ignore=tests/compat -m "not slow"
+
+# Timing-sensitive and long multi-process tests (`kvasir plan verify` against measured
+# benchmarks; three real replicas behind the router with kill -9): apart from CI's
+# `make test` until they are reliable on a shared 2-core machine.
+test-slow: setup
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests --ignore=tests/compat -m slow
 
 # lm-eval, litellm, langchain-openai and the conformance suite against a real server:
-# slower and with heavy extras, so apart from `make test` (CI runs both).
+# slower and with heavy extras, so apart from `make test`.
 test-compat: setup
 	$(BIN)/python -m pip install -q -e '.[compat]'
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/compat
