@@ -18,6 +18,9 @@ import pytest
 from pydantic import BaseModel, Field
 from server_utils import API_KEY, MODEL, ServerProc
 
+# Slow (default-model server requests; parts never run in their final form through pytest): `make test-slow`, not `make test`.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def client(tools_server: ServerProc) -> openai.OpenAI:

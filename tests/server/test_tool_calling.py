@@ -14,6 +14,9 @@ import openai
 import pytest
 from server_utils import API_KEY, MODEL, ServerProc
 
+# Slow (default-model server requests; parts never run in their final form through pytest): `make test-slow`, not `make test`.
+pytestmark = pytest.mark.slow
+
 WEATHER = {
     "type": "function",
     "function": {
