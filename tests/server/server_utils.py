@@ -49,7 +49,8 @@ class ServerProc:
         return self.log_path.read_text(errors="replace")
 
     def client(self, **kw) -> httpx.Client:
-        return httpx.Client(base_url=self.url, headers=self.headers, timeout=120.0, **kw)
+        kw.setdefault("timeout", 120.0)
+        return httpx.Client(base_url=self.url, headers=self.headers, **kw)
 
     def stop(self, timeout: float = 60.0) -> int:
         if self.proc.poll() is None:
