@@ -230,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_quantize_parser(sub)
     _add_router_parser(sub)
+
+    from kvasir.kernels.tune_cli import add_tune_parser
+
+    add_tune_parser(sub)
     return parser
 
 

@@ -6,6 +6,9 @@ the narrow o_proj, and with a separate split-K reduce kernel on some shapes); th
 comes closer on the same shapes (benchmarks/bench_gemv.py, KERNELS_NOTES.md):
 
 * ``FUSE_NONE``: ``y = W x``;
+* with ``scale`` (one float32 per weight row), ``W`` is 8-bit (FP8 E4M3 or INT8) and
+  ``y = scale * (W x)``: the quantised linear methods' batch-1 path, reading one byte per
+  weight (the row's scale is applied once, after the row's reduction);
 * ``FUSE_SILU_MUL_OUT``: ``W = [gate; up]`` of ``2N`` rows, ``y = silu(gate x) * (up x)``
   (Llama's ``gate_up_proj`` and the activation in one kernel, ``N`` outputs). Each
   program reads the same rows of both halves. ``gate x`` and ``up x`` are rounded to the
@@ -42,12 +45,14 @@ def _gemv_kernel(
     x_ptr,  # [K]
     w_ptr,  # [N, K] (or [2N, K] for FUSE_SILU_MUL_OUT), rows contiguous
     bias_ptr,  # [N] (or [2N]) (HAS_BIAS)
+    scale_ptr,  # [N] (or [2N]) float32 per-row weight scales (HAS_SCALE)
     out_ptr,  # [N]
     N,
     stride_wn,
     K: tl.constexpr,
     FUSION: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     USE_PDL: tl.constexpr,
@@ -85,10 +90,14 @@ def _gemv_kernel(
         if FUSION == 1:
             acc_u += tl.load(u_rows + offs_k[None, :], mask=mk, other=0.0).to(tl.float32) * xk
     y = tl.sum(acc, axis=1)
+    if HAS_SCALE:
+        y *= tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)
     if HAS_BIAS:
         y += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     if FUSION == 1:
         u = tl.sum(acc_u, axis=1)
+        if HAS_SCALE:
+            u *= tl.load(scale_ptr + N + offs_n, mask=mask_n, other=0.0)
         if HAS_BIAS:
             u += tl.load(bias_ptr + N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         g = y.to(act_ty).to(tl.float32)
@@ -103,14 +112,15 @@ def _num_sms(device_index: int) -> int:
 
 
 def default_gemv_config(
-    n: int, k: int, num_sms: int = 132, pdl: bool = False
+    n: int, k: int, num_sms: int = 132, pdl: bool = False, weight_bytes: int = 2
 ) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps). 8 rows x 1024 columns per tile and 4 warps: the best
     (or near it) on every 8B projection in the H100 and H200 sweeps of KERNELS_NOTES.md.
     Without PDL, where N / 8 programs make one and a bit waves (about 4 programs fit an
     SM at once), 16-row tiles make it a single wave instead. Under PDL the next kernel's
-    programs fill the last wave's idle SMs, and 8-row tiles win there too."""
-    block_k = min(1024, triton.next_power_of_2(k))
+    programs fill the last wave's idle SMs, and 8-row tiles win there too. 8-bit weights
+    (``weight_bytes`` 1) take tiles twice as wide: the same bytes per load."""
+    block_k = min(2048 // weight_bytes, triton.next_power_of_2(k))
     resident = 4 * num_sms
     block_n = 16 if not pdl and resident < triton.cdiv(n, 8) <= 2 * resident else 8
     return block_n, block_k, 4
@@ -121,41 +131,75 @@ def gemv(
     weight: torch.Tensor,  # [N, K] ([2N, K] for FUSE_SILU_MUL_OUT)
     bias: torch.Tensor | None = None,  # one per weight row
     fusion: int = FUSE_NONE,
-    config: tuple[int, int, int] | None = None,
+    config: tuple[int, ...] | None = None,  # BLOCK_N, BLOCK_K, num_warps[, num_stages]
     pdl: bool = True,  # launch with PDL where supported (kvasir.kernels.pdl)
+    scale: torch.Tensor | None = None,  # [rows] float32: ``weight`` is 8-bit
 ) -> torch.Tensor:  # [1, N], x's dtype
-    """``weight @ x (+ bias)`` with the ``fusion`` of the module docstring."""
+    """``weight @ x (+ bias)`` with the ``fusion`` of the module docstring; with
+    ``scale``, ``(scale * weight) @ x (+ bias)`` for an FP8 / INT8 ``weight``."""
     rows, k = weight.shape
     assert x.dim() == 2 and x.shape[0] == 1 and x.stride(-1) == 1 and weight.stride(1) == 1
     assert fusion in (FUSE_NONE, FUSE_SILU_MUL_OUT), f"unknown fusion {fusion}"
     assert x.shape[1] == k, "x/weight mismatch"
     assert fusion != FUSE_SILU_MUL_OUT or rows % 2 == 0, "[gate; up] needs an even row count"
+    if scale is not None:
+        assert weight.element_size() == 1, "a per-row scale goes with an 8-bit weight"
+        assert scale.shape == (rows,) and scale.dtype == torch.float32 and scale.is_contiguous()
     n = rows // 2 if fusion == FUSE_SILU_MUL_OUT else rows
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     pdl = use_pdl(x, pdl)
     if config is None:
-        sms = _num_sms(x.device.index or 0) if x.is_cuda else 132
-        config = default_gemv_config(rows, k, sms, pdl)
-        if fusion == FUSE_SILU_MUL_OUT:  # the tile spans both halves: same bytes per program
-            config = (max(1, config[0] // 2), *config[1:])
-    block_n, block_k, num_warps = config
+        config = gemv_config(rows, k, fusion, weight.element_size(), pdl, x.device)
+    block_n, block_k, num_warps, *stages = config  # (num_stages: tuned configs only)
+    extra = {"num_stages": stages[0]} if stages else {}
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x,
         weight,
         bias if bias is not None else x,
+        scale if scale is not None else x,
         out,
         n,
         weight.stride(0),
         K=k,
         FUSION=fusion,
         HAS_BIAS=bias is not None,
+        HAS_SCALE=scale is not None,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         USE_PDL=pdl,
         num_warps=num_warps,
+        **extra,
         **launch_kwargs(pdl),
     )
     return out
+
+
+def gemv_config(
+    rows: int,
+    k: int,
+    fusion: int = FUSE_NONE,
+    weight_bytes: int = 2,
+    pdl: bool = False,
+    device: torch.device | None = None,
+) -> tuple[int, ...]:
+    """The launch config ``gemv`` uses: a tuned one for this device and shape where
+    ``kvasir tune`` recorded one (``kvasir.kernels.tuning``), else the default."""
+    from kvasir.kernels.tuning import tuned_config
+
+    tuned = tuned_config("gemv", gemv_shape_key(rows, k, fusion, weight_bytes), device)
+    if tuned is not None:
+        return tuned
+    cuda = device is not None and device.type == "cuda"
+    sms = _num_sms(device.index or 0) if cuda else 132  # type: ignore[union-attr]
+    config = default_gemv_config(rows, k, sms, pdl, weight_bytes)
+    if fusion == FUSE_SILU_MUL_OUT:  # the tile spans both halves: same bytes per program
+        config = (max(1, config[0] // 2), *config[1:])
+    return config
+
+
+def gemv_shape_key(rows: int, k: int, fusion: int, weight_bytes: int) -> str:
+    """The tuning table's key of one GEMV shape (exact: a model has a handful)."""
+    return f"rows={rows},k={k},fusion={fusion},wbytes={weight_bytes}"
 
 
 def gemv_ref(
@@ -163,11 +207,14 @@ def gemv_ref(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     fusion: int = FUSE_NONE,
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Plain-torch reference: ``F.linear`` in float32, then the unfused activation, each
-    rounded to the input dtype as the unfused layers are."""
+    """Plain-torch reference: ``F.linear`` in float32 (on the dequantised weight when
+    ``scale`` is given), then the unfused activation, each rounded to the input dtype as
+    the unfused layers are."""
     b = None if bias is None else bias.float()
-    y = torch.nn.functional.linear(x.float(), weight.float(), b).to(x.dtype)
+    w = weight.float() if scale is None else weight.float() * scale.float()[:, None]
+    y = torch.nn.functional.linear(x.float(), w, b).to(x.dtype)
     if fusion == FUSE_SILU_MUL_OUT:
         n = y.shape[1] // 2
         y = (torch.nn.functional.silu(y[:, :n].float()) * y[:, n:].float()).to(x.dtype)
@@ -179,5 +226,7 @@ __all__ = [
     "FUSE_SILU_MUL_OUT",
     "default_gemv_config",
     "gemv",
+    "gemv_config",
+    "gemv_shape_key",
     "gemv_ref",
 ]

@@ -179,7 +179,12 @@ def quant_matmul(
     if out_dtype is None:
         out_dtype = a.dtype if a_scale is None else torch.bfloat16
     if config is None:
-        config = (16 if m <= 16 else 64, 64, 64 if block_scales else 128, 4)
+        from kvasir.kernels.tuning import tuned_config
+
+        key = quant_matmul_shape_key(m, n, k, a_quant, weight.dtype, block_scales)
+        config = tuned_config("quant_matmul", key, a.device)
+        if config is None:
+            config = default_quant_matmul_config(m, block_scales)
     block_m, block_n, block_k, num_warps = config
     if block_scales:
         assert QUANT_BLOCK % block_k == 0, "block scales need BLOCK_K to divide 128"
@@ -196,6 +201,28 @@ def quant_matmul(
         num_warps=num_warps,
     )  # fmt: skip
     return out
+
+
+M_BUCKETS = (16, 64, 256, 1024)  # the row counts ``kvasir tune`` tunes quant_matmul at
+
+
+def default_quant_matmul_config(m: int, block_scales: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) when no tuned config is recorded."""
+    return (16 if m <= 16 else 64, 64, 64 if block_scales else 128, 4)
+
+
+def quant_matmul_shape_key(
+    m: int,
+    n: int,
+    k: int,
+    a_quant: int,
+    weight_dtype: torch.dtype,
+    block_scales: bool = False,
+) -> str:
+    """The tuning table's key: ``m`` rounded up to a bucket of ``M_BUCKETS``."""
+    bucket = next((b for b in M_BUCKETS if m <= b), M_BUCKETS[-1])
+    w = "int8" if weight_dtype == torch.int8 else "fp8"
+    return f"m<={bucket},n={n},k={k},a={a_quant},w={w},bs={int(block_scales)}"
 
 
 def dequantize_weight(weight: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
@@ -235,7 +262,10 @@ def quant_matmul_ref(
 
 
 __all__ = [
+    "M_BUCKETS",
     "QUANT_BLOCK",
+    "default_quant_matmul_config",
+    "quant_matmul_shape_key",
     "dequantize_activation",
     "dequantize_weight",
     "quant_matmul",

@@ -71,6 +71,7 @@ class LinearBase(nn.Module):
         self.tp_size = ctx.parallel.tp_size
         self.tp_group = ctx.parallel.tp
         self.cpu_packed = self.cpu_packed_halves = None
+        self.kernel_config = ctx.kernel_config
         method = None
         if ctx.quant_config is not None:
             method = ctx.quant_config.get_linear_method(self, prefix)

@@ -7,7 +7,7 @@ path at construction (from the device), named in the start-up line:
 
 * ``scaled_mm``: FP8 W8A8 on GPUs with FP8 units (compute capability >= 8.9): activations
   quantised per token, ``torch._scaled_mm`` with row-wise scales; batch-1 decode takes
-  the FP8 Triton GEMV instead (weights dequantised in the kernel);
+  the Triton GEMV instead (weights dequantised in the kernel);
 * ``triton-w8a8``: INT8 W8A8 (and FP8 with block scales) on CUDA: ``quant_matmul``;
 * ``triton-weight-only``: weight-only on CUDA (W8A16, or FP8 on GPUs without FP8
   units): the GEMV at one row, ``quant_matmul`` with float activations otherwise;
@@ -15,6 +15,11 @@ path at construction (from the device), named in the start-up line:
   ``torch._int_mm`` (oneDNN, VNNI/AMX where present), scales applied after;
 * ``cpu-weight-only``: the CPU's fallback for every other scheme: the weight dequantised
   to the activation dtype inside the call, then one matmul (activations unquantised).
+
+At one row with per-channel (or per-tensor) scales the GEMV is the unquantised path's
+fused one (``kvasir.kernels.gemv`` with ``scale``: one byte per weight, the row scale
+applied after the reduction, SiLU-and-mul fused into gate_up, PDL, tuned configs);
+block scales take ``kvasir.kernels.quant_gemm.w8_gemv``.
 
 Weights quantised online (a float checkpoint) are loaded in the model dtype, quantised
 once in ``process_weights_after_loading`` and the float copy dropped.
@@ -231,6 +236,10 @@ class W8LinearMethod(LinearMethod):
 
         if path == "triton-weight-only" or (path == "scaled_mm" and x.shape[0] == 1):
             if x.shape[0] == 1:
+                if self._use_gemv(layer, x):
+                    from kvasir.kernels.gemv import gemv
+
+                    return gemv(x.contiguous(), w, bias, scale=ws, pdl=layer.kernel_config.pdl)
                 return w8_gemv(x.contiguous(), w, ws, bias)
             return quant_matmul(x.contiguous(), w, ws, bias=bias)
         xq, xs = quantize_activation(x, s.weight_dtype, s.act_strategy or "token", static)
@@ -240,6 +249,30 @@ class W8LinearMethod(LinearMethod):
                 bias=bias, out_dtype=x.dtype,
             )  # fmt: skip
         return quant_matmul(xq, w, ws, xs, bias=bias, out_dtype=x.dtype)
+
+    def _use_gemv(self, layer: LinearBase, x: torch.Tensor) -> bool:
+        """Batch-1 decode through the fused GEMV of the unquantised path (one byte per
+        weight, the row scale after the reduction, SiLU-and-mul in gate_up's epilogue):
+        CUDA, one bf16/fp16 row, per-channel scales, weight-only semantics at one row."""
+        return (
+            self.path in ("triton-weight-only", "scaled_mm")
+            and layer.kernel_config.fused_gemv
+            and x.is_cuda
+            and x.dim() == 2
+            and x.shape[0] == 1
+            and x.dtype in (torch.bfloat16, torch.float16)
+            and layer.weight_scale.dim() == 1
+        )
+
+    def apply_silu_mul(self, layer: LinearBase, x: torch.Tensor) -> torch.Tensor | None:
+        if layer.bias is not None or not self._use_gemv(layer, x):
+            return None
+        from kvasir.kernels.gemv import FUSE_SILU_MUL_OUT, gemv
+
+        return gemv(
+            x.contiguous(), layer.weight, fusion=FUSE_SILU_MUL_OUT, scale=layer.weight_scale,
+            pdl=layer.kernel_config.pdl,
+        )  # fmt: skip
 
 
 def _check_scale(got: int, want: int, layer: LinearBase, name: str) -> None:

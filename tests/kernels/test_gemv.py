@@ -87,3 +87,41 @@ def test_gemv_weight_past_int32_offsets():
     assert rel_err(y[:, -64:], (torch.nn.functional.silu(g_ref) * u_ref)[None]) < 1e-2
     del w
     torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("fusion", [FUSE_NONE, FUSE_SILU_MUL_OUT])
+@pytest.mark.parametrize("qdtype", [torch.float8_e4m3fn, torch.int8])
+@pytest.mark.parametrize("shape", CPU_SHAPES[:2] + [(130, 300)] + GPU_SHAPES[:2])
+def test_gemv_8bit_weights_with_row_scales(fusion, qdtype, shape):
+    """8-bit weights with one float32 scale per row: against the reference on the
+    dequantised weight (the quantised linear methods' batch-1 path)."""
+    n, k = shape
+    if fusion == FUSE_SILU_MUL_OUT:
+        n *= 2
+    g = torch.Generator().manual_seed(2)
+    dtype = torch.bfloat16 if ON_GPU else torch.float32
+    x = torch.randn(1, k, generator=g).to(DEVICE, dtype)
+    w = torch.randn(n, k, generator=g) / k**0.5
+    qmax = 127.0 if qdtype == torch.int8 else 448.0
+    scale = (w.abs().amax(1) / qmax).clamp_min(1e-12)
+    q = w / scale[:, None]
+    q = q.round().clamp(-127, 127).to(qdtype) if qdtype == torch.int8 else q.to(qdtype)
+    q, scale = q.to(DEVICE), scale.to(DEVICE)
+    b = torch.randn(n, generator=g).to(DEVICE, dtype) if fusion == FUSE_NONE else None
+    y = gemv(x, q, b, fusion, scale=scale)
+    ref = gemv_ref(x, q, b, fusion, scale=scale)
+    assert y.shape == ref.shape and y.dtype == dtype
+    assert rel_err(y, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
+    # A 4-tuple config (num_stages) is taken too.
+    y2 = gemv(x, q, b, fusion, config=(4, 64, 2, 2), scale=scale)
+    assert rel_err(y2, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
+    with pytest.raises(AssertionError):
+        gemv(x, q, b, fusion, scale=scale[:-1])  # one scale per row
+    with pytest.raises(AssertionError):
+        gemv(x, q.float().to(dtype), b, fusion, scale=scale)  # a scale needs 8-bit weights
+
+
+def test_default_config_8bit_weights_take_wider_tiles():
+    assert default_gemv_config(4096, 4096, 132, pdl=True, weight_bytes=1) == (8, 2048, 4)
+    assert default_gemv_config(4096, 14336, 132, pdl=True, weight_bytes=1) == (8, 2048, 4)
+    assert default_gemv_config(40, 96, 132, weight_bytes=1) == (8, 128, 4)

@@ -76,3 +76,37 @@ def test_gpu_path_matches_dequantised_reference(name, config, path, m, shape) ->
     assert err < 1e-2, f"{name} m={m}: {err}"
     exact = torch.nn.functional.linear(x.double(), w.double(), layer.bias.double())
     assert ((y.double() - exact).norm() / exact.norm()).item() < 0.08
+
+
+@pytest.mark.parametrize("qname", ["fp8", "int8"])
+def test_batch1_gemv_and_fused_silu_mul(qname) -> None:
+    """At one row the 8-bit method runs the fused GEMV (one byte per weight, row scales)
+    and fuses SiLU-and-mul into gate_up, as the unquantised method does."""
+    from kvasir.layers.linear import MergedColumnParallelLinear
+    from kvasir.quantization.schemes import Int8Config
+
+    config = Fp8Config.online(DEV) if qname == "fp8" else Int8Config.online(DEV)
+    ctx = LayerContext(
+        get_backend_cls("triton"), torch.bfloat16, KernelConfig(), single_process_state(DEV),
+        quant_config=config,
+    )  # fmt: skip
+    d, k = 1536, 1024
+    with torch.device(DEV):
+        layer = MergedColumnParallelLinear(
+            k, [d, d], False, ctx, prefix="model.layers.0.mlp.gate_up_proj"
+        )
+    g = torch.Generator().manual_seed(3)
+    for shard in (0, 1):
+        w = (torch.randn(d, k, generator=g) / k**0.5).to(DEV, torch.bfloat16)
+        layer.weight.weight_loader(layer.weight, w, shard)
+    layer.method.process_weights_after_loading(layer)
+    x = torch.randn(1, k, generator=g).to(DEV, torch.bfloat16)
+    fused = layer.method.apply_silu_mul(layer, x)
+    assert fused is not None and fused.shape == (1, d)
+    full = quant_matmul_ref(x, layer.weight, layer.weight_scale).float()
+    ref = torch.nn.functional.silu(full[:, :d]) * full[:, d:]
+    err = ((fused.double() - ref.double()).norm() / ref.double().norm()).item()
+    assert err < 2e-2, err
+    plain = layer(x)  # the unfused batch-1 GEMV
+    err = ((plain.double() - full.double()).norm() / full.double().norm()).item()
+    assert err < 1e-2, err
