@@ -12,6 +12,7 @@
 #   bash benchmarks/gpu_run.sh pdl     # PDL chain test + kernel tests, then PDL on/off: profile, latency; GEMV sweep
 #   bash benchmarks/gpu_run.sh models  # SSM/MoE GPU tests + kernels, then bench_ssm_context.py on the CPU
 #   bash benchmarks/gpu_run.sh serve   # kvasir serve (Llama-3-8B shape) + bench serve at 3 rates
+#   bash benchmarks/gpu_run.sh w8tune  # 8-bit GEMV tests, batch-1 decode bf16/fp8/int8, kvasir tune, decode again tuned
 # The wheels: see /work/.library/device/README.md (msgspec, gguf, pyzmq, fastapi, ...).
 set -uo pipefail
 MODE=${1:-quick}
@@ -24,6 +25,22 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv | tee
 K=(python3 -m kvasir.entrypoints.cli)
 M8=(--load-format dummy --model llama-3-8b)
 case "$MODE" in
+w8tune)  # issue 23 runs 3 and 10: the 8-bit batch-1 GEMV and the kernel autotuner
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_gemv.py tests/kernels/test_tuning.py \
+    tests/quantization/test_quant_gpu.py 2>&1 | grep -E "Error|assert|FAILED|passed|failed" | head -20 | tee "$OUT/tests.log"
+  L=(bench latency "${M8[@]}" --max-model-len 4096 --input-len 128 --output-len 128 --num-iters 2)
+  for q in bf16 fp8 int8; do
+    Q=(); [ $q != bf16 ] && Q=(-q $q)
+    KVASIR_KERNEL_CONFIGS=none timeout 100 "${K[@]}" "${L[@]}" "${Q[@]}" --output-json "$OUT/lat_$q.json" \
+      2>&1 | tail -3
+  done
+  timeout 240 "${K[@]}" tune --model llama-3-8b --kernels gemv --out "$OUT/NVIDIA_H200.json" 2>&1 | tail -12
+  for q in bf16 fp8; do
+    Q=(); [ $q != bf16 ] && Q=(-q $q)
+    KVASIR_KERNEL_CONFIGS="$OUT/NVIDIA_H200.json" timeout 100 "${K[@]}" "${L[@]}" "${Q[@]}" \
+      --output-json "$OUT/lat_tuned_$q.json" 2>&1 | tail -3
+  done
+  ;;
 models)  # SSM + MoE: kernels and engines on the GPU, then the CPU decode-vs-context bench
   timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_ssm_moe.py \
     tests/kernels/test_fused_moe.py tests/kernels/test_mamba_kernels.py 2>&1 | tail -25 | tee "$OUT/tests.log"

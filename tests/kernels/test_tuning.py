@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
+from kvtest_utils import DEVICE
 
 from kvasir.kernels import gemv as gemv_mod
 from kvasir.kernels import quant_gemm, tuning
@@ -42,13 +42,13 @@ def test_gemv_search_picks_fastest_correct_and_the_kernel_uses_it():
         "gemv", lambda s: space, kern.default, kern.make_inputs, kern.run,
         kern.reference, kern.key, kern.bytes_moved, kern.tol,
     )  # fmt: skip
-    (r,) = tuning.tune([(few, shape)], torch.device("cpu"), timer, table)
+    (r,) = tuning.tune([(few, shape)], DEVICE, timer, table)
     assert r.best == want and r.speedup == pytest.approx(5.0) and not r.rejected
     assert table.lookup("gemv", r.key) == want
     tuning.set_table(table)
     # The kernel's own config choice now returns the tuned config for that shape only.
-    assert gemv_mod.gemv_config(48, 96, 1, 2, device=torch.device("cpu")) == want
-    other = gemv_mod.gemv_config(48, 96, 0, 2, device=torch.device("cpu"))
+    assert gemv_mod.gemv_config(48, 96, 1, 2, device=DEVICE) == want
+    other = gemv_mod.gemv_config(48, 96, 0, 2, device=DEVICE)
     assert other == gemv_mod.default_gemv_config(48, 96, 132, False, 2)
 
 
@@ -70,7 +70,7 @@ def test_a_wrong_config_is_never_kept_even_if_fastest():
         lambda ctx: 1e-9 if ctx.config == bad else 1e-6 * (2 if ctx.is_default else 1)
     )
     table = ConfigTable("Fake GPU")
-    (r,) = tuning.tune([(broken, shape)], torch.device("cpu"), timer, table)
+    (r,) = tuning.tune([(broken, shape)], DEVICE, timer, table)
     assert r.best == (4, 64, 2, 2)
     assert [c for c, _ in r.rejected] == [bad] and "relative error" in r.rejected[0][1]
     assert table.lookup("gemv", r.key) != bad
@@ -86,7 +86,7 @@ def test_raising_config_is_rejected_and_default_kept_when_nothing_beats_it():
         kern.reference, kern.key, kern.bytes_moved, kern.tol,
     )  # fmt: skip
     timer = fake_timer(lambda ctx: 1e-6 if ctx.is_default else 2e-6)
-    (r,) = tuning.tune([(odd, shape)], torch.device("cpu"), timer, ConfigTable("x"))
+    (r,) = tuning.tune([(odd, shape)], DEVICE, timer, ConfigTable("x"))
     assert r.best == default and r.speedup == 1.0
     assert [c for c, _ in r.rejected] == [raising]
 
@@ -102,7 +102,7 @@ def test_quant_matmul_tuned_config_is_used():
     want = space[1]
     timer = fake_timer(lambda ctx: 1e-6 if ctx.config == want else 3e-6)
     table = ConfigTable("Fake GPU")
-    (r,) = tuning.tune([(narrowed, shape)], torch.device("cpu"), timer, table)
+    (r,) = tuning.tune([(narrowed, shape)], DEVICE, timer, table)
     assert r.best == want and r.key.startswith("m<=16,n=40,k=64,a=1,w=int8")
     tuning.set_table(table)
     seen = {}
@@ -118,7 +118,7 @@ def test_quant_matmul_tuned_config_is_used():
 
     quant_gemm._quant_matmul_kernel = Spy()
     try:
-        inp = kern.make_inputs((3, 40, 64, 1, "int8"), torch.device("cpu"), 7)
+        inp = kern.make_inputs((3, 40, 64, 1, "int8"), DEVICE, 7)
         out = quant_gemm.quant_matmul(inp["a"], inp["w"], inp["ws"], inp["as"])
     finally:
         quant_gemm._quant_matmul_kernel = real
