@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
-_POLICIES = ("fcfs", "priority")
+SCHEDULING_POLICIES = ("fcfs", "priority", "lpm", "fair", "sjf", "slo")
+_POLICIES = SCHEDULING_POLICIES
+SERVICE_TIERS = ("interactive", "batch")
 _LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 _DEVICES = ("auto", "cpu", "cuda")
 _ATTN_BACKENDS = ("auto", "torch", "triton")
@@ -220,9 +222,53 @@ class SchedulerConfig:
     policy: str = "fcfs"
     enable_chunked_prefill: bool = True
     max_queued_requests: int | None = None  # None: unbounded waiting queue
+    # Policies other than fcfs/priority put a request that has waited this long first
+    # (in arrival order), whatever their own order says: no starvation.
+    policy_age_bound_s: float = 10.0
+    # Adaptive token budget: mixed steps carry only as much prefill as keeps a step
+    # under this time (stall-free chunking), from the step-time model.
+    target_tpot_ms: float | None = None
+    # fair (VTC): the cost of a prompt token and of an output token in a tenant's
+    # service counter.
+    fair_prompt_weight: float = 1.0
+    fair_output_weight: float = 2.0
+    # sjf: predicted output tokens forgiven per second waited (aging).
+    sjf_aging_tokens_per_s: float = 10.0
+    # slo: the default SLOs of each service tier (a request's own fields win); None:
+    # no bound. A batch request is rejected (429) when its estimated wait exceeds
+    # slo_max_batch_wait_s (None: batch requests are only ever deferred).
+    interactive_ttft_slo_ms: float | None = 1500.0
+    interactive_tpot_slo_ms: float | None = 80.0
+    batch_ttft_slo_ms: float | None = None
+    batch_tpot_slo_ms: float | None = None
+    slo_max_batch_wait_s: float | None = None
+    # Jain's fairness index is over the tenants' service in this trailing window.
+    fairness_window_s: float = 60.0
 
     def __post_init__(self) -> None:
         _check(self.max_num_batched_tokens > 0, "max_num_batched_tokens", "must be > 0")
+        _check(self.policy_age_bound_s > 0, "policy_age_bound_s", "must be > 0")
+        if self.target_tpot_ms is not None:
+            _check(self.target_tpot_ms > 0, "target_tpot_ms", "must be > 0")
+        _check(self.fair_prompt_weight >= 0, "fair_prompt_weight", "must be >= 0")
+        _check(self.fair_output_weight >= 0, "fair_output_weight", "must be >= 0")
+        _check(
+            self.fair_prompt_weight + self.fair_output_weight > 0,
+            "fair_output_weight",
+            "and fair_prompt_weight must not both be 0",
+        )
+        _check(self.sjf_aging_tokens_per_s >= 0, "sjf_aging_tokens_per_s", "must be >= 0")
+        for name in (
+            "interactive_ttft_slo_ms",
+            "interactive_tpot_slo_ms",
+            "batch_ttft_slo_ms",
+            "batch_tpot_slo_ms",
+            "slo_max_batch_wait_s",
+        ):
+            value = getattr(self, name)
+            if value is not None:
+                _check(value > 0, name, f"must be > 0, got {value}")
+        _check(self.fairness_window_s > 0, "fairness_window_s", "must be > 0")
         _check(self.max_num_seqs > 0, "max_num_seqs", "must be > 0")
         if self.max_model_len is not None:
             _check(self.max_model_len > 0, "max_model_len", "must be > 0")

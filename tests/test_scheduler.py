@@ -26,6 +26,7 @@ from kvasir.core.kv_cache_spec import FullAttentionSpec, KVCacheConfig, MambaSta
 from kvasir.core.outputs import EngineCoreOutput, ModelRunnerOutput, SchedulerOutput
 from kvasir.core.request import Request, RequestStatus
 from kvasir.core.scheduler import Scheduler
+from kvasir.core.step_time import StepTimeModel
 from kvasir.sampling_params import SamplingParams
 
 VOCAB = 40
@@ -243,6 +244,16 @@ def check_invariants(sched: Scheduler) -> None:
 
 
 @dataclass
+class SimClock:
+    """A simulated clock for the scheduler (``Scheduler(clock=...)``)."""
+
+    t: float = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@dataclass
 class Trace:
     outputs: dict[str, list[EngineCoreOutput]] = field(default_factory=dict)
     first_new_step: dict[str, int] = field(default_factory=dict)
@@ -261,10 +272,12 @@ def drive(
     max_steps: int = 3000,
     dedup_prompt_logprobs: bool = False,
     spec_k: int = 0,
+    clock: SimClock | None = None,
 ) -> Trace:
     """Run until idle. ``aborts`` happen before ``schedule()``, ``mid_step_aborts``
     between ``schedule()`` and ``update_from_output()``. ``spec_k``: the fake runner
-    speculates that many drafts per request."""
+    speculates that many drafts per request. ``clock``: the scheduler's, set to the
+    step number before each ``schedule()``."""
     arrivals, aborts, mid_step_aborts = arrivals or {}, aborts or {}, mid_step_aborts or {}
     runner = FakeRunner(sched.block_size, dedup_prompt_logprobs, spec_k)
     trace = Trace()
@@ -275,8 +288,11 @@ def drive(
         for req in arrivals.get(step, []):
             sched.add_request(req)
         sched.abort_requests(aborts.get(step, []))
+        if clock is not None:
+            clock.t = float(step)
         so = sched.schedule()
         assert so.total_num_scheduled_tokens <= sched.max_num_batched_tokens
+        assert so.total_num_scheduled_tokens <= sched.make_stats().token_budget
         counts = list(so.num_scheduled_tokens.values())
         assert counts == sorted(counts, key=lambda n: n != 1)  # decodes first
         for nr in so.scheduled_new_reqs:
@@ -311,9 +327,12 @@ def make_sched(
     chunked: bool = True,
     max_queued: int | None = None,
     state_slots: bool = False,
+    clock: SimClock | None = None,
+    **policy_options: object,
 ) -> Scheduler:
     """``state_slots``: a hybrid model's layers (attention + a state-space layer), so
-    every request also holds a state slot."""
+    every request also holds a state slot. ``policy_options``: further
+    ``SchedulerConfig`` fields (the policies' knobs)."""
     kv_cache_config = None
     if state_slots:
         attn = FullAttentionSpec(block_size=block_size, dtype="float32", element_size=4,
@@ -329,10 +348,12 @@ def make_sched(
             policy=policy,
             enable_chunked_prefill=chunked,
             max_queued_requests=max_queued,
+            **policy_options,  # type: ignore[arg-type]
         ),
         CacheConfig(block_size=block_size, enable_prefix_caching=caching),
         num_blocks,
         kv_cache_config=kv_cache_config,
+        clock=clock if clock is not None else SimClock(),
     )
 
 
@@ -804,9 +825,22 @@ def test_random_workloads_with_state_slots(w: dict) -> None:
     _run_random_workload(w, speculate=False, state_slots=True)
 
 
-def _run_random_workload(w: dict, speculate: bool, state_slots: bool = False):  # type: ignore[no-untyped-def]
-    cfg = w["cfg"]
-    sched = make_sched(**cfg, state_slots=state_slots)
+def _run_random_workload(  # type: ignore[no-untyped-def]
+    w: dict,
+    speculate: bool,
+    state_slots: bool = False,
+    policy: str | None = None,
+    step_time_model: StepTimeModel | None = None,
+    **policy_options: object,
+):
+    """``policy`` overrides the drawn one; requests then carry tenants and classes.
+    Returns the scheduler's stats, and the trace and requests for further checks."""
+    cfg = dict(w["cfg"])
+    if policy is not None:
+        cfg["policy"] = policy
+    clock = SimClock()
+    sched = make_sched(**cfg, state_slots=state_slots, clock=clock, **policy_options)
+    sched.set_step_time_model(step_time_model)
     if speculate:
         sched.num_lookahead_tokens = w["lookahead"]
     usable = cfg["num_blocks"] - 1
@@ -831,6 +865,8 @@ def _run_random_workload(w: dict, speculate: bool, state_slots: bool = False):  
                 priority=spec["priority"],
                 cache_salt=spec["salt"],
                 fork_of=None if k == 0 else spec["rid"],
+                tenant="big" if int(spec["rid"][1:]) % 3 else "small",
+                service_tier="batch" if int(spec["rid"][1:]) % 2 else None,
             )
             for k in range(spec["n"])
         ]
@@ -848,7 +884,7 @@ def _run_random_workload(w: dict, speculate: bool, state_slots: bool = False):  
 
     trace = drive(
         sched, arrivals, aborts, mid_aborts, dedup_prompt_logprobs=w["dedup"],
-        spec_k=w["spec_k"] if speculate else 0,
+        spec_k=w["spec_k"] if speculate else 0, clock=clock,
     )  # fmt: skip
 
     kv_tokens = usable * cfg["block_size"]
@@ -880,6 +916,8 @@ def _run_random_workload(w: dict, speculate: bool, state_slots: bool = False):  
         firsts = [rid for rid in firsts if rid in trace.first_new_step]
         steps = [trace.first_new_step[rid] for rid in firsts]
         assert steps == sorted(steps)
+    if policy is not None:
+        return sched.make_stats(), trace, admitted
     return sched.make_stats()
 
 

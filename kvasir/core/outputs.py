@@ -131,3 +131,15 @@ class SchedulerStats(msgspec.Struct, omit_defaults=True):
     spec_num_accepted_tokens: int = 0
     spec_accepted_per_pos: list[int] = msgspec.field(default_factory=list)
     spec_k: float = 0.0  # mean drafts per speculating request in the last step
+    # Scheduling policies (core/sched_stats.py): the last step's token budget, decision
+    # counts ("admitted/<reason>" ...), SLO attainment per "<class>/<tenant>", output
+    # length predictions (sjf) against what came out, Jain's index over tenants.
+    token_budget: int = 0
+    sched_decisions: dict[str, int] = msgspec.field(default_factory=dict)
+    slo_met: dict[str, int] = msgspec.field(default_factory=dict)
+    slo_total: dict[str, int] = msgspec.field(default_factory=dict)
+    num_length_predictions: int = 0
+    predicted_output_tokens: int = 0
+    actual_output_tokens: int = 0
+    prediction_abs_error: int = 0
+    jain_fairness: float = 1.0

@@ -59,6 +59,10 @@ class Request:
         cache_salt: str | None = None,
         fork_of: str | None = None,
         pooling_params: PoolingParams | None = None,
+        tenant: str | None = None,
+        service_tier: str | None = None,
+        ttft_slo_ms: float | None = None,
+        tpot_slo_ms: float | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -69,6 +73,12 @@ class Request:
         self.cache_salt = cache_salt
         self.fork_of = fork_of
         self.pooling_params = pooling_params  # an embedding request (prefill only)
+        # Scheduling policies (``core/policies``): who is served (fair), the request's
+        # class (None: interactive) and its own SLOs (None: the class's defaults).
+        self.tenant = tenant
+        self.service_tier = service_tier
+        self.ttft_slo_ms = ttft_slo_ms
+        self.tpot_slo_ms = tpot_slo_ms
 
         self.status = RequestStatus.WAITING
         self.output_token_ids: list[int] = []
@@ -93,6 +103,12 @@ class Request:
         self.structured_output: GrammarState | None = None
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0
+        # Scheduler clock times of the first and the latest output token (SLO
+        # attainment, TPOT slack), and the sjf policy's prediction of its output length.
+        self.first_token_time: float | None = None
+        self.last_token_time: float | None = None
+        self.predicted_output_tokens: int | None = None
+        self.deferred_for: str | None = None  # the policy's last reason to defer it
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -1,11 +1,13 @@
-"""The scheduler's waiting queue: first-come-first-served or by priority."""
+"""The scheduler's waiting queue: first-come-first-served, by priority, or by a key that
+changes over time (the policies of ``core/policies``)."""
 
 from __future__ import annotations
 
 import heapq
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from kvasir.core.request import Request
 
@@ -107,9 +109,50 @@ class PriorityRequestQueue(RequestQueue):
         return iter(entry[3] for entry in sorted(self._heap, key=lambda e: e[:3]))
 
 
-def create_request_queue(policy: str) -> RequestQueue:
-    if policy == "fcfs":
-        return FCFSRequestQueue()
-    if policy == "priority":
-        return PriorityRequestQueue()
-    raise ValueError(f"policy must be one of ('fcfs', 'priority'), got {policy!r}")
+class KeyedRequestQueue(RequestQueue):
+    """Smallest ``key(request)`` first, the key read at ``peek`` time: a policy whose
+    order moves while requests wait (prefix-cache hits, tenants' service, deadlines,
+    aging) re-ranks the queue at every admission instead of freezing it at arrival.
+    ``prepend`` is ``add``: a request's place is its key. O(n) per ``peek``."""
+
+    def __init__(self, key: Callable[[Request], Any]) -> None:
+        self._key = key
+        self._items: list[Request] = []
+        self._head: Request | None = None  # the last peek, until the queue changes
+
+    def add(self, request: Request) -> None:
+        self._items.append(request)
+        self._head = None
+
+    def prepend(self, request: Request) -> None:
+        self.add(request)
+
+    def peek(self) -> Request:
+        if self._head is None:
+            if not self._items:
+                raise IndexError("peek from an empty queue")
+            self._head = min(self._items, key=self._key)
+        return self._head
+
+    def pop(self) -> Request:
+        head = self.peek()
+        self.remove(head)
+        return head
+
+    def remove(self, request: Request) -> None:
+        for i, r in enumerate(self._items):
+            if r is request:
+                del self._items[i]
+                self._head = None
+                return
+        raise ValueError(f"request {request.request_id} is not waiting")
+
+    def invalidate(self) -> None:
+        """Keys changed (a new step): the next ``peek`` ranks again."""
+        self._head = None
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __iter__(self) -> Iterator[Request]:
+        return iter(sorted(self._items, key=self._key))

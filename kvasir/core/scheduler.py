@@ -24,13 +24,18 @@ Contract with the model runner (see ``core/outputs.py``):
   forward pass, each layer writing all of the step's KV before any attention reads it
   (the ``AttentionBackend`` contract) -- never decodes and prefills as separate passes.
 
-Policy: running requests first (in admission order), each getting what it still needs
-up to the remaining token budget (chunked prefill). When KV blocks run out, the
-lowest-priority running request is preempted by recompute (``fcfs``: the latest
-admitted; ``priority``: largest ``priority``, then latest arrival) and goes back to the
-front of its queue. Then, unless this step preempted, waiting requests are admitted in
-queue order; when the head does not fit, admission stops so younger requests cannot
-starve it. n>1 children (``fork_of``) wait until their parent's prompt is scheduled to
+Mechanism and policy: the order decisions belong to a ``SchedulingPolicy``
+(``core/policies``: ``fcfs``, ``priority``, ``lpm``, ``fair``, ``sjf``, ``slo``); this class
+hands out tokens and blocks. Running requests first (in the policy's order; admission
+order for ``fcfs``), each getting what it still needs up to the remaining token budget
+(chunked prefill; the policy may cap a prefill chunk). When KV blocks run out, the
+policy's victim is preempted by recompute (``fcfs``: the latest admitted; ``priority``:
+largest ``priority``, then latest arrival) and goes back to its queue. Then, unless
+this step preempted, waiting requests are admitted in queue order; the policy (and any
+``admission_constraints``) may defer one, which lets the next one try; when the head
+does not fit, admission stops so younger requests cannot starve it. The step's token
+budget is ``max_num_batched_tokens``, or what the step-time model fits in a TPOT
+bound (``target_tpot_ms``, the ``slo`` policy's) in a step that carries decodes. n>1 children (``fork_of``) wait until their parent's prompt is scheduled to
 be computed, then share its full prompt blocks (at least one token is always
 recomputed). A request taken back out of the step it was scheduled in (priority-policy
 preemption) first loses the hashes registered for KV that will now never be computed.
@@ -74,7 +79,7 @@ have not seen).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from kvasir.config import CacheConfig, SchedulerConfig
 from kvasir.core.block_pool import KVCacheBlock
@@ -89,8 +94,16 @@ from kvasir.core.outputs import (
     SchedulerStats,
     TokenLogprobs,
 )
+from kvasir.core.policies import (
+    Admission,
+    AdmissionConstraint,
+    RequestRejected,
+    StepState,
+    make_policy,
+)
 from kvasir.core.request import Request, RequestStatus
-from kvasir.core.request_queue import create_request_queue
+from kvasir.core.sched_stats import SchedulingStats, resolve_slos
+from kvasir.core.step_time import StepTimeModel
 
 
 class Scheduler:
@@ -98,6 +111,8 @@ class Scheduler:
     and the KV cache manager. Pure Python: never sees a tensor.
 
     ``num_blocks`` counts every KV block including the reserved null block 0.
+    ``clock`` (seconds, default ``time.time``) stamps admissions, token times and the
+    policies' ages and deadlines; tests pass a simulated one.
     """
 
     def __init__(
@@ -108,8 +123,10 @@ class Scheduler:
         async_scheduling: bool = False,
         pipeline_parallel_size: int = 1,
         kv_cache_config: KVCacheConfig | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.scheduler_config = scheduler_config
+        self.clock = clock
         self.cache_config = cache_config
         if scheduler_config.max_model_len is None:
             raise ValueError(
@@ -140,7 +157,16 @@ class Scheduler:
                 max_model_len=self.max_model_len,
             )
         self.requests: dict[str, Request] = {}  # every unfinished request
-        self.waiting = create_request_queue(scheduler_config.policy)
+        # The policy orders the waiting queue, admits, ranks running requests and picks
+        # preemption victims (core/policies); this class is the mechanism.
+        self.policy = make_policy(scheduler_config, self.kv_cache_manager)
+        self.waiting = self.policy.make_queue()
+        self.admission_constraints: list[AdmissionConstraint] = []
+        self.sched_stats = SchedulingStats(scheduler_config.fairness_window_s)
+        # Step time in tokens: measured by the engine (set_step_time_model); None: no
+        # time-bounded budgets (--target-tpot-ms, slo) until it is.
+        self.step_time_model: StepTimeModel | None = None
+        self._last_token_budget = self.max_num_batched_tokens
         self.running: list[Request] = []  # admission order
         self.finished_req_ids: set[str] = set()  # since the last schedule()
         self.num_preemptions = 0  # cumulative
@@ -209,6 +235,12 @@ class Scheduler:
             )
         limit = min(self.max_model_len, kv_capacity) - num_prompt
         request.max_tokens = limit if request.max_tokens is None else min(request.max_tokens, limit)
+        resolve_slos(request, self.scheduler_config)
+        try:
+            self.policy.on_add(request)
+        except RequestRejected:
+            self.sched_stats.record_decision("rejected", "estimated_wait", request)
+            raise
         request.arrival_seq = self._next_arrival_seq
         self._next_arrival_seq += 1
         request.status = RequestStatus.WAITING
@@ -217,10 +249,46 @@ class Scheduler:
 
     # ------------------------------------------------------------------ schedule
 
+    def set_step_time_model(self, model: StepTimeModel | None) -> None:
+        self.step_time_model = model
+        self.policy.step_time_model = model
+
+    def observe_step_time(self, num_tokens: int, seconds: float) -> None:
+        """A step of ``num_tokens`` took ``seconds`` on the device: refine the model."""
+        if self.step_time_model is not None:
+            self.step_time_model.observe(num_tokens, seconds)
+
+    def _step_token_budget(self) -> int:
+        """``max_num_batched_tokens``, or fewer in a step that carries decodes when a
+        time bound applies (``--target-tpot-ms``, the policy's): as many tokens as the
+        step-time model says fit, never so few that prefill stops (stall-free
+        chunking: each running request gets one token and prefill at least one)."""
+        budget = self.max_num_batched_tokens
+        model = self.step_time_model
+        if model is None or not any(
+            r.num_computed_tokens >= r.num_prompt_tokens for r in self.running
+        ):
+            return budget
+        target_ms = self.scheduler_config.target_tpot_ms
+        bounds = [self.policy.step_time_bound_s(self.running)]
+        bounds.append(target_ms / 1000 if target_ms is not None else None)
+        bound = min((b for b in bounds if b is not None), default=None)
+        if bound is None:
+            return budget
+        floor = len(self.running) + 1
+        return min(budget, max(model.max_tokens_within(bound), floor))
+
     def schedule(self) -> SchedulerOutput:
         """Pick this step's requests and token counts; allocate their KV blocks."""
         kv = self.kv_cache_manager
-        token_budget = self.max_num_batched_tokens
+        now = self.clock()
+        policy = self.policy
+        policy.begin_step(now)
+        self.running = policy.order_running(self.running)
+        token_budget = self._last_token_budget = self._step_token_budget()
+        state = StepState(
+            now, self.running, self.waiting, kv, self.block_size, token_budget, self.max_num_seqs
+        )
         chunked = self.scheduler_config.enable_chunked_prefill
         num_scheduled: dict[str, int] = {}
         new_reqs: list[NewRequestData] = []
@@ -251,6 +319,12 @@ class Scheduler:
                 continue
             num_new = min(num_new, token_budget)
             num_new = self._cap_at_fork(request, num_new, forking)
+            if request.num_computed_tokens < request.num_prompt_tokens:  # a prefill chunk
+                state.token_budget = token_budget
+                num_new = policy.cap_chunk(request, num_new, state)
+                if num_new <= 0:
+                    i += 1
+                    continue
             # Speculative decoding: drafts after the known tokens, and KV slots past
             # them for the proposer's own draft steps (only when this step samples).
             num_spec = lookahead = 0
@@ -313,7 +387,6 @@ class Scheduler:
         # Waiting requests; none in a step that had to preempt (it would thrash).
         self._computed_before_step = {r: c.num_computed_tokens for r, c in cached_reqs.items()}
         if not preempted_ids:
-            now = time.time()
             skipped: list[Request] = []
             while self.waiting and token_budget > 0 and len(self.running) < self.max_num_seqs:
                 request = self.waiting.peek()
@@ -339,6 +412,17 @@ class Scheduler:
                     break
                 num_new = min(num_new, token_budget)
                 num_new = self._cap_at_fork(request, num_new, forking)
+                state.token_budget = token_budget
+                decision, reason = self._admission(request, num_new, state)
+                if decision is not Admission.ADMIT:
+                    self._state_copies.pop(request.request_id, None)
+                    if request.deferred_for != reason:  # counted once per request and reason
+                        request.deferred_for = reason
+                        self.sched_stats.record_decision(decision.value, reason, request)
+                    if decision is Admission.STOP:
+                        break
+                    skipped.append(self.waiting.pop())
+                    continue
                 lookahead = 0
                 if num_computed + num_new == request.num_tokens:  # it samples: room to draft
                     lookahead = min(
@@ -365,6 +449,8 @@ class Scheduler:
                     request.num_cached_tokens = num_computed
                 if request.first_scheduled_time is None:
                     request.first_scheduled_time = now
+                    self.sched_stats.record_decision("admitted", reason, request)
+                state.admitted.append(request)
                 new_reqs.append(
                     NewRequestData(
                         req_id=request.request_id,
@@ -390,7 +476,11 @@ class Scheduler:
         ordered = {rid: n for rid, n in num_scheduled.items() if n == 1}
         ordered.update((rid, n) for rid, n in num_scheduled.items() if n != 1)
         total = sum(ordered.values())
-        assert total <= self.max_num_batched_tokens
+        assert total <= self._last_token_budget <= self.max_num_batched_tokens
+        for rid, n in ordered.items():  # service: what the step really carries
+            request = self.requests[rid]
+            policy.on_scheduled(request, n, self._computed_before_step[rid])
+            self.sched_stats.record_service(now, request.tenant, n)
         self._last_num_scheduled_tokens = total
         finished_ids, self.finished_req_ids = self.finished_req_ids, set()
         so = SchedulerOutput(
@@ -447,13 +537,22 @@ class Scheduler:
         elif n == 1:
             del self._num_output_placeholders[request_id]
 
+    def _admission(self, request: Request, num_new: int, state: StepState) -> tuple[Admission, str]:
+        """The policy's decision on a waiting request that fits, then the constraints'."""
+        decision, reason = self.policy.admit(request, num_new, state)
+        for constraint in self.admission_constraints:
+            if decision is not Admission.ADMIT:
+                break
+            decision, why = constraint.admit(request, num_new, state)
+            if decision is not Admission.ADMIT:
+                reason = why
+        return decision, reason
+
     def _select_victim(self) -> Request:
         running = self.running
         if self.pipelined:  # never a request whose step is still in the pipeline
             running = [r for r in running if r.request_id not in self._in_flight]
-        if self.scheduler_config.policy == "priority":
-            return max(running, key=lambda r: (r.priority, r.arrival_time, r.arrival_seq))
-        return running[-1]
+        return self.policy.select_victim(running)
 
     def _preempt(self, request: Request) -> None:
         """Preempt by recompute: drop the KV, restart from token 0 later."""
@@ -614,6 +713,9 @@ class Scheduler:
                     request.spec_token_ids = grammar.validate_tokens(request.spec_token_ids)
             if not new_token_ids:
                 continue  # a prefill chunk short of the end: nothing to report
+            request.last_token_time = token_time = self.clock()
+            if request.first_token_time is None:
+                request.first_token_time = token_time
             logprobs = model_runner_output.logprobs.get(rid)
             outputs.append(
                 EngineCoreOutput(
@@ -636,6 +738,7 @@ class Scheduler:
                 any_finished = True
                 if preempted:
                     self.waiting.remove(request)
+                self.sched_stats.record_finished(request)
                 self._free_request(request)
         if any_finished:
             self.running = [r for r in self.running if not r.is_finished()]
@@ -706,6 +809,7 @@ class Scheduler:
         return False
 
     def _free_request(self, request: Request) -> None:
+        self.policy.on_finished(request)
         self.kv_cache_manager.free(request)
         self._num_output_placeholders.pop(request.request_id, None)
         del self.requests[request.request_id]
@@ -756,6 +860,7 @@ class Scheduler:
 
     def make_stats(self) -> SchedulerStats:
         kv = self.kv_cache_manager
+        st = self.sched_stats
         return SchedulerStats(
             num_running_reqs=len(self.running),
             num_waiting_reqs=len(self.waiting),
@@ -769,6 +874,15 @@ class Scheduler:
             spec_num_accepted_tokens=self.spec_num_accepted_tokens,
             spec_accepted_per_pos=list(self.spec_accepted_per_pos),
             spec_k=self._last_spec_k,
+            token_budget=self._last_token_budget,
+            sched_decisions=dict(st.decisions),
+            slo_met=dict(st.slo_met),
+            slo_total=dict(st.slo_total),
+            num_length_predictions=st.num_predictions,
+            predicted_output_tokens=st.predicted_tokens,
+            actual_output_tokens=st.actual_tokens,
+            prediction_abs_error=st.prediction_abs_error,
+            jain_fairness=st.jain_fairness(self.clock()),
         )
 
 
