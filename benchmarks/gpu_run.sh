@@ -13,6 +13,7 @@
 #   bash benchmarks/gpu_run.sh models  # SSM/MoE GPU tests + kernels, then bench_ssm_context.py on the CPU
 #   bash benchmarks/gpu_run.sh serve   # kvasir serve (Llama-3-8B shape) + bench serve at 3 rates
 #   bash benchmarks/gpu_run.sh w8tune  # 8-bit GEMV tests, batch-1 decode bf16/fp8/int8, kvasir tune, decode again tuned
+#   bash benchmarks/gpu_run.sh w8tune2 # kvasir tune of the FP8 GEMV shapes, profile + latency of FP8 decode tuned/default
 # The wheels: see /work/.library/device/README.md (msgspec, gguf, pyzmq, fastapi, ...).
 set -uo pipefail
 MODE=${1:-quick}
@@ -40,6 +41,18 @@ w8tune)  # issue 23 runs 3 and 10: the 8-bit batch-1 GEMV and the kernel autotun
     KVASIR_KERNEL_CONFIGS="$OUT/NVIDIA_H200.json" timeout 100 "${K[@]}" "${L[@]}" "${Q[@]}" \
       --output-json "$OUT/lat_tuned_$q.json" 2>&1 | tail -3
   done
+  ;;
+w8tune2)  # the 8-bit GEMV shapes: tune (table grows from the shipped one), profile, latency
+  T="$OUT/NVIDIA_H200.json"; cp kvasir/kernels/configs/NVIDIA_H200.json "$T"
+  timeout 230 "${K[@]}" tune --model llama-3-8b --kernels gemv --weight-bytes 1 --out "$T" 2>&1 | tail -6
+  KVASIR_KERNEL_CONFIGS="$T" timeout 90 python3 benchmarks/profile_decode.py -q fp8 --top 12 2>&1 | tail -15
+  L=(bench latency "${M8[@]}" --max-model-len 4096 --input-len 128 --output-len 128 --num-iters 2)
+  for t in none "$T"; do
+    for q in fp8 int8; do
+      KVASIR_KERNEL_CONFIGS="$t" timeout 80 "${K[@]}" "${L[@]}" -q $q 2>&1 | tail -1 | tee -a "$OUT/lat.jsonl"
+    done
+  done
+  KVASIR_KERNEL_CONFIGS="$T" timeout 80 "${K[@]}" "${L[@]}" 2>&1 | tail -1 | tee -a "$OUT/lat.jsonl"
   ;;
 models)  # SSM + MoE: kernels and engines on the GPU, then the CPU decode-vs-context bench
   timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_ssm_moe.py \

@@ -38,6 +38,7 @@ def main() -> None:
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--top", type=int, default=18)
+    p.add_argument("--quantization", "-q", default=None, help="fp8 | int8 | w8a8")
     args = p.parse_args()
 
     from kvasir.attention.triton_backend import TritonAttentionBackend
@@ -48,7 +49,8 @@ def main() -> None:
         TritonAttentionBackend.fuses_rotary = False
     llm = LLM(model=args.model, load_format="dummy", max_model_len=2048,
               enforce_eager=args.eager, fused_gemv=not args.no_fused_gemv,
-              pdl=False if args.no_pdl else None)  # fmt: skip
+              pdl=False if args.no_pdl else None,
+              quantization=args.quantization)  # fmt: skip
     kernel_config = llm.llm_engine.config.kernel_config
     core = llm.llm_engine.engine_core
     vocab = core.arch_config.vocab_size
@@ -97,6 +99,7 @@ def main() -> None:
         "fused_gemv": kernel_config.fused_gemv,
         "pdl": kernel_config.pdl,
         "batch_size": args.batch_size,
+        "quantization": args.quantization,
         "wall_ms_per_step": round(wall_ms, 3),
         "kernel_ms_per_step": round(total_us / n / 1e3, 3),
         "kernels_per_step": round(kernels_per_step, 1),

@@ -131,11 +131,37 @@ def num_params(a: ModelArchConfig, include_embedding: bool = False) -> int:
     return total
 
 
-def decode_step_bytes(a: ModelArchConfig, dtype_bytes: int, context_lens: list[int]) -> float:
+def decode_step_bytes(
+    a: ModelArchConfig,
+    dtype_bytes: int,
+    context_lens: list[int],
+    weight_bytes: int | None = None,
+    kv_bytes: int | None = None,
+) -> float:
     """Bytes a decode step must read: every weight but the input-embedding table, plus
-    the K and V of every context token attended to."""
-    kv_per_token = 2 * a.num_hidden_layers * a.num_key_value_heads * a.head_dim * dtype_bytes
-    return num_params(a) * dtype_bytes + kv_per_token * sum(context_lens)
+    the K and V of every context token attended to. ``weight_bytes`` / ``kv_bytes`` (per
+    element): the model's real ones where they differ from ``dtype_bytes`` (quantised
+    weights: ``model_weight_bytes``; an FP8 KV cache: 1)."""
+    kv_elem = dtype_bytes if kv_bytes is None else kv_bytes
+    kv_per_token = 2 * a.num_hidden_layers * a.num_key_value_heads * a.head_dim * kv_elem
+    weights = num_params(a) * dtype_bytes if weight_bytes is None else weight_bytes
+    return weights + kv_per_token * sum(context_lens)
+
+
+def model_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every parameter a decode step reads, as stored (8-bit weights and their
+    scales included): all but the input-embedding table, which a step only gathers from
+    (unless the LM head is tied to it)."""
+    total = 0
+    seen: set[int] = set()
+    embeds = {id(m.weight) for n, m in model.named_modules() if n.endswith("embed_tokens")}
+    heads = {id(m.weight) for n, m in model.named_modules() if n.endswith("lm_head")}
+    for p in model.parameters():
+        if id(p) in seen or (id(p) in embeds and id(p) not in heads):
+            continue
+        seen.add(id(p))
+        total += p.numel() * p.element_size()
+    return total
 
 
 def forward_flops(a: ModelArchConfig, num_tokens: int, attn_pairs: float) -> float:

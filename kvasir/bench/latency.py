@@ -51,7 +51,13 @@ def _timed(fn) -> float:
 
 
 def main(args: argparse.Namespace) -> int:
-    from kvasir.bench.hw import decode_step_bytes, engine_device, forward_flops, measure_ceilings
+    from kvasir.bench.hw import (
+        decode_step_bytes,
+        engine_device,
+        forward_flops,
+        measure_ceilings,
+        model_weight_bytes,
+    )
     from kvasir.engine.arg_utils import EngineArgs
     from kvasir.entrypoints.llm import LLM
     from kvasir.sampling_params import SamplingParams
@@ -88,13 +94,19 @@ def main(args: argparse.Namespace) -> int:
     per_tok = (statistics.median(totals) - ttft) / max(args.output_len - 1, 1)
     elem = torch.tensor([], dtype=dtype).element_size()
     ctx = args.input_len + args.output_len / 2
-    step_bytes = decode_step_bytes(arch, elem, [int(ctx)] * args.batch_size)
+    cfg = llm.llm_engine.config
+    kv_bytes = 1 if cfg.cache_config.kv_cache_dtype.startswith("fp8") else None
+    wbytes = model_weight_bytes(runner.model) if runner is not None else None
+    step_bytes = decode_step_bytes(arch, elem, [int(ctx)] * args.batch_size, wbytes, kv_bytes)
     bw = step_bytes / per_tok / 1e9
     result = {
         "bench": "latency",
         "device": ceil.device_name,
         "model": llm.llm_engine.model_info.model_name,
         "dtype": str(dtype).removeprefix("torch."),
+        "quantization": cfg.model_config.quantization,
+        "kv_cache_dtype": cfg.cache_config.kv_cache_dtype,
+        "weight_gb_per_step": round(step_bytes / 1e9, 3),
         "num_devices": num_devices,
         "batch_size": args.batch_size,
         "input_len": args.input_len,

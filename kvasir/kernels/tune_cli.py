@@ -71,11 +71,12 @@ def main(args: argparse.Namespace) -> int:
     jobs = tuning.model_jobs(
         spec.hidden_size, spec.intermediate_size, spec.q_size, spec.kv_size, args.kernels,
         weight_bytes=args.weight_bytes, m_buckets=args.m_buckets or quant_gemm.M_BUCKETS,
-        tp=args.tensor_parallel_size, quant_weights=args.quant_weights,
+        tp=args.tensor_parallel_size, quant_weights=args.quant_weights, vocab=spec.vocab_size,
     )  # fmt: skip
     tuning.set_table(tuning.ConfigTable(name))  # search against the defaults, not a table
 
     def show(r: tuning.TuneResult) -> None:
+        table.save(out)  # after every shape: a run cut short keeps what it measured
         if not args.json:
             gbs = r.bytes_moved / r.best_s / 1e9
             print(

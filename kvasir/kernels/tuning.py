@@ -422,9 +422,11 @@ def model_jobs(
     m_buckets: Sequence[int] = (16, 64, 256, 1024),
     tp: int = 1,
     quant_weights: Sequence[str] = ("fp8", "int8"),
+    vocab: int = 0,
 ) -> list[tuple[TunableKernel, tuple]]:
     """The (kernel, shape) pairs of one decoder layer's projections at tensor-parallel
-    size ``tp``: qkv, o, gate_up (GEMV with SiLU fused) and down."""
+    size ``tp``: qkv, o, gate_up (GEMV with SiLU fused) and down; and with ``vocab`` the
+    LM head's GEMV (bf16 only: the schemes leave the LM head unquantised)."""
     reg = registry()
     unknown = [k for k in kernels if k not in reg]
     if unknown:
@@ -440,6 +442,8 @@ def model_jobs(
     if "gemv" in kernels:
         for wb in weight_bytes:
             jobs += [(reg["gemv"], (r, k, f, wb)) for r, k, f in projections]
+        if vocab and 2 in weight_bytes:
+            jobs.append((reg["gemv"], (-(-vocab // tp), hidden, 0, 2)))
     if "quant_matmul" in kernels:
         for wname in quant_weights:
             for m in m_buckets:
