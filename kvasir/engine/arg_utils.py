@@ -100,7 +100,7 @@ class EngineArgs:
             "--quantization",
             "-q",
             default=None,
-            choices=["fp8", "int8", "w8a8", "compressed-tensors"],
+            choices=["fp8", "int8", "w8a8", "compressed-tensors", "gptq", "awq"],
             help="quantise a float checkpoint at load: fp8 (E4M3 W8A8, dynamic per-token "
             "activations), int8 (weight-only W8A16), w8a8 (INT8 weights and dynamic "
             "per-token INT8 activations). Default: the checkpoint's quantization_config",

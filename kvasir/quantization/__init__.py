@@ -8,7 +8,8 @@ The model file never sees which method a layer got.
 
 Configs come from ``--quantization NAME`` (online quantisation of a float checkpoint) or
 from a checkpoint's ``quantization_config`` (``quant_method``: ``fp8`` as HF
-transformers writes it, ``compressed-tensors`` as llm-compressor writes it);
+transformers writes it, ``compressed-tensors`` as llm-compressor writes it, ``gptq`` and
+``awq`` as AutoGPTQ / AutoAWQ write them);
 ``resolve_quantization`` picks one and refuses a conflict or an unknown method by name.
 """
 
@@ -69,7 +70,9 @@ def register_quantization_config(name: str):  # noqa: ANN201
 def _load_builtin() -> None:
     # Importing the scheme modules registers them (kept out of this module's import so
     # that the registry's interface loads without torch kernels).
+    import kvasir.quantization.awq  # noqa: F401
     import kvasir.quantization.compressed_tensors  # noqa: F401
+    import kvasir.quantization.gptq  # noqa: F401
     import kvasir.quantization.schemes  # noqa: F401
 
 
@@ -83,7 +86,7 @@ def get_quantization_config_cls(name: str) -> type[QuantizationConfig]:
 # What ``--quantization`` accepts (online quantisation of a float checkpoint).
 ONLINE_METHODS = ("fp8", "int8", "w8a8")
 # What a checkpoint's ``quantization_config.quant_method`` may say.
-CHECKPOINT_METHODS = ("fp8", "compressed-tensors")
+CHECKPOINT_METHODS = ("fp8", "compressed-tensors", "gptq", "awq")
 
 
 def resolve_quantization(

@@ -217,9 +217,9 @@ def test_bad_quantisation_input_is_refused(tmp_path) -> None:
         return load_model(mc, arch, backend, torch.float32, torch.device("cpu"))
 
     with pytest.raises(
-        ValueError, match=r"quant_method 'awq' is not supported.*compressed-tensors"
+        ValueError, match=r"quant_method 'hqq' is not supported.*compressed-tensors.*gptq"
     ):
-        load(with_qc({"quant_method": "awq"}))
+        load(with_qc({"quant_method": "hqq"}))
     with pytest.raises(ValueError, match=r"weight_block_size must be \[128, 128\]"):
         load(with_qc({"quant_method": "fp8", "weight_block_size": [64, 64]}))
     bad_ct = {"quant_method": "compressed-tensors", "format": "float-quantized",

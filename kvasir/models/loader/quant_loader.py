@@ -55,6 +55,8 @@ def quantized_weights(
     if transform is not None:
         weights = transform(weights)
     expected = model.expected_weight_shapes()  # type: ignore[operator]
+    packed_leaves = getattr(quant_config, "checkpoint_leaves", ())
+    primary_leaf = getattr(quant_config, "checkpoint_primary_leaf", None)
     params = dict(model.named_parameters())
     skipped_kv_scales = 0
     for name, tensor in weights:
@@ -71,29 +73,48 @@ def quantized_weights(
             elif model._is_local(name):  # type: ignore[operator]
                 skipped_kv_scales += 1
             continue
-        leaf = name.rpartition(".")[2]
+        module, _, leaf = name.rpartition(".")
+        if leaf in packed_leaves:
+            # A packed checkpoint (GPTQ, AWQ): no float weight; its tensors fill the
+            # method's parameters and the model gets a shape-only weight for the layer.
+            if model._is_local(name):  # type: ignore[operator]
+                _load_quant_tensor(model, params, name, tensor, quant_config)
+            weight_name = f"{module}.weight"
+            if leaf == primary_leaf and weight_name in expected:
+                yield weight_name, torch.empty(expected[weight_name], device="meta")
+            continue
         if quant_config is None or leaf not in ("weight_scale", "input_scale"):
             yield name, tensor  # load_weights names what it does not expect
             continue
         if not model._is_local(name):  # type: ignore[operator]
             continue
-        try:
-            param, shard_id = model._param_for(name, params)  # type: ignore[operator]
-        except KeyError:
-            raise ValueError(
-                f"checkpoint has {name!r}, but that layer is not quantised under "
-                f"{quant_config.describe()} (is it in the ignore list?)"
-            ) from None
-        if shard_id is None:
-            param.weight_loader(param, tensor)
-        else:
-            param.weight_loader(param, tensor, shard_id)
+        _load_quant_tensor(model, params, name, tensor, quant_config)
     if skipped_kv_scales:
         logger.warning(
             "the checkpoint has %d calibrated KV-cache scales; they are unused because the "
             "KV cache is not FP8 (pass --kv-cache-dtype fp8 to use them)",
             skipped_kv_scales,
         )
+
+
+def _load_quant_tensor(
+    model: nn.Module,
+    params: dict[str, nn.Parameter],
+    name: str,
+    tensor: torch.Tensor,
+    quant_config: QuantizationConfig,
+) -> None:
+    try:
+        param, shard_id = model._param_for(name, params)  # type: ignore[operator]
+    except KeyError:
+        raise ValueError(
+            f"checkpoint has {name!r}, but that layer is not quantised under "
+            f"{quant_config.describe()} (is it in the ignore list?)"
+        ) from None
+    if shard_id is None:
+        param.weight_loader(param, tensor)  # type: ignore[attr-defined]
+    else:
+        param.weight_loader(param, tensor, shard_id)  # type: ignore[attr-defined]
 
 
 def _kv_scale_param(name: str) -> str | None:
