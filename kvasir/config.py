@@ -19,7 +19,9 @@ _ATTN_BACKENDS = ("auto", "torch", "triton")
 _EXECUTOR_BACKENDS = ("uni", "mp", "ray")
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
 # --quantization: online schemes, and the checkpoint methods (which must then match).
-_QUANTIZATION_METHODS = ("fp8", "int8", "w8a8", "compressed-tensors", "gptq", "awq")
+_QUANTIZATION_METHODS = (
+    "fp8", "int8", "w8a8", "compressed-tensors", "gptq", "awq", "gguf", "none",
+)  # fmt: skip
 SPEC_METHODS = ("ngram", "draft_model", "self_spec", "eagle", "medusa")
 # Drafts per request per step; beyond this a step's verification work is mostly wasted.
 MAX_SPECULATIVE_TOKENS = 16

@@ -72,6 +72,7 @@ def _load_builtin() -> None:
     # that the registry's interface loads without torch kernels).
     import kvasir.quantization.awq  # noqa: F401
     import kvasir.quantization.compressed_tensors  # noqa: F401
+    import kvasir.quantization.gguf_packed  # noqa: F401
     import kvasir.quantization.gptq  # noqa: F401
     import kvasir.quantization.schemes  # noqa: F401
 
@@ -89,12 +90,38 @@ ONLINE_METHODS = ("fp8", "int8", "w8a8")
 CHECKPOINT_METHODS = ("fp8", "compressed-tensors", "gptq", "awq")
 
 
+# GGUF checkpoints: ``gguf`` keeps the block formats packed; ``none`` dequantises at load.
+GGUF_METHODS = ("gguf", "none")
+
+
 def resolve_quantization(
-    flag: str | None, hf_quant_config: dict[str, Any] | None, device: torch.device
+    flag: str | None,
+    hf_quant_config: dict[str, Any] | None,
+    device: torch.device,
+    load_format: str | None = None,
 ) -> QuantizationConfig | None:
     """The config for ``--quantization`` (``flag``) and the checkpoint's
     ``quantization_config``. A quantised checkpoint runs its own scheme; ``flag`` may
-    name its method (or be None) but not another one."""
+    name its method (or be None) but not another one. ``none``: no quantisation (a GGUF
+    checkpoint dequantised at load); ``gguf``: a GGUF checkpoint's blocks kept packed."""
+    if flag == "none":
+        if hf_quant_config is not None:
+            raise ValueError(
+                "quantization 'none' conflicts with the checkpoint's quantization_config "
+                f"(quant_method {hf_quant_config.get('quant_method')!r})"
+            )
+        return None
+    if flag == "gguf" or (flag is None and load_format == "gguf"):
+        if load_format != "gguf":
+            raise ValueError(
+                f"quantization 'gguf' needs a GGUF checkpoint (load_format gguf), got "
+                f"load_format {load_format!r}"
+            )
+        if flag is None:
+            flag = default_gguf_quantization(device)
+            if flag == "none":
+                return None
+        return get_quantization_config_cls("gguf").online(device)
     if hf_quant_config is not None:
         method = hf_quant_config.get("quant_method")
         if method not in CHECKPOINT_METHODS:
@@ -118,8 +145,18 @@ def resolve_quantization(
     return get_quantization_config_cls(flag).online(device)
 
 
+def default_gguf_quantization(device: torch.device) -> str:
+    """What a GGUF checkpoint runs without ``--quantization``: packed (``gguf``) on
+    CUDA; dequantised at load (``none``) on the CPU, where the packed path is the
+    per-call torch reference and much slower (benchmarks/RESULTS.md, "4-bit weights";
+    a fast CPU path for the packed formats is a later issue)."""
+    return "gguf" if device.type == "cuda" else "none"
+
+
 __all__ = [
     "CHECKPOINT_METHODS",
+    "GGUF_METHODS",
+    "default_gguf_quantization",
     "ONLINE_METHODS",
     "QuantizationConfig",
     "get_quantization_config_cls",

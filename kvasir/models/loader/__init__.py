@@ -183,7 +183,10 @@ def load_model(
     model_cls = get_model_cls(arch_config.architectures)
     if quant_config is None:
         quant_config = resolve_quantization(
-            model_config.quantization, read_quantization_config(path, fmt), torch.device(device)
+            model_config.quantization,
+            read_quantization_config(path, fmt),
+            torch.device(device),
+            load_format=fmt,
         )
     ctx = LayerContext(
         attn_backend_cls=attn_backend_cls,
@@ -203,7 +206,8 @@ def load_model(
             weights = iterate_safetensors(safetensors_files(path))
             model.load_weights(quantized_weights(model, quant_config, weights))
         else:
-            gguf = iterate_gguf(open_gguf(path), path, arch_config)
+            packed = getattr(quant_config, "keeps_gguf_packed", False)
+            gguf = iterate_gguf(open_gguf(path), path, arch_config, packed=packed)
             model.load_weights(quantized_weights(model, quant_config, gguf))
     except ValueError as e:
         if path in str(e):

@@ -15,7 +15,7 @@ import torch
 
 from kvasir.config import ModelArchConfig
 from kvasir.layers.rotary_embedding import compute_inv_freq
-from kvasir.models.loader.gguf_reader import GGUFFile, dequantize, read_gguf
+from kvasir.models.loader.gguf_reader import GGUFFile, GGUFTensor, dequantize, read_gguf
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -241,6 +241,10 @@ def _unpermute(weight: np.ndarray, num_heads: int) -> np.ndarray:
     return np.ascontiguousarray(rows).reshape(shape)
 
 
+def _unpermute_t(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    return torch.from_numpy(_unpermute(weight.numpy(), num_heads))
+
+
 def gguf_hf_name(name: str) -> str | None:
     """HF tensor name for GGUF tensor ``name``, or None for tensors with no HF weight."""
     if name in _GLOBAL_NAMES:
@@ -251,10 +255,35 @@ def gguf_hf_name(name: str) -> str | None:
     return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
 
 
-def iterate_gguf(
-    gguf: GGUFFile, path: str, arch_config: ModelArchConfig
+# Decoder linear layers whose weights ``packed`` keeps in their block format.
+_LINEAR_LEAVES = tuple(
+    _LAYER_NAMES[k] for k in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate",
+                              "ffn_up", "ffn_down")
+)  # fmt: skip
+
+
+def _packed_linear(
+    tensor: GGUFTensor, hf_name: str, path: str
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(hf_name, float32 tensor)`` one dequantized tensor at a time."""
+    """``<module>.gguf_type`` and ``<module>.gguf_weight`` (``[N, row bytes]`` uint8,
+    or float32 for float types) for ``kvasir.quantization.gguf_packed``."""
+    from kvasir.quantization.gguf_packed import FLOAT_TYPES, check_packed_type
+
+    check_packed_type(tensor.name, tensor.tensor_type, path)
+    module = hf_name.rpartition(".")[0]
+    yield f"{module}.gguf_type", torch.tensor([int(tensor.tensor_type)], dtype=torch.int64)
+    if tensor.tensor_type in FLOAT_TYPES:
+        yield f"{module}.gguf_weight", torch.from_numpy(dequantize(tensor, path))
+    else:
+        rows = tensor.shape[0]
+        yield f"{module}.gguf_weight", torch.from_numpy(tensor.data.reshape(rows, -1).copy())
+
+
+def iterate_gguf(
+    gguf: GGUFFile, path: str, arch_config: ModelArchConfig, packed: bool = False
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(hf_name, float32 tensor)`` one dequantized tensor at a time; with
+    ``packed``, the decoder's linear weights as they are stored (``_packed_linear``)."""
     permuted = _field(gguf, "general.architecture") == "llama"
     ssm = _field(gguf, "general.architecture") in _SSM_ARCHS
     for tensor in gguf.tensors:
@@ -270,6 +299,15 @@ def iterate_gguf(
         hf_name = gguf_hf_name(tensor.name)
         if hf_name is None:
             raise ValueError(f"unexpected tensor {tensor.name!r} in GGUF file '{path}'")
+        module = hf_name.rpartition(".")[0]
+        if packed and hf_name.endswith(".weight") and module.endswith(_LINEAR_LEAVES):
+            parts = list(_packed_linear(tensor, hf_name, path))
+            if permuted and ".self_attn.q_proj." in hf_name:
+                parts[1] = (parts[1][0], _unpermute_t(parts[1][1], arch_config.num_attention_heads))
+            elif permuted and ".self_attn.k_proj." in hf_name:
+                parts[1] = (parts[1][0], _unpermute_t(parts[1][1], arch_config.num_key_value_heads))
+            yield from parts
+            continue
         weight = dequantize(tensor, path)
         if permuted and ".self_attn.q_proj." in hf_name:
             weight = _unpermute(weight, arch_config.num_attention_heads)
