@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from kvasir.engine.beam_search import BeamSearchParams
+from kvasir.lora.request import LoRARequest
 from kvasir.outputs import CompletionOutput, RequestOutput
 from kvasir.pooling_params import PoolingParams
 from kvasir.sampling_params import RequestOutputKind, SamplingParams
@@ -15,6 +16,7 @@ __all__ = [
     "LLM",
     "SamplingParams",
     "BeamSearchParams",
+    "LoRARequest",
     "PoolingParams",
     "RequestOutput",
     "CompletionOutput",

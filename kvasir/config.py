@@ -463,6 +463,64 @@ class SpeculativeConfig:
         return cls(**d)
 
 
+LORA_STRATEGIES = ("auto", "unmerged", "merged")
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """Multi-LoRA serving (``--enable-lora``; vLLM's flags, see ``kvasir.lora``).
+
+    ``max_loras`` adapters sit in device slots at once (so at most that many distinct
+    adapters run in one step), ``max_cpu_loras`` in host memory; any number on disk
+    (``lora_modules`` registered by name, or a directory per adapter under
+    ``lora_dir``). ``lora_strategy``: "unmerged" computes ``W0 x + B A x`` per token;
+    "merged" folds ``B A`` into the base weights while a single adapter is the only one
+    running (and restores them bit for bit when the mix changes); "auto" picks per run
+    of steps from measured costs. ``lora_max_wait_steps``: how many steps a request may
+    wait for a device slot before adapters already resident stop admitting new
+    requests, so a cold adapter is never starved."""
+
+    max_loras: int = 1
+    max_cpu_loras: int | None = None  # None: max_loras
+    max_lora_rank: int = 16
+    lora_modules: tuple[tuple[str, str], ...] = ()  # (name, path)
+    lora_dir: str | None = None
+    lora_strategy: str = "unmerged"
+    lora_max_wait_steps: int = 32
+
+    def __post_init__(self) -> None:
+        _check(self.max_loras >= 1, "max_loras", f"must be >= 1, got {self.max_loras}")
+        if self.max_cpu_loras is not None:
+            _check(
+                self.max_cpu_loras >= self.max_loras,
+                "max_cpu_loras",
+                f"({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})",
+            )
+        _check(
+            1 <= self.max_lora_rank <= 512,
+            "max_lora_rank",
+            f"must be in [1, 512], got {self.max_lora_rank}",
+        )
+        _check(
+            self.lora_strategy in LORA_STRATEGIES,
+            "lora_strategy",
+            f"must be one of {LORA_STRATEGIES}, got {self.lora_strategy!r}",
+        )
+        _check(self.lora_max_wait_steps >= 1, "lora_max_wait_steps", "must be >= 1")
+        names = [n for n, _ in self.lora_modules]
+        _check(
+            len(names) == len(set(names)),
+            "lora_modules",
+            f"names must be unique, got {names}",
+        )
+        for name, path in self.lora_modules:
+            _check(bool(name) and bool(path), "lora_modules", "entries must be name=path")
+
+    @property
+    def num_cpu_loras(self) -> int:
+        return self.max_cpu_loras if self.max_cpu_loras is not None else self.max_loras
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model_config: ModelConfig
@@ -480,6 +538,7 @@ class EngineConfig:
     # Schedule step N + 1 while the device runs step N (None: on for CUDA, off on CPU).
     async_scheduling: bool | None = None
     speculative_config: SpeculativeConfig | None = None
+    lora_config: LoRAConfig | None = None  # None: LoRA off (--enable-lora)
 
     def __post_init__(self) -> None:
         _check(self.cuda_graph_mixed_tokens >= 0, "cuda_graph_mixed_tokens", "must be >= 0")

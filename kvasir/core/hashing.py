@@ -4,6 +4,8 @@ The hash of block ``i`` covers its ``block_size`` token ids, the hash of block `
 (so equal hashes mean equal *prefixes*, not just equal blocks) and optional extra keys.
 The request's ``cache_salt`` is an extra key of block 0 only: through the chain it
 changes every later hash too, so tenants with different salts never share a block.
+The request's LoRA adapter id is mixed in the same way (KV computed under different
+weights is different KV); the base model (id 0) adds nothing, so its keys are unchanged.
 
 SHA-256 over a fixed little-endian encoding (never pickle, never Python's ``hash``): the
 32-byte digest is stable across processes and machines (a prefix-aware router can
@@ -48,22 +50,29 @@ def hash_block_tokens(
     return h.digest()
 
 
-def _extra_keys(cache_salt: str | None, block_index: int) -> bytes | None:
+def _extra_keys(cache_salt: str | None, block_index: int, lora_id: int = 0) -> bytes | None:
     # The salt goes into block 0 only; the chain carries it to every later block.
-    if block_index == 0 and cache_salt is not None:
+    if block_index != 0:
+        return None
+    if lora_id:
+        salt = b"" if cache_salt is None else cache_salt.encode("utf-8")
+        return b"lora:" + struct.pack("<q", lora_id) + salt
+    if cache_salt is not None:
         return cache_salt.encode("utf-8")
     return None
 
 
 def hash_token_ids(
-    token_ids: Sequence[int], block_size: int, cache_salt: str | None = None
+    token_ids: Sequence[int], block_size: int, cache_salt: str | None = None, lora_id: int = 0
 ) -> list[BlockHash]:
     """Hashes of every full block of ``token_ids`` (the trailing partial block has none)."""
     hashes: list[BlockHash] = []
     parent: BlockHash | None = None
     for i in range(len(token_ids) // block_size):
         parent = hash_block_tokens(
-            parent, token_ids[i * block_size : (i + 1) * block_size], _extra_keys(cache_salt, i)
+            parent,
+            token_ids[i * block_size : (i + 1) * block_size],
+            _extra_keys(cache_salt, i, lora_id),
         )
         hashes.append(parent)
     return hashes
@@ -85,6 +94,6 @@ def update_block_hashes(request: Request, block_size: int) -> None:
         parent = hash_block_tokens(
             parent,
             token_ids[i * block_size : (i + 1) * block_size],
-            _extra_keys(request.cache_salt, i),
+            _extra_keys(request.cache_salt, i, request.lora_id),
         )
         hashes.append(parent)

@@ -36,6 +36,9 @@ class NewRequestData:
     # An n > 1 child forking its parent: copy this slot's state into ``state_slot``
     # before the step (the parent's state at ``num_computed_tokens``). -1: none.
     state_copy_from: int = -1
+    # Multi-LoRA: the request's adapter id (0: the base model); its slot is in the
+    # scheduler's ``lora_loads`` of this or an earlier step.
+    lora_id: int = 0
 
 
 @dataclass
@@ -76,6 +79,9 @@ class SchedulerOutput:
     # ([rows, ceil(vocab_size / 32)], bit set = token allowed).
     structured_output_request_ids: dict[str, int] = field(default_factory=dict)
     grammar_bitmask: bytes | None = None
+    # Multi-LoRA: device slot -> adapter id for slots (re)assigned this step; the
+    # runner copies those adapters in before running the step.
+    lora_loads: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass

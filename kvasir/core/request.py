@@ -63,6 +63,7 @@ class Request:
         service_tier: str | None = None,
         ttft_slo_ms: float | None = None,
         tpot_slo_ms: float | None = None,
+        lora_id: int = 0,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -79,6 +80,7 @@ class Request:
         self.service_tier = service_tier
         self.ttft_slo_ms = ttft_slo_ms
         self.tpot_slo_ms = tpot_slo_ms
+        self.lora_id = lora_id  # its adapter (0: the base model); keys its prefix blocks
 
         self.status = RequestStatus.WAITING
         self.output_token_ids: list[int] = []

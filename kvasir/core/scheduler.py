@@ -85,6 +85,7 @@ from kvasir.config import CacheConfig, SchedulerConfig
 from kvasir.core.block_pool import KVCacheBlock
 from kvasir.core.kv_cache_manager import KVCacheManager, cdiv
 from kvasir.core.kv_cache_spec import KVCacheConfig
+from kvasir.core.lora_slots import LoRASlots
 from kvasir.core.outputs import (
     CachedRequestData,
     EngineCoreOutput,
@@ -202,6 +203,10 @@ class Scheduler:
         self._state_copies: dict[str, int] = {}
         self.num_state_forks = 0  # cumulative
         self._computed_before_step: dict[str, int] = {}
+        # Multi-LoRA (set by the engine when enabled): the device slots' adapters, and
+        # the requests holding a slot (admitted, not yet finished or preempted).
+        self.lora_slots: LoRASlots | None = None
+        self._lora_holders: set[str] = set()
 
     # ------------------------------------------------------------------ intake
 
@@ -407,6 +412,9 @@ class Scheduler:
                 if hold:  # a child whose parent's prompt is not computed yet
                     skipped.append(self.waiting.pop())
                     continue
+                if request.lora_id and not self._lora_admit(request):
+                    skipped.append(self.waiting.pop())  # its adapter has no slot yet
+                    continue
                 num_new = request.num_tokens - num_computed
                 if not chunked and num_new > token_budget:
                     break
@@ -438,6 +446,7 @@ class Scheduler:
                     )
                 if new_block_ids is None:
                     self._state_copies.pop(request.request_id, None)
+                    self._lora_release(request)
                     break  # the head does not fit: nobody jumps ahead of it
                 self.waiting.pop()
                 if from_cache:
@@ -462,6 +471,7 @@ class Scheduler:
                         pooling_params=request.pooling_params,
                         state_slot=kv.get_state_slot(request.request_id),
                         state_copy_from=self._state_copies.pop(request.request_id, -1),
+                        lora_id=request.lora_id,
                     )
                 )
                 num_scheduled[request.request_id] = num_new
@@ -492,6 +502,8 @@ class Scheduler:
             preempted_req_ids=preempted_ids,
             scheduled_spec_decode_tokens=spec_scheduled,
         )
+        if self.lora_slots is not None:
+            so.lora_loads = self.lora_slots.take_loads()
         if spec_scheduled:
             self._last_spec_k = sum(map(len, spec_scheduled.values())) / len(spec_scheduled)
         if self.pipelined:
@@ -554,9 +566,31 @@ class Scheduler:
             running = [r for r in running if r.request_id not in self._in_flight]
         return self.policy.select_victim(running)
 
+    def _lora_admit(self, request: Request) -> bool:
+        """Whether a waiting request's adapter got a device slot (see ``LoRASlots``)."""
+        slots = self.lora_slots
+        if slots is None:
+            raise ValueError(f"request {request.request_id!r} names an adapter; LoRA is off")
+        demand: set[int] = set()
+        if slots.starving is not None:
+            demand = {r.lora_id for r in self.waiting if r.lora_id}
+        if slots.admit(request.request_id, request.lora_id, demand) is None:
+            return False
+        self._lora_holders.add(request.request_id)
+        return True
+
+    def _lora_release(self, request: Request) -> None:
+        if request.request_id in self._lora_holders:
+            self._lora_holders.discard(request.request_id)
+            assert self.lora_slots is not None
+            self.lora_slots.release(request.lora_id)
+        elif request.lora_id and self.lora_slots is not None:
+            self.lora_slots.forget(request.request_id, request.lora_id)
+
     def _preempt(self, request: Request) -> None:
         """Preempt by recompute: drop the KV, restart from token 0 later."""
         self.kv_cache_manager.free(request)
+        self._lora_release(request)
         request.spec_token_ids = []
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
@@ -578,6 +612,7 @@ class Scheduler:
                 and parent is not request
                 and request.sampling_params.prompt_logprobs is None
                 and parent.cache_salt == request.cache_salt
+                and parent.lora_id == request.lora_id
                 and parent.prompt_token_ids == request.prompt_token_ids
             ):
                 # num_computed_tokens counts this step's tokens already (see module doc).
@@ -811,6 +846,7 @@ class Scheduler:
     def _free_request(self, request: Request) -> None:
         self.policy.on_finished(request)
         self.kv_cache_manager.free(request)
+        self._lora_release(request)
         self._num_output_placeholders.pop(request.request_id, None)
         del self.requests[request.request_id]
         self._prompt_logprobs.pop(request.request_id, None)

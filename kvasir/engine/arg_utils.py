@@ -13,6 +13,7 @@ from kvasir.config import (
     DeviceConfig,
     EngineConfig,
     KernelConfig,
+    LoRAConfig,
     ModelConfig,
     ParallelConfig,
     SchedulerConfig,
@@ -61,6 +62,15 @@ class EngineArgs:
     calculate_kv_scales: bool = False
     # JSON text or a dict, as vLLM's --speculative-config
     speculative_config: str | dict | SpeculativeConfig | None = None
+    # Multi-LoRA (vLLM's flags): --lora-modules name=path ... (or a dict / pairs)
+    enable_lora: bool = False
+    lora_modules: list[str] | dict[str, str] | None = None
+    max_loras: int = 1
+    max_cpu_loras: int | None = None
+    max_lora_rank: int = 16
+    lora_dir: str | None = None
+    lora_strategy: str = "unmerged"
+    lora_max_wait_steps: int = 32
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -216,6 +226,44 @@ class EngineArgs:
             "ngram, draft_model (with model), self_spec (with num_layers), eagle and medusa "
             '(with model); "num_speculative_tokens": "auto" adapts k per request and step',
         )
+        lo = parser.add_argument_group("LoRA adapters")
+        lo.add_argument("--enable-lora", action="store_true", help="serve LoRA / (IA)^3 adapters")
+        lo.add_argument(
+            "--lora-modules",
+            nargs="+",
+            default=None,
+            metavar="NAME=PATH",
+            help="adapters to register at start-up (PEFT directories), by the name requests "
+            "use as their model",
+        )
+        lo.add_argument(
+            "--max-loras", type=int, default=1, help="adapters in device slots (per step)"
+        )
+        lo.add_argument(
+            "--max-cpu-loras",
+            type=int,
+            default=None,
+            help="adapters cached in host memory (default: --max-loras)",
+        )
+        lo.add_argument("--max-lora-rank", type=int, default=16)
+        lo.add_argument(
+            "--lora-dir",
+            default=None,
+            help="a directory of adapters, one sub-directory per adapter name (loaded lazily)",
+        )
+        lo.add_argument(
+            "--lora-strategy",
+            choices=["auto", "unmerged", "merged"],
+            default="unmerged",
+            help="merged: fold B A into the base weights while one adapter runs alone",
+        )
+        lo.add_argument(
+            "--lora-max-wait-steps",
+            type=int,
+            default=32,
+            help="steps a request may wait for a device slot before resident adapters "
+            "stop admitting (no starvation)",
+        )
         return parser
 
     @classmethod
@@ -281,6 +329,22 @@ class EngineArgs:
             cuda_graph_mixed_tokens=self.cuda_graph_mixed_tokens,
             async_scheduling=self.async_scheduling,
             speculative_config=parse_speculative_config(self.speculative_config),
+            lora_config=self._lora_config(),
+        )
+
+    def _lora_config(self) -> LoRAConfig | None:
+        if not self.enable_lora:
+            if self.lora_modules:
+                raise ValueError("lora_modules needs enable_lora (--enable-lora)")
+            return None
+        return LoRAConfig(
+            max_loras=self.max_loras,
+            max_cpu_loras=self.max_cpu_loras,
+            max_lora_rank=self.max_lora_rank,
+            lora_modules=parse_lora_modules(self.lora_modules),
+            lora_dir=self.lora_dir,
+            lora_strategy=self.lora_strategy,
+            lora_max_wait_steps=self.lora_max_wait_steps,
         )
 
 
@@ -296,6 +360,39 @@ def parse_speculative_config(
         except json.JSONDecodeError as e:
             raise ValueError(f"speculative_config is not valid JSON ({e}): {value!r}") from None
     return SpeculativeConfig.from_dict(value)  # type: ignore[arg-type]
+
+
+def parse_lora_modules(
+    value: list[str] | dict[str, str] | tuple | str | None,
+) -> tuple[tuple[str, str], ...]:
+    """``--lora-modules name=path ...`` (also a dict, or a JSON object per entry as vLLM
+    accepts: ``{"name": ..., "path": ...}``) -> ``((name, path), ...)``."""
+    if not value:
+        return ()
+    if isinstance(value, dict):
+        return tuple((str(k), str(v)) for k, v in value.items())
+    if isinstance(value, str):
+        value = value.split()
+    out: list[tuple[str, str]] = []
+    for item in value:
+        if isinstance(item, (tuple, list)) and len(item) == 2:
+            out.append((str(item[0]), str(item[1])))
+            continue
+        text = str(item).strip()
+        if text.startswith("{"):
+            try:
+                obj = json.loads(text)
+                out.append((str(obj["name"]), str(obj["path"])))
+                continue
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ValueError(
+                    f"lora_modules: {text!r} must be name=path or a JSON object with name and path"
+                ) from None
+        name, sep, path = text.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"lora_modules: {text!r} must be name=path")
+        out.append((name, path))
+    return tuple(out)
 
 
 def _parse_partition(text: str | tuple[int, ...] | None) -> tuple[int, ...] | None:

@@ -224,6 +224,7 @@ class AsyncLLM:
         trace_span: Any = None,
         tenant: str | None = None,
         pooling_params: PoolingParams | None = None,
+        lora_request: Any = None,
     ) -> AsyncGenerator[RequestOutput, None]:
         """Outputs of one request until it finishes; closing the generator early (a
         client that went away) aborts it in the core. Raises ValueError (bad input,
@@ -239,7 +240,7 @@ class AsyncLLM:
         arrival = time.time() if arrival_time is None else arrival_time
         p = self.input_processor.process(
             request_id, prompt, params, arrival, priority=priority, cache_salt=cache_salt,
-            pooling_params=pooling_params,
+            pooling_params=pooling_params, lora_request=lora_request,
         )  # fmt: skip
         if pooling_params is not None:
             params = p.core_requests[0].sampling_params

@@ -155,6 +155,9 @@ class EngineCore:
         )
         if spec is not None:
             self.scheduler.num_lookahead_tokens = spec.num_lookahead_tokens
+        self.lora_manager = None
+        if config.lora_config is not None:
+            self._init_lora(config)
         # Launched steps whose outputs have not been read back, oldest first: at most
         # one with async scheduling, one per pipeline stage with pipeline parallelism.
         self._in_flight: deque[tuple[SchedulerOutput, PendingOutput]] = deque()
@@ -218,9 +221,47 @@ class EngineCore:
             )
             logger.info(msg)
 
+    def _init_lora(self, config: EngineConfig) -> None:
+        """Multi-LoRA: the scheduler's slot table over the runner's adapter manager
+        (in this process: the uni executor), and the adapters named at start-up."""
+        from kvasir.core.lora_slots import LoRASlots
+        from kvasir.lora.request import LoRARequest
+
+        lc = config.lora_config
+        assert lc is not None
+        manager = getattr(self.runner, "lora_manager", None)
+        if manager is None:
+            self.executor.shutdown()
+            raise ValueError(
+                "enable_lora needs the single-process executor (one GPU or the CPU); "
+                "LoRA over tensor/pipeline parallel workers is not supported yet"
+            )
+        if config.speculative_config is not None:
+            self.executor.shutdown()
+            raise ValueError("enable_lora cannot be combined with speculative_config yet")
+        self.lora_manager = manager
+        self.scheduler.lora_slots = LoRASlots(
+            lc.max_loras,
+            lc.lora_max_wait_steps,
+            config.scheduler_config.max_num_seqs,
+            is_ready=manager.is_ready,
+        )
+        for i, (name, path) in enumerate(lc.lora_modules):
+            manager.register(LoRARequest(name, i + 1, path))
+
     def add_request(self, req: EngineCoreRequest) -> None:
         """Raises ValueError for a request that can never run (too long for
-        max_model_len or the KV cache) or when the waiting queue is full."""
+        max_model_len or the KV cache, a bad adapter) or when the waiting queue is
+        full."""
+        lora_id = 0
+        if req.lora_request is not None:
+            if self.lora_manager is None:
+                raise ValueError(
+                    "lora_request: LoRA is not enabled (start the engine with enable_lora / "
+                    "--enable-lora)"
+                )
+            self.lora_manager.register(req.lora_request)
+            lora_id = req.lora_request.lora_int_id
         request = Request(
             request_id=req.request_id,
             prompt_token_ids=req.prompt_token_ids,
@@ -231,6 +272,7 @@ class EngineCore:
             cache_salt=req.cache_salt,
             fork_of=req.fork_of,
             pooling_params=req.pooling_params,
+            lora_id=lora_id,
         )
         so_params = req.sampling_params.structured_outputs
         if so_params is not None:
@@ -243,6 +285,26 @@ class EngineCore:
             if so_params is not None:
                 self._structured_outputs().remove_finished({req.request_id})
             raise
+        if lora_id:
+            assert self.lora_manager is not None
+            slots = self.scheduler.lora_slots
+            if slots is None or lora_id not in slots.slot_of:
+                self.lora_manager.prefetch(lora_id)  # on its thread, while others run
+
+    def _fail_lora_loads(self) -> None:
+        """Abort the waiting requests of adapters whose background load failed."""
+        assert self.lora_manager is not None
+        failed = self.lora_manager.take_failed()
+        if not failed:
+            return
+        ids = {lora_id for lora_id, _ in failed}
+        for lora_id, err in failed:
+            logger.error(
+                "LoRA adapter %d could not be loaded; failing its requests: %s", lora_id, err
+            )
+        self.scheduler.abort_requests(
+            [r.request_id for r in self.scheduler.requests.values() if r.lora_id in ids]
+        )
 
     def _structured_outputs(self) -> StructuredOutputManager:
         if self.structured_output is None:
@@ -266,6 +328,8 @@ class EngineCore:
     def _schedule(self) -> SchedulerOutput:
         """``schedule()``, plus the structured-output bitmask of the step's constrained
         requests (and aborts of those whose grammar failed to compile)."""
+        if self.lora_manager is not None:
+            self._fail_lora_loads()
         som = self.structured_output
         if som is None or not som.num_active:
             return self.scheduler.schedule()
@@ -373,6 +437,8 @@ class EngineCore:
 
     def shutdown(self) -> None:
         self._in_flight.clear()
+        if self.lora_manager is not None:
+            self.lora_manager.shutdown()
         if self.structured_output is not None:
             self.structured_output.shutdown()
         self.executor.shutdown()

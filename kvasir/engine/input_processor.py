@@ -10,6 +10,7 @@ import time
 from typing import Any, NamedTuple
 
 from kvasir.engine.messages import EngineCoreRequest
+from kvasir.lora.request import LoRARequest
 from kvasir.pooling_params import PoolingParams
 from kvasir.sampling_params import RequestOutputKind, SamplingParams
 
@@ -74,7 +75,12 @@ class InputProcessor:
         priority: int = 0,
         cache_salt: str | None = None,
         pooling_params: PoolingParams | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> ProcessedRequest:
+        if lora_request is not None and not isinstance(lora_request, LoRARequest):
+            raise ValueError(
+                "lora_request must be a LoRARequest(lora_name, lora_int_id, lora_path)"
+            )
         if pooling_params is not None:
             return self._process_pooling(
                 request_id, prompt, pooling_params, arrival_time, priority, cache_salt
@@ -124,6 +130,7 @@ class InputProcessor:
                     priority=priority,
                     cache_salt=cache_salt,
                     fork_of=child_ids[0] if i > 0 else None,
+                    lora_request=lora_request,
                 )
             )
         return ProcessedRequest(text, ids, core_requests, child_ids)

@@ -9,6 +9,7 @@ from kvasir.engine.arg_utils import EngineArgs
 from kvasir.engine.core import EngineCore
 from kvasir.engine.input_processor import InputProcessor
 from kvasir.engine.output_processor import OutputProcessor
+from kvasir.lora.request import LoRARequest
 from kvasir.outputs import RequestOutput
 from kvasir.pooling_params import PoolingParams
 from kvasir.sampling_params import SamplingParams
@@ -47,12 +48,14 @@ class LLMEngine:
         priority: int = 0,
         cache_salt: str | None = None,
         pooling_params: PoolingParams | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> None:
-        """``pooling_params``: an embedding request (``params`` is then ignored)."""
+        """``pooling_params``: an embedding request (``params`` is then ignored);
+        ``lora_request``: the adapter it runs under (None: the base model)."""
         arrival = time.time() if arrival_time is None else arrival_time
         p = self.input_processor.process(
             request_id, prompt, params, arrival, priority=priority, cache_salt=cache_salt,
-            pooling_params=pooling_params,
+            pooling_params=pooling_params, lora_request=lora_request,
         )  # fmt: skip
         params = p.core_requests[0].sampling_params if pooling_params is not None else params
         added: list[str] = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import msgspec
 
+from kvasir.lora.request import LoRARequest
 from kvasir.pooling_params import PoolingParams
 from kvasir.sampling_params import SamplingParams
 
@@ -23,6 +24,8 @@ class EngineCoreRequest(msgspec.Struct, omit_defaults=True):
     fork_of: str | None = None
     # An embedding request: prefill only, one pooled hidden state back.
     pooling_params: PoolingParams | None = None
+    # The adapter it runs under (None: the base model).
+    lora_request: LoRARequest | None = None
 
 
 class EngineCoreAbort(msgspec.Struct):

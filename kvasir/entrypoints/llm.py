@@ -16,6 +16,7 @@ from kvasir.engine.beam_search import (
     top_logprobs_of,
 )
 from kvasir.engine.llm_engine import LLMEngine
+from kvasir.lora.request import LoRARequest
 from kvasir.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
 from kvasir.pooling_params import PoolingParams
 from kvasir.sampling_params import RequestOutputKind, SamplingParams
@@ -48,10 +49,13 @@ class LLM:
         use_tqdm: bool = True,
         priority: list[int] | None = None,
         cache_salt: str | list[str | None] | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Generate for one prompt or a list; outputs come back in input order.
 
         A prompt is a string, a list of token ids, or ``{"prompt_token_ids": [...]}``.
+        ``lora_request``: one adapter for every prompt, or one (or None: the base
+        model) per prompt; the engine needs ``enable_lora=True``.
         Raises ValueError (naming the parameter) if any prompt or parameter is invalid;
         nothing of that call is left running.
         """
@@ -76,7 +80,16 @@ class LLM:
         if priority is not None and len(priority) != len(prompts):
             raise ValueError("priority must have the same length as prompts")
         salts = cache_salt if isinstance(cache_salt, list) else [cache_salt] * len(prompts)
-        return self._run(prompts, params_list, use_tqdm, priority, salts)
+        if lora_request is None or isinstance(lora_request, LoRARequest):
+            loras = [lora_request] * len(prompts)
+        else:
+            loras = list(lora_request)
+            if len(loras) != len(prompts):
+                raise ValueError(
+                    f"lora_request must be one LoRARequest or a list of the same length as "
+                    f"prompts ({len(prompts)}), got {len(loras)}"
+                )
+        return self._run(prompts, params_list, use_tqdm, priority, salts, loras)
 
     def chat(
         self,
@@ -184,6 +197,7 @@ class LLM:
         use_tqdm: bool,
         priority: list[int] | None,
         salts: list[str | None],
+        loras: list[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         engine = self.llm_engine
         ids: list[str] = []
@@ -194,8 +208,9 @@ class LLM:
                     sp.output_kind = RequestOutputKind.FINAL_ONLY
                 rid = str(next(self._counter))
                 engine.add_request(
-                    rid, prompt, sp, priority=priority[i] if priority else 0, cache_salt=salts[i]
-                )
+                    rid, prompt, sp, priority=priority[i] if priority else 0, cache_salt=salts[i],
+                    lora_request=loras[i] if loras else None,
+                )  # fmt: skip
                 ids.append(rid)
         except ValueError:
             engine.abort_request(ids)

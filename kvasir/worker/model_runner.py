@@ -48,6 +48,7 @@ from kvasir.worker.input_buffers import InputBuffers, StepInputs
 from kvasir.worker.request_state import CachedRequestState
 
 if TYPE_CHECKING:
+    from kvasir.lora.manager import LoRAManager
     from kvasir.spec_decode.decoder import SpecDecoder
 
 logger = logging.getLogger(__name__)
@@ -158,6 +159,17 @@ class ModelRunner:
             # start-up time than they would save).
             linears = [m for m in self.model.modules() if isinstance(m, LinearBase)]
             warm_up_linears(linears, min(self.max_num_reqs, 64))
+        self.lora_manager: LoRAManager | None = None
+        if config.lora_config is not None:
+            from kvasir.lora.manager import LoRAManager
+
+            if parallel.tp_size > 1 or parallel.pp_size > 1:
+                raise ValueError(
+                    "enable_lora: LoRA with tensor or pipeline parallelism is not supported yet"
+                )
+            self.lora_manager = LoRAManager(
+                self.model, config.lora_config, self.max_num_tokens, self.device
+            )
         self.sampler = Sampler()
         self.spec_decoder: SpecDecoder | None = None
         self.draft_kv_caches: list[torch.Tensor] = []
@@ -310,6 +322,7 @@ class ModelRunner:
                 prompt_logprobs_done=old.prompt_logprobs_done if old is not None else 0,
                 pooling_params=new.pooling_params,
                 state_slot=new.state_slot,
+                lora_id=new.lora_id,
             )
             self.requests[new.req_id] = st
             if new.state_copy_from >= 0:  # an n > 1 child: its parent's state so far
@@ -363,6 +376,8 @@ class ModelRunner:
             self._read_back(self._unread[-1 if self.spec_decoder is not None else -2])
         self.buffers.wait_for_copies()  # before the pinned sources are rewritten
         self._update_states(so)
+        if self.lora_manager is not None and so.lora_loads:
+            self.lora_manager.apply_loads(so.lora_loads)
         if not so.num_scheduled_tokens:
             return None
         ib = self.input_batch
@@ -370,6 +385,8 @@ class ModelRunner:
             # Penalties and multi-token bad words need every token on the host.
             self._read_back(self._unread[-1])
         step = self._prepare_inputs(so)
+        if self.lora_manager is not None:
+            self.lora_manager.prepare_step(step)
         if self.num_state_bytes:
             step.attn_metadata.state_slots = [s.state_slot for s in step.states]
         rows, n = step.rows, len(step.rows)

@@ -34,6 +34,7 @@ class CachedRequestState:
     pool_sum: torch.Tensor | None = None
     row: int = -1
     state_slot: int = -1  # state-space layers: this request's state slot
+    lora_id: int = 0  # its LoRA adapter (0: the base model)
 
     @property
     def needs_prompt_logprobs(self) -> bool:
