@@ -170,11 +170,11 @@ def inspect_adapter(
         module, _, kind = name.rpartition(".lora_") if ".lora_" in name else (name, "", "")
         if peft_type == "IA3":
             module, _, kind = name.rpartition(".")
-        leaf = module.rpartition(".")[2]
-        if leaf in _EMBEDDING_NAMES or ".lora_embedding_" in name:
+        embedding = next((p for p in name.split(".") if p in _EMBEDDING_NAMES), None)
+        if embedding is not None or ".lora_embedding_" in name:
             raise AdapterError(
-                f"{what}: LoRA on {leaf} (embeddings / LM head, possibly with extra "
-                "vocabulary) is not supported"
+                f"{what}: LoRA on {embedding or 'an embedding'} (embeddings / LM head, "
+                "possibly with extra vocabulary) is not supported"
             )
         if module not in module_shapes:
             raise AdapterError(
