@@ -113,14 +113,18 @@ class LoRASlots:
             # a slot; an adapter over its fair share admits nobody meanwhile.
             share = max(1, self.max_num_seqs // max(1, len(waiting_lora_ids)))
             if lora_id not in self.slot_of or self.num_running.get(lora_id, 0) >= share:
-                return self._skip(request_id, lora_id)
+                self._skip(request_id, lora_id)
+                return None
             if not self._would_leave_room(starving):
-                return self._skip(request_id, lora_id)
-        if not self.is_ready(lora_id):
-            return self._skip(request_id, lora_id)
+                self._skip(request_id, lora_id)
+                return None
+        if lora_id not in self.slot_of and not self.is_ready(lora_id):
+            self._skip(request_id, lora_id)
+            return None
         slot = self._acquire(lora_id)
         if slot is None:
-            return self._skip(request_id, lora_id)
+            self._skip(request_id, lora_id)
+            return None
         self._waits.pop(request_id, None)
         if starving == lora_id:
             self.starving = None
@@ -136,7 +140,6 @@ class LoRASlots:
         self._waits[request_id] = n
         if n >= self.max_wait_steps and self.starving is None:
             self.starving = lora_id
-        return None
 
     def forget(self, request_id: str, lora_id: int) -> None:
         """A waiting request left (aborted) without being admitted."""

@@ -412,9 +412,6 @@ class Scheduler:
                 if hold:  # a child whose parent's prompt is not computed yet
                     skipped.append(self.waiting.pop())
                     continue
-                if request.lora_id and not self._lora_admit(request):
-                    skipped.append(self.waiting.pop())  # its adapter has no slot yet
-                    continue
                 num_new = request.num_tokens - num_computed
                 if not chunked and num_new > token_budget:
                     break
@@ -430,6 +427,9 @@ class Scheduler:
                     if decision is Admission.STOP:
                         break
                     skipped.append(self.waiting.pop())
+                    continue
+                if request.lora_id and not self._lora_admit(request):
+                    skipped.append(self.waiting.pop())  # its adapter has no slot yet
                     continue
                 lookahead = 0
                 if num_computed + num_new == request.num_tokens:  # it samples: room to draft
