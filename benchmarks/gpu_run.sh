@@ -14,6 +14,7 @@
 #   bash benchmarks/gpu_run.sh serve   # kvasir serve (Llama-3-8B shape) + bench serve at 3 rates
 #   bash benchmarks/gpu_run.sh w8tune  # 8-bit GEMV tests, batch-1 decode bf16/fp8/int8, kvasir tune, decode again tuned
 #   bash benchmarks/gpu_run.sh w8tune2 # kvasir tune of the FP8 GEMV shapes, profile + latency of FP8 decode tuned/default
+#   bash benchmarks/gpu_run.sh tune3   # the table's missing shapes, decode bf16/fp8/int8 on it, Mamba-1/2 decode
 # The wheels: see /work/.library/device/README.md (msgspec, gguf, pyzmq, fastapi, ...).
 set -uo pipefail
 MODE=${1:-quick}
@@ -53,6 +54,18 @@ w8tune2)  # the 8-bit GEMV shapes: tune (table grows from the shipped one), prof
     done
   done
   KVASIR_KERNEL_CONFIGS="$T" timeout 80 "${K[@]}" "${L[@]}" 2>&1 | tail -1 | tee -a "$OUT/lat.jsonl"
+  ;;
+tune3)  # the rest of the table, decode on it, and the state-space models' decode (issue 23 run 6)
+  T="$OUT/NVIDIA_H200.json"; cp kvasir/kernels/configs/NVIDIA_H200.json "$T"
+  timeout 150 "${K[@]}" tune --model llama-3-8b --kernels gemv --only-missing --out "$T" 2>&1 | tail -4
+  L=(bench latency --load-format dummy --max-model-len 4096 --input-len 128 --output-len 128 --num-iters 2)
+  for q in bf16 fp8 int8; do
+    Q=(); [ $q != bf16 ] && Q=(-q $q)
+    KVASIR_KERNEL_CONFIGS="$T" timeout 80 "${K[@]}" "${L[@]}" --model llama-3-8b "${Q[@]}" 2>&1 | tail -1 | tee -a "$OUT/lat.jsonl"
+  done
+  for m in mamba-2.8b mamba2-2.7b; do
+    timeout 100 "${K[@]}" "${L[@]}" --model $m 2>&1 | tail -1 | tee -a "$OUT/lat.jsonl"
+  done
   ;;
 models)  # SSM + MoE: kernels and engines on the GPU, then the CPU decode-vs-context bench
   timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_ssm_moe.py \

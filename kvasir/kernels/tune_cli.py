@@ -44,6 +44,9 @@ def add_tune_parser(sub: argparse._SubParsersAction) -> None:
         "--rotate-mb", type=float, default=512.0,
         help="time over this many MB of input copies (past the L2 cache)",
     )  # fmt: skip
+    p.add_argument(
+        "--only-missing", action="store_true", help="skip the shapes the table (--out) already has"
+    )
     p.add_argument("--out", default=None, help="table file (default: the user's cache dir)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=main)
@@ -73,6 +76,8 @@ def main(args: argparse.Namespace) -> int:
         weight_bytes=args.weight_bytes, m_buckets=args.m_buckets or quant_gemm.M_BUCKETS,
         tp=args.tensor_parallel_size, quant_weights=args.quant_weights, vocab=spec.vocab_size,
     )  # fmt: skip
+    if args.only_missing:
+        jobs = [(k, s) for k, s in jobs if table.lookup(k.name, k.key(s)) is None]
     tuning.set_table(tuning.ConfigTable(name))  # search against the defaults, not a table
 
     def show(r: tuning.TuneResult) -> None:
