@@ -9,6 +9,14 @@ a fixed rate (``--arrival constant``); ``--max-concurrency`` caps requests in fl
 streams; TTFT is the first chunk with text, ITL the gaps between text chunks, TPOT
 (latency - TTFT) / (output tokens - 1). Token counts come from the server's usage.
 Prints a table, then a one-line JSON summary last (also written by ``--result-file``).
+
+A JSONL dataset row may also carry what the scheduler reads -- ``tenant`` (sent as
+OpenAI's ``user``), ``service_tier`` (``interactive`` / ``batch``), ``ttft_slo_ms``,
+``tpot_slo_ms`` --, ``ignore_eos``, and ``arrival_s`` (seconds after the start; when
+any row has it, rows are sent at those times instead of at ``--request-rate``). The
+summary then has goodput per class (requests meeting the row's own SLOs, else
+``--goodput``'s) and latency per tenant; a request refused with HTTP 429 counts as
+rejected (it met no SLO).
 """
 
 from __future__ import annotations
@@ -43,6 +51,12 @@ _WORDS = (
 class RequestSpec:
     prompt: str | list[dict] | list[int]
     max_tokens: int
+    tenant: str | None = None
+    service_tier: str | None = None
+    ttft_slo_ms: float | None = None
+    tpot_slo_ms: float | None = None
+    ignore_eos: bool | None = None
+    arrival_s: float | None = None
 
 
 @dataclass
@@ -54,6 +68,8 @@ class RequestResult:
     ttft: float = 0.0
     latency: float = 0.0
     itl: list[float] = field(default_factory=list)
+    rejected: bool = False  # HTTP 429 (admission control or a full queue)
+    spec: RequestSpec | None = None
 
     @property
     def tpot(self) -> float | None:
@@ -125,6 +141,12 @@ def _length(rng: random.Random, mean: int, ratio: float) -> int:
     return rng.randint(lo, hi)
 
 
+# Per-row scheduling fields of a JSONL dataset (see the module docstring).
+_ROW_FIELDS = (
+    "tenant", "service_tier", "ttft_slo_ms", "tpot_slo_ms", "ignore_eos", "arrival_s"
+)  # fmt: skip
+
+
 def make_requests(args: argparse.Namespace, chat: bool) -> list[RequestSpec]:
     rng = random.Random(args.seed)
     specs: list[RequestSpec] = []
@@ -146,7 +168,11 @@ def make_requests(args: argparse.Namespace, chat: bool) -> list[RequestSpec]:
                 prompt = row["prompt"]
                 if chat:
                     prompt = [{"role": "user", "content": prompt}]
-            specs.append(RequestSpec(prompt, max_tokens))
+            spec = RequestSpec(prompt, max_tokens)
+            for name in _ROW_FIELDS:
+                if row.get(name) is not None:
+                    setattr(spec, name, row[name])
+            specs.append(spec)
         return specs
     if args.random_token_ids and chat:
         raise ValueError("--random-token-ids needs --endpoint /v1/completions")
@@ -178,9 +204,14 @@ async def _one(
         "stream_options": {"include_usage": True},
     }
     body["messages" if chat else "prompt"] = spec.prompt
-    if args.ignore_eos:
+    if args.ignore_eos or spec.ignore_eos:
         body["ignore_eos"] = True
-    res = RequestResult()
+    if spec.tenant is not None:
+        body["user"] = spec.tenant
+    for name in ("service_tier", "ttft_slo_ms", "tpot_slo_ms"):
+        if getattr(spec, name) is not None:
+            body[name] = getattr(spec, name)
+    res = RequestResult(spec=spec)
     chunks = 0
     start = time.perf_counter()
     last = start
@@ -188,6 +219,7 @@ async def _one(
         async with client.stream("POST", args.endpoint, json=body) as r:
             if r.status_code != 200:
                 res.error = f"HTTP {r.status_code}: {(await r.aread()).decode()[:200]}"
+                res.rejected = r.status_code == 429
                 return res
             async for line in r.aiter_lines():
                 if not line.startswith("data: "):
@@ -302,10 +334,68 @@ def summarize(
         good = sum(1 for r in ok if meets(r))
         summary["goodput_slos_ms"] = slos
         summary["goodput"] = good / duration  # requests/s meeting every SLO
+    if any(r.spec is not None and _has_class(r.spec) for r in results):
+        summary["per_class"] = _per_group(results, duration, pct, slos, _class_of)
+        summary["per_tenant"] = _per_group(results, duration, pct, slos, _tenant_of)
     errors = [r.error for r in results if not r.ok]
     if errors:
         summary["first_errors"] = errors[:3]
     return summary
+
+
+def _has_class(spec: RequestSpec) -> bool:
+    return any(getattr(spec, n) is not None for n in _ROW_FIELDS[:4])
+
+
+def _class_of(r: RequestResult) -> str:
+    tier = r.spec.service_tier if r.spec is not None else None
+    return "batch" if tier in ("batch", "flex") else "interactive"
+
+
+def _tenant_of(r: RequestResult) -> str:
+    return (r.spec.tenant if r.spec is not None else None) or ""
+
+
+def _meets_own(r: RequestResult, slos: dict[str, float]) -> bool:
+    """The request's own SLOs (its row's), else ``--goodput``'s."""
+    if not r.ok:
+        return False
+    spec = r.spec
+    own = dict(slos)
+    if spec is not None and spec.ttft_slo_ms is not None:
+        own["ttft"] = spec.ttft_slo_ms
+    if spec is not None and spec.tpot_slo_ms is not None:
+        own["tpot"] = spec.tpot_slo_ms
+    vals = {"ttft": r.ttft, "tpot": r.tpot or 0.0, "e2el": r.latency}
+    return all(vals[k] * 1000.0 <= v for k, v in own.items())
+
+
+def _per_group(
+    results: list[RequestResult],
+    duration: float,
+    pct: list[float],
+    slos: dict[str, float],
+    key: Any,
+) -> dict[str, dict]:
+    groups: dict[str, list[RequestResult]] = {}
+    for r in results:
+        groups.setdefault(key(r), []).append(r)
+    out = {}
+    for name, rs in sorted(groups.items()):
+        ok = [r for r in rs if r.ok]
+        good = sum(1 for r in rs if _meets_own(r, slos))
+        out[name] = {
+            "num_requests": len(rs),
+            "completed": len(ok),
+            "rejected": sum(1 for r in rs if r.rejected),
+            "slo_met": good,
+            "slo_attainment": good / len(rs),
+            "goodput": good / duration,  # requests/s that met their SLOs
+            "output_throughput": sum(r.output_tokens for r in ok) / duration,
+            "ttft_ms": _stats([r.ttft for r in ok], pct),
+            "tpot_ms": _stats([t for r in ok if (t := r.tpot) is not None], pct),
+        }
+    return out
 
 
 def _print_table(s: dict) -> None:
@@ -333,6 +423,15 @@ def _print_table(s: dict) -> None:
         for stat, v in s[key].items():
             if v is not None:
                 print(f"{title + ' ' + stat + ' (ms)':<40}{v:>12.2f}")
+    for group in ("per_class", "per_tenant"):
+        for name, g in s.get(group, {}).items():
+            label = f"{group[4:]} {name or '(none)'}"
+            p99 = g["ttft_ms"].get("p99")
+            print(
+                f"{label:<24} n={g['num_requests']:<5} rejected={g['rejected']:<4} "
+                f"SLO met {g['slo_attainment']:6.1%}  goodput {g['goodput']:.2f} req/s"
+                + (f"  TTFT p99 {p99:.0f} ms" if p99 is not None else "")
+            )
     print("=" * 66)
 
 
@@ -351,7 +450,14 @@ async def run(args: argparse.Namespace) -> dict:
             r.raise_for_status()
             model = r.json()["data"][0]["id"]
         specs = make_requests(args, chat)
-        gaps = _arrival_gaps(args, len(specs))
+        if any(s.arrival_s is not None for s in specs):  # the dataset's own schedule
+            specs.sort(key=lambda s: s.arrival_s or 0.0)
+            times = [s.arrival_s or 0.0 for s in specs]
+            gaps = [b - a for a, b in zip(times, times[1:])] + [0.0]
+            first_delay = times[0]
+        else:
+            gaps = _arrival_gaps(args, len(specs))
+            first_delay = 0.0
         sem = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
         bar = None
         if not args.disable_tqdm:
@@ -371,6 +477,8 @@ async def run(args: argparse.Namespace) -> dict:
 
         start = time.perf_counter()
         tasks = []
+        if first_delay > 0:
+            await asyncio.sleep(first_delay)
         for spec, gap in zip(specs, gaps, strict=True):
             tasks.append(asyncio.create_task(go(spec)))
             if gap > 0:

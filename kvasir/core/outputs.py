@@ -140,6 +140,7 @@ class SchedulerStats(msgspec.Struct, omit_defaults=True):
     # Scheduling policies (core/sched_stats.py): the last step's token budget, decision
     # counts ("admitted/<reason>" ...), SLO attainment per "<class>/<tenant>", output
     # length predictions (sjf) against what came out, Jain's index over tenants.
+    policy: str = ""
     token_budget: int = 0
     sched_decisions: dict[str, int] = msgspec.field(default_factory=dict)
     slo_met: dict[str, int] = msgspec.field(default_factory=dict)

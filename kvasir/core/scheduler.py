@@ -254,6 +254,16 @@ class Scheduler:
 
     # ------------------------------------------------------------------ schedule
 
+    def reset_policy_state(self) -> None:
+        """A fresh policy and fresh policy stats (after the engine's calibration
+        requests); only while nothing is waiting."""
+        assert not self.waiting and not self.running
+        model = self.step_time_model
+        self.policy = make_policy(self.scheduler_config, self.kv_cache_manager)
+        self.waiting = self.policy.make_queue()
+        self.sched_stats = SchedulingStats(self.scheduler_config.fairness_window_s)
+        self.set_step_time_model(model)
+
     def set_step_time_model(self, model: StepTimeModel | None) -> None:
         self.step_time_model = model
         self.policy.step_time_model = model
@@ -910,6 +920,7 @@ class Scheduler:
             spec_num_accepted_tokens=self.spec_num_accepted_tokens,
             spec_accepted_per_pos=list(self.spec_accepted_per_pos),
             spec_k=self._last_spec_k,
+            policy=self.policy.name,
             token_budget=self._last_token_budget,
             sched_decisions=dict(st.decisions),
             slo_met=dict(st.slo_met),

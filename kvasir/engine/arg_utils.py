@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass, fields
 
 from kvasir.config import (
+    SCHEDULING_POLICIES,
     CacheConfig,
     DeviceConfig,
     EngineConfig,
@@ -19,6 +20,24 @@ from kvasir.config import (
     SchedulerConfig,
     SpeculativeConfig,
 )
+
+# (EngineArgs / SchedulerConfig field, CLI type, help) of the scheduling policies' knobs.
+_POLICY_FLAGS: list[tuple[str, type, str]] = [
+    ("policy_age_bound_s", float, "lpm/fair/sjf/slo: seconds after which a waiting "
+     "request goes first, in arrival order"),
+    ("target_tpot_ms", float, "steps with decodes carry only the prefill that keeps them "
+     "under this time (stall-free chunking); the chosen budget is a metric"),
+    ("fair_prompt_weight", float, "fair: service counted per prompt token"),
+    ("fair_output_weight", float, "fair: service counted per output token"),
+    ("sjf_aging_tokens_per_s", float, "sjf: predicted tokens forgiven per second waited"),
+    ("interactive_ttft_slo_ms", float, "default TTFT SLO of service_tier interactive"),
+    ("interactive_tpot_slo_ms", float, "default TPOT SLO of service_tier interactive"),
+    ("batch_ttft_slo_ms", float, "default TTFT SLO of service_tier batch"),
+    ("batch_tpot_slo_ms", float, "default TPOT SLO of service_tier batch"),
+    ("slo_max_batch_wait_s", float, "slo: reject (429) a batch request whose estimated "
+     "wait is longer"),
+    ("fairness_window_s", float, "Jain's fairness index: the window over tenants' service"),
+]  # fmt: skip
 
 
 @dataclass
@@ -43,6 +62,18 @@ class EngineArgs:
     scheduling_policy: str = "fcfs"
     enable_chunked_prefill: bool = True
     max_queued_requests: int | None = None
+    # Scheduling policies' knobs: SchedulerConfig's fields of the same names.
+    policy_age_bound_s: float = 10.0
+    target_tpot_ms: float | None = None
+    fair_prompt_weight: float = 1.0
+    fair_output_weight: float = 2.0
+    sjf_aging_tokens_per_s: float = 10.0
+    interactive_ttft_slo_ms: float | None = 1500.0
+    interactive_tpot_slo_ms: float | None = 80.0
+    batch_ttft_slo_ms: float | None = None
+    batch_tpot_slo_ms: float | None = None
+    slo_max_batch_wait_s: float | None = None
+    fairness_window_s: float = 60.0
     device: str = "auto"
     attention_backend: str = "auto"
     enforce_eager: bool = False
@@ -146,7 +177,22 @@ class EngineArgs:
         )
         g.add_argument("--max-num-batched-tokens", type=int, default=2048)
         g.add_argument("--max-num-seqs", type=int, default=256)
-        g.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"])
+        g.add_argument(
+            "--scheduling-policy",
+            default="fcfs",
+            choices=list(SCHEDULING_POLICIES),
+            help="fcfs; priority; lpm (longest prefix-cache match first); fair (VTC across "
+            "tenants); sjf (shortest predicted output first); slo (deadlines from TTFT/TPOT "
+            "SLOs, batch work deferred or rejected when it would make interactive miss)",
+        )
+        for flag, kind, doc in _POLICY_FLAGS:
+            default = getattr(EngineArgs, flag)
+            g.add_argument(
+                "--" + flag.replace("_", "-"),
+                type=kind,
+                default=default,
+                help=f"{doc} (default {default})",
+            )
         g.add_argument(
             "--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True
         )
@@ -296,6 +342,7 @@ class EngineArgs:
             policy=self.scheduling_policy,
             enable_chunked_prefill=self.enable_chunked_prefill,
             max_queued_requests=self.max_queued_requests,
+            **{flag: getattr(self, flag) for flag, _, _ in _POLICY_FLAGS},
         )
         return EngineConfig(
             model_config=model_config,

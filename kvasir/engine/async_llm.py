@@ -21,6 +21,7 @@ from kvasir.engine.core import ModelInfo
 from kvasir.engine.core_client import EngineCoreClient, EngineDeadError
 from kvasir.engine.core_proc import EngineCoreOutputs
 from kvasir.engine.input_processor import InputProcessor
+from kvasir.engine.messages import SchedulingHints
 from kvasir.engine.output_processor import OutputProcessor
 from kvasir.metrics.prometheus import PrometheusMetrics
 from kvasir.metrics.stats import FinishedRequestStats, RequestStatsTracker
@@ -45,9 +46,10 @@ class RequestRejectedError(ValueError):
     """The engine core refused the request: it can never fit, or the waiting queue is
     full (``queue_full``: HTTP 429)."""
 
-    def __init__(self, message: str, queue_full: bool = False) -> None:
+    def __init__(self, message: str, queue_full: bool = False, retry_after_s: float = 0.0) -> None:
         super().__init__(message)
         self.queue_full = queue_full
+        self.retry_after_s = retry_after_s  # 0: the server's --retry-after
 
 
 def _merge_delta(old: RequestOutput, new: RequestOutput) -> RequestOutput:
@@ -225,13 +227,15 @@ class AsyncLLM:
         tenant: str | None = None,
         pooling_params: PoolingParams | None = None,
         lora_request: Any = None,
+        hints: SchedulingHints | None = None,
     ) -> AsyncGenerator[RequestOutput, None]:
         """Outputs of one request until it finishes; closing the generator early (a
         client that went away) aborts it in the core. Raises ValueError (bad input,
         naming the parameter), RequestRejectedError or EngineDeadError.
         ``trace_span``: the request's server span (its engine spans become children);
         ``tenant``: the label its tokens are counted under. ``pooling_params``: an
-        embedding request (one output, ``pooled_output`` set; ``params`` unused)."""
+        embedding request (one output, ``pooled_output`` set; ``params`` unused).
+        ``hints``: what the scheduling policy reads (tenant, service tier, SLOs)."""
         if self.dead_error is not None:
             raise self.dead_error
         assert self.core is not None
@@ -240,7 +244,7 @@ class AsyncLLM:
         arrival = time.time() if arrival_time is None else arrival_time
         p = self.input_processor.process(
             request_id, prompt, params, arrival, priority=priority, cache_salt=cache_salt,
-            pooling_params=pooling_params, lora_request=lora_request,
+            pooling_params=pooling_params, lora_request=lora_request, hints=hints,
         )  # fmt: skip
         if pooling_params is not None:
             params = p.core_requests[0].sampling_params
@@ -337,7 +341,9 @@ class AsyncLLM:
             self.abort(parent, record=False)
             collector = self._collectors.get(parent)
             if collector is not None:
-                collector.put_nowait(RequestRejectedError(rej.message, rej.queue_full))
+                collector.put_nowait(
+                    RequestRejectedError(rej.message, rej.queue_full, rej.retry_after_s)
+                )
         st = batch.step_stats
         if st is not None:
             self.metrics.record_step(st)

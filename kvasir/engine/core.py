@@ -34,9 +34,11 @@ from kvasir.core.outputs import (
 )
 from kvasir.core.request import Request
 from kvasir.core.scheduler import Scheduler
+from kvasir.core.step_time import StepTimeModel
 from kvasir.engine.messages import EngineCoreRequest
 from kvasir.engine.step_stats import StepStats, make_step_stats
 from kvasir.executor.base import PendingOutput
+from kvasir.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from kvasir.structured_output.manager import StructuredOutputManager
@@ -158,6 +160,13 @@ class EngineCore:
         self.lora_manager = None
         if config.lora_config is not None:
             self._init_lora(config)
+        sc = config.scheduler_config
+        if sc.policy == "slo" or sc.target_tpot_ms is not None:
+            try:
+                self.scheduler.set_step_time_model(self._measure_step_time())
+            except BaseException:
+                self.executor.shutdown()
+                raise
         # Launched steps whose outputs have not been read back, oldest first: at most
         # one with async scheduling, one per pipeline stage with pipeline parallelism.
         self._in_flight: deque[tuple[SchedulerOutput, PendingOutput]] = deque()
@@ -249,6 +258,56 @@ class EngineCore:
         for i, (name, path) in enumerate(lc.lora_modules):
             manager.register(LoRARequest(name, i + 1, path))
 
+    def _measure_step_time(self) -> StepTimeModel:
+        """The step-time model of ``--scheduling-policy slo`` and ``--target-tpot-ms``:
+        prefill steps of a few sizes up to ``max_num_batched_tokens`` and their decode
+        steps, each size run twice (the first warms up), fitted to base + per token.
+        The requests are the scheduler's own (salted apart from everyone's cache) and
+        leave nothing behind."""
+        sched = self.scheduler
+        cfg = sched.scheduler_config
+        limit = min(
+            cfg.max_num_batched_tokens,
+            sched.max_model_len - 2,
+            sched.kv_cache_manager.num_usable_blocks * sched.block_size - 2,
+        )
+        sizes = sorted({max(min(n, limit), 1) for n in (8, 64, 256, cfg.max_num_batched_tokens)})
+        samples: list[tuple[int, float]] = []
+        t0 = time.perf_counter()
+        for rnd in range(2):
+            for k, size in enumerate(sizes):
+                rid = f"__kvasir_step_time_{rnd}_{k}"
+                params = SamplingParams(max_tokens=2, ignore_eos=True, temperature=0.0)
+                prompt = [
+                    (7 * i + k) % max(self.arch_config.vocab_size - 1, 1) + 1 for i in range(size)
+                ]
+                sched.add_request(Request(rid, prompt, params, cache_salt=rid))
+                while rid in sched.requests:
+                    so = sched.schedule()
+                    t1 = time.perf_counter()
+                    mro = self.executor.execute_model(so)
+                    dt = time.perf_counter() - t1
+                    sched.update_from_output(so, mro)
+                    if rnd and so.total_num_scheduled_tokens:
+                        samples.append((so.total_num_scheduled_tokens, dt))
+        so = sched.schedule()  # tells the runner the last one finished
+        self.executor.execute_model(so)
+        sched.update_from_output(so, ModelRunnerOutput(req_ids=[], sampled_token_ids=[]))
+        sched.kv_cache_manager.reset_prefix_cache()
+        sched.reset_policy_state()
+        if len({n for n, _ in samples}) < 2:  # one size only (a tiny max_num_batched_tokens)
+            n, t = samples[-1]
+            model = StepTimeModel(t / 2, t / (2 * n))
+        else:
+            model = StepTimeModel.fit(samples)
+        logger.info(
+            "kvasir: step time %.2f ms + %.3f ms per token (measured in %.1f s)",
+            model.base_s * 1000,
+            model.per_token_s * 1000,
+            time.perf_counter() - t0,
+        )
+        return model
+
     def add_request(self, req: EngineCoreRequest) -> None:
         """Raises ValueError for a request that can never run (too long for
         max_model_len or the KV cache, a bad adapter) or when the waiting queue is
@@ -273,6 +332,10 @@ class EngineCore:
             fork_of=req.fork_of,
             pooling_params=req.pooling_params,
             lora_id=lora_id,
+            tenant=req.tenant,
+            service_tier=req.service_tier,
+            ttft_slo_ms=req.ttft_slo_ms,
+            tpot_slo_ms=req.tpot_slo_ms,
         )
         so_params = req.sampling_params.structured_outputs
         if so_params is not None:
@@ -358,6 +421,8 @@ class EngineCore:
         # Even an empty step goes to the runner: it drops finished requests' state.
         mro = self.executor.execute_model(so)
         t2 = time.perf_counter()
+        if so.total_num_scheduled_tokens:
+            self.scheduler.observe_step_time(so.total_num_scheduled_tokens, t2 - t1)
         outputs = self._take_aborted() + self.scheduler.update_from_output(so, mro)
         self._record_step(so, start, t1 - t0, t2 - t1, time.perf_counter() - t2)
         return outputs, self.scheduler.make_stats()

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from kvasir.core.outputs import EngineCoreOutput, SchedulerStats
+from kvasir.core.policies import RequestRejected
 from kvasir.engine.messages import EngineCoreAbort, EngineCoreRequest
 from kvasir.engine.step_stats import StepStats
 
@@ -50,6 +51,7 @@ class RejectedRequest(msgspec.Struct, array_like=True):
     request_id: str
     message: str
     queue_full: bool = False
+    retry_after_s: float = 0.0  # admission control's estimate (0: the server's default)
 
 
 class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True):
@@ -120,6 +122,10 @@ class EngineCoreProc:
             req = self._req_decoder.decode(frames[1])
             try:
                 self.core.add_request(req)
+            except RequestRejected as e:  # admission control: 429 with its Retry-After
+                self._rejected.append(
+                    RejectedRequest(req.request_id, str(e), True, e.retry_after_s)
+                )
             except ValueError as e:
                 msg = str(e)
                 self._rejected.append(

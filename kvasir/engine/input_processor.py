@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any, NamedTuple
 
-from kvasir.engine.messages import EngineCoreRequest
+from kvasir.engine.messages import EngineCoreRequest, SchedulingHints
 from kvasir.lora.request import LoRARequest
 from kvasir.pooling_params import PoolingParams
 from kvasir.sampling_params import RequestOutputKind, SamplingParams
@@ -76,15 +76,22 @@ class InputProcessor:
         cache_salt: str | None = None,
         pooling_params: PoolingParams | None = None,
         lora_request: LoRARequest | None = None,
+        hints: SchedulingHints | None = None,
     ) -> ProcessedRequest:
+        """``hints``: tenant, service tier and SLOs, copied into every core request."""
         if lora_request is not None and not isinstance(lora_request, LoRARequest):
             raise ValueError(
                 "lora_request must be a LoRARequest(lora_name, lora_int_id, lora_path)"
             )
+        if hints is not None:
+            _check_hints(hints)
         if pooling_params is not None:
-            return self._process_pooling(
+            p = self._process_pooling(
                 request_id, prompt, pooling_params, arrival_time, priority, cache_salt
             )
+            if hints is not None:
+                _apply_hints(p.core_requests[0], hints)
+            return p
         if not isinstance(params, SamplingParams):
             raise ValueError("sampling_params must be a SamplingParams")
         text, ids = self.tokenize(prompt)
@@ -133,6 +140,8 @@ class InputProcessor:
                     lora_request=lora_request,
                 )
             )
+            if hints is not None:
+                _apply_hints(core_requests[-1], hints)
         return ProcessedRequest(text, ids, core_requests, child_ids)
 
     def _process_pooling(
@@ -216,3 +225,20 @@ class InputProcessor:
         if isinstance(out, dict) or hasattr(out, "input_ids"):
             out = out["input_ids"]
         return list(out)
+
+
+def _check_hints(hints: SchedulingHints) -> None:
+    from kvasir.core.sched_stats import normalize_service_tier
+
+    normalize_service_tier(hints.service_tier)  # ValueError naming service_tier
+    for name in ("ttft_slo_ms", "tpot_slo_ms"):
+        value = getattr(hints, name)
+        if value is not None and not value > 0:
+            raise ValueError(f"{name} must be > 0, got {value}")
+
+
+def _apply_hints(req: EngineCoreRequest, hints: SchedulingHints) -> None:
+    req.tenant = hints.tenant
+    req.service_tier = hints.service_tier
+    req.ttft_slo_ms = hints.ttft_slo_ms
+    req.tpot_slo_ms = hints.tpot_slo_ms

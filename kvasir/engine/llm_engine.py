@@ -8,6 +8,7 @@ from kvasir.config import EngineConfig
 from kvasir.engine.arg_utils import EngineArgs
 from kvasir.engine.core import EngineCore
 from kvasir.engine.input_processor import InputProcessor
+from kvasir.engine.messages import SchedulingHints
 from kvasir.engine.output_processor import OutputProcessor
 from kvasir.lora.request import LoRARequest
 from kvasir.outputs import RequestOutput
@@ -49,13 +50,15 @@ class LLMEngine:
         cache_salt: str | None = None,
         pooling_params: PoolingParams | None = None,
         lora_request: LoRARequest | None = None,
+        hints: SchedulingHints | None = None,
     ) -> None:
         """``pooling_params``: an embedding request (``params`` is then ignored);
-        ``lora_request``: the adapter it runs under (None: the base model)."""
+        ``lora_request``: the adapter it runs under (None: the base model); ``hints``:
+        tenant, service tier and SLOs for the scheduling policy."""
         arrival = time.time() if arrival_time is None else arrival_time
         p = self.input_processor.process(
             request_id, prompt, params, arrival, priority=priority, cache_salt=cache_salt,
-            pooling_params=pooling_params, lora_request=lora_request,
+            pooling_params=pooling_params, lora_request=lora_request, hints=hints,
         )  # fmt: skip
         params = p.core_requests[0].sampling_params if pooling_params is not None else params
         added: list[str] = []

@@ -26,6 +26,22 @@ class EngineCoreRequest(msgspec.Struct, omit_defaults=True):
     pooling_params: PoolingParams | None = None
     # The adapter it runs under (None: the base model).
     lora_request: LoRARequest | None = None
+    # Scheduling (``--scheduling-policy``): the tenant it is served for (fair), its
+    # class (interactive / batch) and its own SLOs (None: the class's defaults).
+    tenant: str | None = None
+    service_tier: str | None = None
+    ttft_slo_ms: float | None = None
+    tpot_slo_ms: float | None = None
+
+
+class SchedulingHints(msgspec.Struct, frozen=True, omit_defaults=True):
+    """What a caller tells the scheduler about a request beyond ``priority``; copied
+    into each ``EngineCoreRequest`` of it."""
+
+    tenant: str | None = None
+    service_tier: str | None = None
+    ttft_slo_ms: float | None = None
+    tpot_slo_ms: float | None = None
 
 
 class EngineCoreAbort(msgspec.Struct):

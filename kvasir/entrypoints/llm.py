@@ -16,6 +16,7 @@ from kvasir.engine.beam_search import (
     top_logprobs_of,
 )
 from kvasir.engine.llm_engine import LLMEngine
+from kvasir.engine.messages import SchedulingHints
 from kvasir.lora.request import LoRARequest
 from kvasir.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
 from kvasir.pooling_params import PoolingParams
@@ -50,8 +51,13 @@ class LLM:
         priority: list[int] | None = None,
         cache_salt: str | list[str | None] | None = None,
         lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
+        tenant: str | list[str | None] | None = None,
+        service_tier: str | list[str | None] | None = None,
     ) -> list[RequestOutput]:
         """Generate for one prompt or a list; outputs come back in input order.
+
+        ``tenant`` (``--scheduling-policy fair``) and ``service_tier`` (interactive /
+        batch: default SLOs for ``slo``) are one value for all prompts or one per prompt.
 
         A prompt is a string, a list of token ids, or ``{"prompt_token_ids": [...]}``.
         ``lora_request``: one adapter for every prompt, or one (or None: the base
@@ -89,7 +95,13 @@ class LLM:
                     f"lora_request must be one LoRARequest or a list of the same length as "
                     f"prompts ({len(prompts)}), got {len(loras)}"
                 )
-        return self._run(prompts, params_list, use_tqdm, priority, salts, loras)
+        tenants = _per_prompt(tenant, len(prompts), "tenant")
+        tiers = _per_prompt(service_tier, len(prompts), "service_tier")
+        hints = [
+            SchedulingHints(tenant=t, service_tier=s) if t is not None or s is not None else None
+            for t, s in zip(tenants, tiers)
+        ]
+        return self._run(prompts, params_list, use_tqdm, priority, salts, loras, hints)
 
     def chat(
         self,
@@ -198,6 +210,7 @@ class LLM:
         priority: list[int] | None,
         salts: list[str | None],
         loras: list[LoRARequest | None] | None = None,
+        hints: list[SchedulingHints | None] | None = None,
     ) -> list[RequestOutput]:
         engine = self.llm_engine
         ids: list[str] = []
@@ -209,7 +222,7 @@ class LLM:
                 rid = str(next(self._counter))
                 engine.add_request(
                     rid, prompt, sp, priority=priority[i] if priority else 0, cache_salt=salts[i],
-                    lora_request=loras[i] if loras else None,
+                    lora_request=loras[i] if loras else None, hints=hints[i] if hints else None,
                 )  # fmt: skip
                 ids.append(rid)
         except ValueError:
@@ -234,3 +247,11 @@ class LLM:
         if pbar is not None:
             pbar.close()
         return [finished[r] for r in ids]
+
+
+def _per_prompt(value: str | list[str | None] | None, n: int, name: str) -> list[str | None]:
+    if isinstance(value, list):
+        if len(value) != n:
+            raise ValueError(f"{name} must be one value or a list as long as prompts ({n})")
+        return value
+    return [value] * n

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from kvasir.core.outputs import SchedulerStats
 from kvasir.engine.step_stats import PREEMPTION_REASONS, StepStats
 from kvasir.metrics.http import HttpMetrics
+from kvasir.metrics.scheduling import SchedulingMetrics
 from kvasir.metrics.stats import FinishedRequestStats, IterationStats
 
 _TTFT_BUCKETS = [
@@ -122,6 +123,7 @@ class PrometheusMetrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self.http = HttpMetrics(model_name, r, tenant_metrics, max_tenant_labels)
+        self.scheduling = SchedulingMetrics(model_name, r)
         labels = ["model_name"]
 
         def gauge(name: str, doc: str) -> Gauge:
@@ -287,6 +289,7 @@ class PrometheusMetrics:
         self.slo_tpot_s: float | None = None
 
     def record_scheduler_stats(self, stats: SchedulerStats) -> None:
+        self.scheduling.record(stats)
         self.num_requests_running.set(stats.num_running_reqs)
         self.num_requests_waiting.set(stats.num_waiting_reqs)
         self.kv_cache_usage.set(stats.kv_cache_usage)

@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from kvasir.engine.messages import SchedulingHints
+
 _MAX_LOGPROBS = 20
 _INT64 = 2**63
 
@@ -103,6 +105,27 @@ class SamplingFields(OpenAIModel):
         "share cached KV blocks.",
     )
     priority: int = Field(0, description="Lower is served first (--scheduling-policy priority).")
+    # Scheduling classes (OpenAI's field name; kvasir's classes interactive / batch, and
+    # OpenAI's values auto / default / priority = interactive, flex = batch) and SLOs.
+    service_tier: Literal["auto", "default", "flex", "priority", "interactive", "batch"] | None = (
+        Field(None, description="interactive (default) or batch: the class's default SLOs.")
+    )
+    ttft_slo_ms: float | None = Field(
+        None, gt=0, description="Time-to-first-token SLO (--scheduling-policy slo)."
+    )
+    tpot_slo_ms: float | None = Field(
+        None, gt=0, description="Time-per-output-token SLO (--scheduling-policy slo)."
+    )
+
+    def scheduling_hints(self) -> SchedulingHints:
+        """What the scheduling policy reads; the tenant is OpenAI's ``user`` for now."""
+        return SchedulingHints(
+            tenant=self.user,
+            service_tier=self.service_tier,
+            ttft_slo_ms=self.ttft_slo_ms,
+            tpot_slo_ms=self.tpot_slo_ms,
+        )
+
     allowed_token_ids: list[int] | None = Field(None, description="Only these may be sampled.")
     bad_words: list[str] | None = Field(None, description="Words that are never generated.")
     use_beam_search: bool = Field(False, description="Beam search with n beams (vLLM).")

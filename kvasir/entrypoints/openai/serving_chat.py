@@ -257,6 +257,7 @@ class OpenAIServingChat:
             cache_salt=req.cache_salt,
             trace_span=obs.span,
             tenant=obs.tenant,
+            hints=req.scheduling_hints(),
         )
         try:
             (first,) = await until_disconnect(first_outputs([gen]), raw_request)

@@ -65,7 +65,7 @@ class ServingContext:
                     "rate_limit_error",
                     None,
                     "queue_full",
-                    {"Retry-After": str(self.retry_after_s)},
+                    {"Retry-After": str(_retry_after(e.retry_after_s, self.retry_after_s))},
                 )
             return from_value_error(e, PARAM_NAMES, rename)
         if isinstance(e, EngineDeadError):
@@ -323,3 +323,8 @@ def usage_dict(num_prompt: int, num_generated: int, num_cached_tokens: int) -> d
         "total_tokens": num_prompt + num_generated,
         "prompt_tokens_details": {"cached_tokens": num_cached_tokens},
     }
+
+
+def _retry_after(estimate_s: float, default_s: int) -> int:
+    """Whole seconds for Retry-After: admission control's estimate, else the default."""
+    return max(math.ceil(estimate_s), 1) if estimate_s > 0 else default_s

@@ -146,6 +146,7 @@ class OpenAIServingCompletion:
                 cache_salt=req.cache_salt,
                 trace_span=obs.span,
                 tenant=obs.tenant,
+                hints=req.scheduling_hints(),
             )
             for i, ids in enumerate(prompt_ids)
         ]
