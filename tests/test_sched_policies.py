@@ -389,3 +389,40 @@ def test_lpm_admits_the_cached_prefix_first() -> None:
 
 def _copy(r: Request) -> Request:
     return Request(r.request_id, r.prompt_token_ids, r.sampling_params.clone())
+
+
+# ---------------------------------------------------------------- the offline LLM
+
+
+def test_llm_tenants_and_tiers_reach_the_scheduler() -> None:
+    """``LLM.generate(tenant=, service_tier=)``: greedy outputs under slo equal fcfs's
+    (a policy changes order, never tokens); slo measured its step-time model at
+    start-up and counted SLO attainment per class and tenant."""
+    from kvasir import LLM
+
+    prompts = [[(7 * i + k) % 200 + 1 for i in range(5 + 3 * k)] for k in range(6)]
+    sp = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    tenants = ["a", "b"] * 3
+    tiers = ["interactive", "batch", "batch"] * 2
+    texts = {}
+    for policy in ("fcfs", "slo"):
+        llm = LLM(model="tiny-llama", load_format="dummy", max_model_len=64, log=False,
+                  scheduling_policy=policy, max_num_seqs=2)  # fmt: skip
+        outs = llm.generate(prompts, sp, use_tqdm=False, tenant=tenants, service_tier=tiers)
+        texts[policy] = [o.outputs[0].token_ids for o in outs]
+        sched = llm.llm_engine.engine_core.scheduler
+        if policy == "slo":
+            assert sched.step_time_model is not None
+            assert sched.step_time_model.per_token_s > 0
+            stats = sched.make_stats()
+            assert stats.slo_total == {"interactive/a": 1, "interactive/b": 1}  # batch: no SLO
+            assert (
+                stats.sched_decisions.get("admitted/edf", 0)
+                + stats.sched_decisions.get("admitted/aged", 0)
+                == 6
+            )
+    assert texts["fcfs"] == texts["slo"]
+    with pytest.raises(ValueError, match="service_tier"):
+        llm.generate(prompts[0], sp, use_tqdm=False, service_tier="gold")
+    with pytest.raises(ValueError, match="tenant"):
+        llm.generate(prompts, sp, use_tqdm=False, tenant=["a"])
