@@ -150,3 +150,10 @@ class SchedulerStats(msgspec.Struct, omit_defaults=True):
     actual_output_tokens: int = 0
     prediction_abs_error: int = 0
     jain_fairness: float = 1.0
+    # Multi-LoRA (filled by the engine core when enabled): adapters of the running and
+    # waiting requests, the device slots, and the adapter cache's cumulative counters
+    # (``kvasir.lora.manager.LoRAManager.stats``).
+    lora_running_ids: list[int] = msgspec.field(default_factory=list)
+    lora_waiting_ids: list[int] = msgspec.field(default_factory=list)
+    max_loras: int = 0
+    lora_stats: dict[str, float] = msgspec.field(default_factory=dict)

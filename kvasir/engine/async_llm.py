@@ -30,6 +30,8 @@ from kvasir.pooling_params import PoolingParams
 from kvasir.sampling_params import RequestOutputKind, SamplingParams
 
 if TYPE_CHECKING:
+    from kvasir.lora.request import LoRARequest
+    from kvasir.metrics.lora import LoRAMetrics
     from kvasir.observability.tracing import RequestTrace, Tracing
 
 logger = logging.getLogger(__name__)
@@ -128,6 +130,15 @@ class AsyncLLM:
         # Per API request, only for requests that are traced / carry a tenant.
         self._traces: dict[str, tuple[RequestTrace, float]] = {}
         self._tenants: dict[str, str] = {}
+        # Multi-LoRA: the adapter of each API request that has one, adapter names by id,
+        # and the per-adapter metrics (None: LoRA off, no series).
+        self._loras: dict[str, str] = {}
+        self.lora_names: dict[int, str] = {}
+        self.lora_metrics: LoRAMetrics | None = None
+        if config.lora_config is not None:
+            from kvasir.metrics.lora import LoRAMetrics
+
+            self.lora_metrics = LoRAMetrics(metrics.registry, self.served_model_name)
         self.tokenizer = tokenizer
         self.model_info = model_info
         self.metrics = metrics
@@ -226,8 +237,8 @@ class AsyncLLM:
         trace_span: Any = None,
         tenant: str | None = None,
         pooling_params: PoolingParams | None = None,
-        lora_request: Any = None,
         hints: SchedulingHints | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> AsyncGenerator[RequestOutput, None]:
         """Outputs of one request until it finishes; closing the generator early (a
         client that went away) aborts it in the core. Raises ValueError (bad input,
@@ -267,6 +278,9 @@ class AsyncLLM:
             self._traces[request_id] = (tr, arrival)
         if tenant is not None:
             self._tenants[request_id] = tenant
+        if lora_request is not None:
+            self._loras[request_id] = lora_request.lora_name
+            self.lora_names[lora_request.lora_int_id] = lora_request.lora_name
         for i, cid in enumerate(p.child_request_ids):
             self._parent_of[cid] = request_id
             self.stats.add_request(
@@ -289,6 +303,7 @@ class AsyncLLM:
         self._collectors.pop(request_id, None)
         self._traces.pop(request_id, None)
         self._tenants.pop(request_id, None)
+        self._loras.pop(request_id, None)
         for cid in child_ids:
             self._parent_of.pop(cid, None)
 
@@ -354,6 +369,8 @@ class AsyncLLM:
         self._route(batch.outputs[:_OUTPUT_CHUNK], batch.timestamp)
         if batch.scheduler_stats is not None:
             self.metrics.record_scheduler_stats(batch.scheduler_stats)
+            if self.lora_metrics is not None:
+                self.lora_metrics.record_stats(batch.scheduler_stats, self.lora_names)
 
     def _route(self, outputs: list, engine_time: float | None = None) -> None:
         if not outputs:
@@ -385,9 +402,14 @@ class AsyncLLM:
                 self.metrics.http.record_tokens(
                     tenant, f.num_prompt_tokens, f.num_generation_tokens
                 )
+            lora = self._loras.get(f.parent_id)
+            if lora is not None and self.lora_metrics is not None:
+                self.lora_metrics.record_finished(
+                    lora, f.finish_reason, f.num_prompt_tokens, f.num_generation_tokens
+                )
 
     def _log_finished(self, finished: list[FinishedRequestStats]) -> None:
-        if self._traces or self._tenants:
+        if self._traces or self._tenants or self._loras:
             self._observe_finished(finished)
         if self.log_requests_json:
             for f in finished:

@@ -59,6 +59,10 @@ class ModelInfo(msgspec.Struct):
     dtype: str = "float32"
     attention_backend: str = "torch"
     hidden_size: int = 0  # the length of a pooled (embedding) vector
+    # Multi-LoRA (enabled): the modules an adapter may target, HF name -> [in, out],
+    # so the server can check an adapter before registering it; the largest rank.
+    lora_module_shapes: dict[str, list[int]] = {}
+    max_lora_rank: int = 0
 
 
 def _num_local_gpus(config: EngineConfig) -> int | None:
@@ -195,6 +199,12 @@ class EngineCore:
             attention_backend=info.attention_backend,
             hidden_size=arch.hidden_size,
         )
+        if self.lora_manager is not None:
+            assert config.lora_config is not None
+            self.model_info.lora_module_shapes = {
+                k: list(v) for k, v in self.lora_manager.module_shapes.items()
+            }
+            self.model_info.max_lora_rank = config.lora_config.max_lora_rank
         if log:
             # Block 0 is the scheduler's reserved null block: report what requests can use.
             usable = self.scheduler.kv_cache_manager.num_usable_blocks
@@ -414,7 +424,7 @@ class EngineCore:
             return self._step_pipelined()
         if not self.scheduler.has_unfinished_requests():
             self.last_step_stats = None
-            return self._take_aborted(), self.scheduler.make_stats()
+            return self._take_aborted(), self._stats()
         start, t0 = time.time(), time.perf_counter()
         so = self._schedule()
         t1 = time.perf_counter()
@@ -425,7 +435,7 @@ class EngineCore:
             self.scheduler.observe_step_time(so.total_num_scheduled_tokens, t2 - t1)
         outputs = self._take_aborted() + self.scheduler.update_from_output(so, mro)
         self._record_step(so, start, t1 - t0, t2 - t1, time.perf_counter() - t2)
-        return outputs, self.scheduler.make_stats()
+        return outputs, self._stats()
 
     def _record_step(
         self,
@@ -480,7 +490,7 @@ class EngineCore:
             empty = ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
             outputs += sched.update_from_output(so, empty)
         self._record_step(so, start, schedule_s, execute_s, update_s)
-        return outputs, sched.make_stats()
+        return outputs, self._stats()
 
     def _drain_in_flight(self) -> tuple[list[EngineCoreOutput], SchedulerStats]:
         outputs = self._take_aborted()
@@ -488,7 +498,20 @@ class EngineCore:
             prev_so, prev = self._in_flight.popleft()
             outputs += self.scheduler.update_from_output(prev_so, prev.get_output())
         self.last_step_stats = None
-        return outputs, self.scheduler.make_stats()
+        return outputs, self._stats()
+
+    def _stats(self) -> SchedulerStats:
+        stats = self.scheduler.make_stats()
+        if self.lora_manager is not None:
+            sched = self.scheduler
+            stats.lora_running_ids = sorted({r.lora_id for r in sched.running if r.lora_id})
+            stats.lora_waiting_ids = sorted({r.lora_id for r in sched.waiting if r.lora_id})
+            stats.max_loras = self.lora_manager.max_loras
+            lora_stats = self.lora_manager.stats()
+            if sched.lora_slots is not None:
+                lora_stats["device_hits"] = sched.lora_slots.num_hits
+            stats.lora_stats = lora_stats
+        return stats
 
     def _take_aborted(self) -> list[EngineCoreOutput]:
         take = getattr(self.scheduler, "take_aborted_outputs", None)

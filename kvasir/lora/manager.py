@@ -345,7 +345,7 @@ class LoRAManager:
     # ------------------------------------------------------------------ stats
     def stats(self) -> dict[str, float]:
         h = self.host
-        return {
+        stats = {
             "device_loads": self.num_device_loads,
             "host_hits": h.num_hits,
             "host_misses": h.num_misses,
@@ -355,8 +355,9 @@ class LoRAManager:
             "merged_steps": self.num_merged_steps,
             "unmerged_steps": self.num_unmerged_steps,
             "merges": self.num_merges,
-            "merged": float(self.merged_slot >= 0),
+            "merged": self.merged_slot >= 0,
         }
+        return {k: float(v) for k, v in stats.items()}
 
     def shutdown(self) -> None:
         self.host.shutdown()

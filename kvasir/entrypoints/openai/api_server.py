@@ -51,6 +51,7 @@ from kvasir.entrypoints.openai.serving_chat import OpenAIServingChat, messages_t
 from kvasir.entrypoints.openai.serving_common import PARAM_NAMES, ServingContext
 from kvasir.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from kvasir.entrypoints.openai.serving_embedding import EmbeddingRequest, OpenAIServingEmbedding
+from kvasir.entrypoints.openai.serving_lora import add_lora_routes
 from kvasir.entrypoints.openai.serving_responses import OpenAIServingResponses, ResponsesRequest
 from kvasir.metrics.prometheus import CONTENT_TYPE
 
@@ -174,7 +175,8 @@ def build_app(state: ServerState, ctx: ServingContext) -> FastAPI:
                     "owned_by": "kvasir",
                     "root": engine.config.model_config.model,
                     "max_model_len": ctx.max_model_len,
-                }
+                },
+                *(ctx.lora.model_cards(state.extra["started"]) if ctx.lora is not None else []),
             ],
         }
 
@@ -197,6 +199,7 @@ def build_app(state: ServerState, ctx: ServingContext) -> FastAPI:
         return await chat.create_chat_completion(request, raw_request)
 
     _add_embedding_and_responses_routes(app, state, ctx)
+    add_lora_routes(app, ctx, bool(state.extra.get("allow_runtime_lora_updating")))
 
     @app.post("/tokenize", response_model=TokenizeResponse, responses=_ERRORS)
     async def tokenize(request: TokenizeRequest) -> dict:
@@ -329,6 +332,11 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="one JSON log line per finished request with its timings",
     )
     g.add_argument("--disable-uvicorn-access-log", action="store_true")
+    g.add_argument(
+        "--allow-runtime-lora-updating",
+        action="store_true",
+        help="with --enable-lora: POST /v1/load_lora_adapter and /v1/unload_lora_adapter",
+    )
     g.add_argument(
         "--pooling-type",
         default="LAST",

@@ -218,6 +218,7 @@ async def serve(args: argparse.Namespace) -> int:
             "pooling_type": args.pooling_type,
             "matryoshka_dimensions": parse_matryoshka(args.matryoshka_dimensions),
             "responses_store_size": args.responses_store_size,
+            "allow_runtime_lora_updating": args.allow_runtime_lora_updating,
         },
     )
     ctx = ServingContext(engine, served, args.retry_after)

@@ -306,6 +306,7 @@ class ModelCard(BaseModel):
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "kvasir"
     root: str | None = None
+    parent: str | None = None  # a LoRA adapter: the base model it runs on
     max_model_len: int | None = None
 
 

@@ -206,8 +206,10 @@ class OpenAIServingChat:
         self, req: ChatCompletionRequest, raw_request: Request
     ) -> Response:
         ctx = self.ctx
-        ctx.check_model(req.model)
+        lora = ctx.check_model(req.model)
         check_unsupported(req)
+        if lora is not None and req.use_beam_search:
+            raise bad_request("use_beam_search with a LoRA adapter is not supported", "model")
         tools = self._tool_choice(req)
         structured = structured_outputs_for(req)
         tool_constraint = tool_choice_constraint(tools, req.parallel_tool_calls)
@@ -258,6 +260,7 @@ class OpenAIServingChat:
             trace_span=obs.span,
             tenant=obs.tenant,
             hints=req.scheduling_hints(),
+            lora_request=lora,
         )
         try:
             (first,) = await until_disconnect(first_outputs([gen]), raw_request)

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import math
 from collections.abc import AsyncGenerator, Awaitable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 from fastapi import Request
@@ -15,8 +15,12 @@ from fastapi import Request
 from kvasir.engine.async_llm import AsyncLLM, EngineDeadError, RequestRejectedError
 from kvasir.entrypoints.openai.errors import OpenAIError, bad_request, from_value_error
 from kvasir.entrypoints.openai.protocol import SamplingFields
+from kvasir.lora.request import LoRARequest
 from kvasir.outputs import Logprob, PositionLogprobs, RequestOutput
 from kvasir.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
+
+if TYPE_CHECKING:
+    from kvasir.entrypoints.openai.serving_lora import LoRAModels
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -42,9 +46,27 @@ class ServingContext:
         self.enable_auto_tool_choice = False
         self.tool_call_parser: str | None = None
         self.reasoning_parser: str | None = None
+        # Multi-LoRA (--enable-lora): the adapters a request's model may name.
+        self.lora: LoRAModels | None = None
+        if engine.config.lora_config is not None:
+            from kvasir.entrypoints.openai.serving_lora import LoRAModels
 
-    def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.served_model_name:
+            info = engine.model_info
+            self.lora = LoRAModels(
+                engine.config.lora_config,
+                served_model_name,
+                info.lora_module_shapes,
+                info.max_lora_rank,
+            )
+
+    def check_model(self, model: str | None) -> LoRARequest | None:
+        """The adapter ``model`` names (None: the base model); an unknown name is a
+        404 (400 naming ``model`` when adapters are served)."""
+        if model is None or model == self.served_model_name:
+            return None
+        if self.lora is not None:
+            return self.lora.resolve(model)
+        if model != self.served_model_name:
             raise OpenAIError(
                 404,
                 f"The model `{model}` does not exist. Served: `{self.served_model_name}`.",

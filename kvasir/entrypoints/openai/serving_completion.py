@@ -87,8 +87,10 @@ class OpenAIServingCompletion:
     async def create_completion(self, req: CompletionRequest, raw_request: Request) -> Response:
         ctx = self.ctx
         engine = ctx.engine
-        ctx.check_model(req.model)
+        lora = ctx.check_model(req.model)
         check_unsupported(req)
+        if lora is not None and req.use_beam_search:
+            raise bad_request("use_beam_search with a LoRA adapter is not supported", "model")
         if req.suffix is not None:
             raise bad_request("suffix is not supported", "suffix")
         if req.use_beam_search and req.best_of not in (None, req.n):
@@ -147,6 +149,7 @@ class OpenAIServingCompletion:
                 trace_span=obs.span,
                 tenant=obs.tenant,
                 hints=req.scheduling_hints(),
+                lora_request=lora,
             )
             for i, ids in enumerate(prompt_ids)
         ]

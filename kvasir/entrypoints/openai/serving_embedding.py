@@ -117,7 +117,7 @@ class OpenAIServingEmbedding:
     async def create_embedding(self, req: EmbeddingRequest, raw_request: Request) -> Response:
         ctx = self.ctx
         engine = ctx.engine
-        ctx.check_model(req.model)
+        lora = ctx.check_model(req.model)
         self._check_dimensions(req.dimensions)
         pooling_type = (req.pooling_type or self.pooling_type).upper()
         assert pooling_type in POOLING_TYPES
@@ -144,8 +144,9 @@ class OpenAIServingEmbedding:
         async def one(i: int, ids: list[int]) -> list[float]:
             last = None
             gen = engine.generate(
-                ids, SamplingParams(), f"{request_id}-{i}", priority=req.priority, pooling_params=pp
-            )
+                ids, SamplingParams(), f"{request_id}-{i}", priority=req.priority,
+                pooling_params=pp, lora_request=lora,
+            )  # fmt: skip
             try:
                 async for out in gen:
                     last = out

@@ -345,14 +345,16 @@ class OpenAIServingResponses:
 
     async def create_response(self, req: ResponsesRequest, raw_request: Request) -> Response:
         ctx = self.ctx
-        ctx.check_model(req.model)
+        lora = ctx.check_model(req.model)
         choice, structured = self._constraints(req)
         conversation = self._conversation(req)
         prompt_ids = self._render(req, conversation, choice)
         check_length(ctx, len(prompt_ids), req.max_output_tokens, "input", "max_output_tokens")
         params = self._params(req, structured)
         response_id = f"resp_{uuid.uuid4().hex}"
-        gen = ctx.engine.generate(prompt_ids, params, response_id, priority=req.priority)
+        gen = ctx.engine.generate(
+            prompt_ids, params, response_id, priority=req.priority, lora_request=lora
+        )
         try:
             (first,) = await until_disconnect(first_outputs([gen]), raw_request)
         except ClientDisconnected:
