@@ -118,9 +118,16 @@ def default_gemv_config(
     (or near it) on every 8B projection in the H100 and H200 sweeps of KERNELS_NOTES.md.
     Without PDL, where N / 8 programs make one and a bit waves (about 4 programs fit an
     SM at once), 16-row tiles make it a single wave instead. Under PDL the next kernel's
-    programs fill the last wave's idle SMs, and 8-row tiles win there too. 8-bit weights
-    (``weight_bytes`` 1) take tiles twice as wide: the same bytes per load."""
-    block_k = min(2048 // weight_bytes, triton.next_power_of_2(k))
+    programs fill the last wave's idle SMs, and 8-row tiles win there too.
+
+    8-bit weights (``weight_bytes`` 1): 8 rows x 4096 columns and 4 warps up to K = 4096,
+    8 x 2048 and 8 warps past it, from ``kvasir tune`` on the H200 (benchmarks/RESULTS.md:
+    the 8B shapes' best were 4-8 rows x 4096 / 2048; the bf16 tiles' 8 x 2048 bytes were
+    1.6-2.3x slower there)."""
+    if weight_bytes == 1:
+        wide = k <= 4096
+        return 8, min(4096 if wide else 2048, triton.next_power_of_2(k)), 4 if wide else 8
+    block_k = min(1024, triton.next_power_of_2(k))
     resident = 4 * num_sms
     block_n = 16 if not pdl and resident < triton.cdiv(n, 8) <= 2 * resident else 8
     return block_n, block_k, 4

@@ -173,16 +173,36 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
-def check_config(kernel: TunableKernel, shape: tuple, config: Config, device: torch.device) -> str:
-    """'' if ``config`` computes ``kernel`` correctly on fresh random inputs (two draws),
-    else why not."""
+CheckCase = tuple[dict[str, Any], torch.Tensor]  # inputs, reference output
+
+
+def check_cases(kernel: TunableKernel, shape: tuple, device: torch.device) -> list[CheckCase]:
+    """Two random draws (seeds other than the timing inputs') and their references, made
+    once per shape: drawing a 1 GB weight per config would cost more than the search."""
+    cases = []
     for seed in (1, 2):
         inputs = kernel.make_inputs(shape, device, seed)
+        cases.append((inputs, kernel.reference(inputs)))
+    return cases
+
+
+def check_config(
+    kernel: TunableKernel,
+    shape: tuple,
+    config: Config,
+    device: torch.device,
+    cases: list[CheckCase] | None = None,
+) -> str:
+    """'' if ``config`` computes ``kernel`` correctly on the random ``cases`` (made here
+    when not given), else why not: it raised, left a non-finite value (the kernels
+    allocate their outputs with ``torch.empty``, so an unwritten element is garbage) or
+    missed the reference by more than ``kernel.tol``."""
+    for inputs, ref in cases if cases is not None else check_cases(kernel, shape, device):
         try:
             out = kernel.run(inputs, config)
         except Exception as e:  # a config the compiler or the kernel's asserts refuse
             return f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
-        err = rel_error(out, kernel.reference(inputs))
+        err = rel_error(out, ref)
         if not err <= kernel.tol:
             return f"relative error {err:.3g} > {kernel.tol:g}"
     return ""
@@ -249,8 +269,9 @@ def tune_shape(
     pool = [kernel.make_inputs(shape, device, 100 + i) for i in range(copies)]
     times: dict[Config, float] = {}
     key = kernel.key(shape)
+    cases = check_cases(kernel, shape, device)
     for cfg in space:
-        why = check_config(kernel, shape, cfg, device)
+        why = check_config(kernel, shape, cfg, device, cases)
         if why:
             rejected.append((cfg, why))
             continue

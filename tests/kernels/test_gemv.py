@@ -122,6 +122,6 @@ def test_gemv_8bit_weights_with_row_scales(fusion, qdtype, shape):
 
 
 def test_default_config_8bit_weights_take_wider_tiles():
-    assert default_gemv_config(4096, 4096, 132, pdl=True, weight_bytes=1) == (8, 2048, 4)
-    assert default_gemv_config(4096, 14336, 132, pdl=True, weight_bytes=1) == (8, 2048, 4)
+    assert default_gemv_config(4096, 4096, 132, pdl=True, weight_bytes=1) == (8, 4096, 4)
+    assert default_gemv_config(4096, 14336, 132, pdl=True, weight_bytes=1) == (8, 2048, 8)
     assert default_gemv_config(40, 96, 132, weight_bytes=1) == (8, 128, 4)
