@@ -51,6 +51,12 @@ class AttentionMetadata:
     # State-space layers: each request's state slot (host ints; set by the runner for a
     # model with such layers, None otherwise: zero initial states, nothing kept).
     state_slots: list[int] | None = field(default=None, kw_only=True)
+    # Their device twins, views of persistent buffers the runner fills every step (so a
+    # CUDA graph replays with the step's slots): [num_reqs] int32 slot, and 1 where the
+    # request continues its state (tokens before this step were computed), else 0.
+    # None for a model without state-space layers.
+    state_slots_dev: torch.Tensor | None = field(default=None, kw_only=True)
+    state_init_dev: torch.Tensor | None = field(default=None, kw_only=True)
 
     @property
     def is_decode_only(self) -> bool:
@@ -107,6 +113,7 @@ class AttentionMetadataBuilder:
         self, num_reqs: int, num_tokens: int, max_query_len: int, max_seq_len: int
     ) -> AttentionMetadata:
         b = self.buffers
+        states = getattr(b, "has_state_slots", False)
         return AttentionMetadata(
             num_reqs=num_reqs,
             num_actual_tokens=num_tokens,
@@ -118,6 +125,8 @@ class AttentionMetadataBuilder:
             slot_mapping=b.slot_mapping[:num_tokens],
             query_start_loc_cpu=b.query_start_loc_cpu[: num_reqs + 1],
             seq_lens_cpu=b.seq_lens_cpu[:num_reqs],
+            state_slots_dev=b.state_slots[:num_reqs] if states else None,  # type: ignore[attr-defined]
+            state_init_dev=b.state_init[:num_reqs] if states else None,  # type: ignore[attr-defined]
         )
 
 

@@ -479,25 +479,36 @@ def _ssd_kernel(
 
 
 def _meta(
-    query_start_loc: Sequence[int],
-    has_initial_state: Sequence[bool],
-    slots: Sequence[int] | None,
+    query_start_loc: Sequence[int] | torch.Tensor,
+    has_initial_state: Sequence[bool] | torch.Tensor,
+    slots: Sequence[int] | torch.Tensor | None,
     device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    qsl = torch.tensor(list(query_start_loc), dtype=torch.int32, device=device)
-    init = torch.tensor([int(b) for b in has_initial_state], dtype=torch.int32, device=device)
-    sl = torch.tensor(list(slots) if slots is not None else [0] * len(init), dtype=torch.int32)
-    return qsl, init, sl.to(device)
+    """The kernels' int32 device metadata. Device tensors (the runner's persistent
+    buffers: one set per step, read by every layer and by CUDA-graph replays) pass
+    through; host sequences (tests, eager callers) are copied over."""
+
+    def dev(v: Sequence[int] | Sequence[bool] | torch.Tensor) -> torch.Tensor:
+        if isinstance(v, torch.Tensor) and v.device == device and v.dtype == torch.int32:
+            return v
+        if isinstance(v, torch.Tensor):
+            return v.to(device=device, dtype=torch.int32)
+        return torch.tensor([int(b) for b in v], dtype=torch.int32).to(device)
+
+    qsl, init = dev(query_start_loc), dev(has_initial_state)
+    if slots is None:
+        return qsl, init, torch.zeros_like(init)
+    return qsl, init, dev(slots)
 
 
 def causal_conv1d_triton(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    query_start_loc: Sequence[int],
-    has_initial_state: Sequence[bool],
+    query_start_loc: Sequence[int] | torch.Tensor,
+    has_initial_state: Sequence[bool] | torch.Tensor,
     conv_states: torch.Tensor | None,
-    slots: Sequence[int] | None,
+    slots: Sequence[int] | torch.Tensor | None,
     silu: bool = True,
 ) -> torch.Tensor:
     x, weight = x.contiguous(), weight.contiguous()
@@ -526,10 +537,10 @@ def selective_scan_triton(
     C: torch.Tensor,
     D: torch.Tensor | None,
     z: torch.Tensor | None,
-    query_start_loc: Sequence[int],
-    has_initial_state: Sequence[bool],
+    query_start_loc: Sequence[int] | torch.Tensor,
+    has_initial_state: Sequence[bool] | torch.Tensor,
     ssm_states: torch.Tensor | None,
-    slots: Sequence[int] | None,
+    slots: Sequence[int] | torch.Tensor | None,
 ) -> torch.Tensor:
     d, n = A.shape
     if n & (n - 1):
@@ -559,10 +570,10 @@ def ssd_scan_triton(
     B: torch.Tensor,
     C: torch.Tensor,
     D: torch.Tensor | None,
-    query_start_loc: Sequence[int],
-    has_initial_state: Sequence[bool],
+    query_start_loc: Sequence[int] | torch.Tensor,
+    has_initial_state: Sequence[bool] | torch.Tensor,
     ssm_states: torch.Tensor | None,
-    slots: Sequence[int] | None,
+    slots: Sequence[int] | torch.Tensor | None,
     chunk_size: int = 64,
     dt_limit: tuple[float, float] = (0.0, float("inf")),
 ) -> torch.Tensor:

@@ -28,11 +28,19 @@ from kvasir.layers.linear import ReplicatedLinear
 from kvasir.layers.linear_method import default_weight_loader
 
 
-def _step_layout(md: AttentionMetadata) -> tuple[list[int], list[bool]]:
-    """(query_start_loc as host ints, whether each request continues a state)."""
+def _step_layout(md: AttentionMetadata, x: torch.Tensor, has_state: bool) -> tuple:
+    """(query_start_loc, whether each request continues a state, its slot or None).
+
+    On the GPU, when the runner fills the persistent slot buffers: device tensors (so the
+    layer reads nothing from the host and a CUDA graph replays with the step's slots).
+    Otherwise host lists, from the metadata's host twins."""
+    if md.state_slots_dev is not None and x.is_cuda:
+        slots = md.state_slots_dev if has_state else None
+        return md.query_start_loc, md.state_init_dev, slots
     qsl = md.query_start_loc_cpu[: md.num_reqs + 1].tolist()
     seq = md.seq_lens_cpu[: md.num_reqs].tolist()
-    return qsl, [seq[r] > qsl[r + 1] - qsl[r] for r in range(md.num_reqs)]
+    init = [seq[r] > qsl[r + 1] - qsl[r] for r in range(md.num_reqs)]
+    return qsl, init, md.state_slots if has_state else None
 
 
 class StateSpaceLayer(nn.Module):
@@ -40,7 +48,6 @@ class StateSpaceLayer(nn.Module):
 
     conv_state: torch.Tensor
     ssm_state: torch.Tensor
-    cuda_graph_safe = False  # reads host-side state slots every step
 
     def __init__(self, conv_channels: int, conv_kernel: int, ssm_shape: tuple[int, ...]):
         super().__init__()
@@ -112,9 +119,8 @@ class MambaMixer(StateSpaceLayer):
             self.c_layernorm = RMSNorm(n, eps=eps)
 
     def forward(self, x: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
-        qsl, init = _step_layout(md)
         conv_state, ssm_state = self._states()
-        slots = md.state_slots if conv_state is not None else None
+        qsl, init, slots = _step_layout(md, x, conv_state is not None)
         xs, z = self.in_proj(x).chunk(2, dim=-1)
         w = self.conv1d_weight.view(self.d_inner, -1)
         xs = causal_conv1d(xs.contiguous(), w, self.conv1d_bias, qsl, init, conv_state, slots)
@@ -161,9 +167,8 @@ class Mamba2Mixer(StateSpaceLayer):
         self.out_proj = ReplicatedLinear(d, h, config.ssm_bias, ctx, f"{prefix}.out_proj")
 
     def forward(self, x: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
-        qsl, init = _step_layout(md)
         conv_state, ssm_state = self._states()
-        slots = md.state_slots if conv_state is not None else None
+        qsl, init, slots = _step_layout(md, x, conv_state is not None)
         t = x.shape[0]
         z, xbc, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
         w = self.conv1d_weight.view(self.conv_dim, -1)

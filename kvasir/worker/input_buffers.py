@@ -102,6 +102,11 @@ class InputBuffers:
         # Device block table; its host source is the InputBatch's (every row runs) or
         # this staging copy of the running rows in batch order.
         self.block_table, self.block_table_staging_cpu = both((r, b), torch.int32)
+        # State-space layers' slot and continue flag per request (filled only once the
+        # runner sets has_state_slots, for a model with such layers).
+        self.has_state_slots = False
+        self.state_slots, self.state_slots_cpu = both(r, torch.int32)
+        self.state_init, self.state_init_cpu = both(r, torch.int32)
         # Where last step's sampled tokens go in input_ids: [dst..., src...].
         self.scatter_index, self.scatter_cpu = both(2 * r, torch.int64)
         self._copy_event = torch.cuda.Event() if pin else None
@@ -111,6 +116,8 @@ class InputBuffers:
         self.slot_mapping_np = self.slot_mapping_cpu.numpy()
         self.query_start_loc_np = self.query_start_loc_cpu.numpy()
         self.seq_lens_np = self.seq_lens_cpu.numpy()
+        self.state_slots_np = self.state_slots_cpu.numpy()
+        self.state_init_np = self.state_init_cpu.numpy()
         self.metadata_builder: AttentionMetadataBuilder = AttentionMetadataBuilder(self)
 
     def graph_metadata(self, num_tokens: int, mixed: bool, max_seq_len: int) -> AttentionMetadata:
@@ -158,6 +165,9 @@ class InputBuffers:
         self.slot_mapping_np[:total] = slots
         self.query_start_loc_np[: n + 1] = cu
         self.seq_lens_np[:n] = query_lens
+        if self.has_state_slots:  # fresh prompts on the scratch slot: nothing kept
+            self.state_slots_np[:n] = 0
+            self.state_init_np[:n] = 0
         staging = self.block_table_staging_cpu
         staging.numpy()[:n, : block_table.shape[1]] = block_table
         self._copy_to_device(total, n, staging, n)
@@ -224,6 +234,9 @@ class InputBuffers:
         self.slot_mapping_np[:total] = block_ids * bs + positions % bs
         self.query_start_loc_np[: n + 1] = cu
         self.seq_lens_np[:n] = seq_lens
+        if self.has_state_slots:
+            self.state_slots_np[:n] = [st.state_slot for st in states]
+            self.state_init_np[:n] = seq_lens > num_sched
         if dense:
             bt_src = ib.block_table_cpu
             bt_np = ib.block_table  # rows >= n are free
@@ -267,6 +280,9 @@ class InputBuffers:
         never read."""
         if num_reqs == n and num_tokens == total:
             return n
+        if self.has_state_slots:  # padding requests use the scratch slot 0, from zeros
+            self.state_slots_np[n:num_reqs] = 0
+            self.state_init_np[n:num_reqs] = 0
         bs, sink = self.block_size, self.sink_block_id
         qsl_np, sl_np = self.query_start_loc_np, self.seq_lens_np
         self.input_ids_np[total:num_tokens] = 0
@@ -296,6 +312,9 @@ class InputBuffers:
         self.slot_mapping[:t].copy_(self.slot_mapping_cpu[:t], non_blocking=nb)
         self.query_start_loc[: r + 1].copy_(self.query_start_loc_cpu[: r + 1], non_blocking=nb)
         self.seq_lens[:r].copy_(self.seq_lens_cpu[:r], non_blocking=nb)
+        if self.has_state_slots:
+            self.state_slots[:r].copy_(self.state_slots_cpu[:r], non_blocking=nb)
+            self.state_init[:r].copy_(self.state_init_cpu[:r], non_blocking=nb)
         self.block_table[:bt_rows].copy_(bt_src[:bt_rows], non_blocking=nb)
 
     def _record_copies(self) -> None:

@@ -256,6 +256,9 @@ class ModelRunner:
         self.num_state_bytes = kv_cache_sizing.allocate_state_caches(
             self.model, self.max_num_reqs + 1, self.device
         )
+        # Their slots travel in persistent buffers too (the metadata's state_*_dev), so
+        # steps of state-space models replay as CUDA graphs.
+        self.buffers.has_state_slots = self.num_state_bytes > 0
         # A backend that reads host-side metadata (torch) cannot replay graphs.
         if (
             self.device.type == "cuda"
@@ -263,8 +266,8 @@ class ModelRunner:
             and self.buffers.metadata_builder.supports_cuda_graphs
             # Pipeline stages send and receive between kernels: they run eagerly.
             and self.parallel.pp_size == 1
-            # Layers that read host-side values every step (state-space layers' state
-            # slots, expert parallelism's exchange sizes) run eagerly.
+            # Layers that read host-side values every step (expert parallelism's
+            # exchange sizes) run eagerly.
             and all(getattr(m, "cuda_graph_safe", True) for m in self.model.modules())
         ):
             self.cuda_graph = CUDAGraphRunner(self)

@@ -154,3 +154,28 @@ def test_chunks_equal_one_pass(impl: str) -> None:
 
     for a, b in zip(run([L]), run([7, 16, 1, 21]), strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_triton_paths_take_device_metadata() -> None:
+    """The layers pass the runner's persistent int32 buffers (query_start_loc, the
+    continue flags, the slots) straight to the kernels, as CUDA-graph replays need:
+    the same results as host lists."""
+    g = torch.Generator().manual_seed(4)
+    d, k, n = 24, 4, 16
+    qsl = _layout(LENS)
+    t = qsl[-1]
+    meta = [torch.tensor(v, dtype=torch.int32, device=DEVICE) for v in (qsl, INIT, SLOTS)]
+    x, dt, z = (torch.randn(t, d, generator=g).to(DEVICE) for _ in range(3))
+    w, b = torch.randn(d, k, generator=g).to(DEVICE), torch.randn(d, generator=g).to(DEVICE)
+    A = (-(torch.rand(d, n, generator=g) * 2 + 0.5)).to(DEVICE)
+    B, C = (torch.randn(t, n, generator=g).to(DEVICE) for _ in range(2))
+    D = torch.randn(d, generator=g).to(DEVICE)
+    cs0, ss0 = torch.randn(8, d, k - 1, generator=g), torch.randn(8, d, n, generator=g)
+    outs = []
+    for m in ((qsl, INIT, SLOTS), meta):
+        cs, ss = cs0.clone().to(DEVICE), ss0.clone().to(DEVICE)
+        y = mk.causal_conv1d_triton(x, w, b, m[0], m[1], cs, m[2])
+        y = mk.selective_scan_triton(y, dt, A, B, C, D, z, m[0], m[1], ss, m[2])
+        outs.append((y, cs, ss))
+    for a, b_ in zip(outs[0], outs[1], strict=True):
+        assert torch.equal(a, b_)
