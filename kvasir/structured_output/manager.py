@@ -111,6 +111,7 @@ class StructuredOutputManager:
         self._states: dict[str, GrammarState] = {}  # request id -> state
         self._bitmask = np.zeros((0, self.num_words), dtype=np.int32)
         self._last_state: GrammarState | None = None
+        self._batch_matcher: Any = None  # xgrammar.BatchGrammarMatcher, at the first fill
 
     def _compile(self, params: StructuredOutputsParams) -> tuple[Any, XgrammarBackend]:
         if self._backend is None:
@@ -169,9 +170,29 @@ class StructuredOutputManager:
                 (max(num_rows, 2 * self._bitmask.shape[0]), self.num_words), dtype=np.int32
             )
         bitmask = torch.from_numpy(self._bitmask)  # shares memory: xgrammar fills in place
+        # Requests without drafts (every one, without speculation): one batched fill,
+        # which xgrammar spreads over its threads; terminated ones are unconstrained.
+        batch, batch_rows = [], []
         for rid, row in rows.items():
+            if spec.get(rid):
+                continue
             matcher = self._states[rid].matcher
+            if matcher.is_terminated():
+                bitmask[row].fill_(-1)
+            else:
+                batch.append(matcher)
+                batch_rows.append(row)
+        if batch:
+            if self._batch_matcher is None:
+                import xgrammar as xgr
+
+                self._batch_matcher = xgr.BatchGrammarMatcher()
+            self._batch_matcher.batch_fill_next_token_bitmask(batch, bitmask, batch_rows)
+        for rid, row in rows.items():
             drafts = spec.get(rid, [])
+            if not drafts:
+                continue
+            matcher = self._states[rid].matcher
             num_advanced = 0
             for j in range(len(drafts) + 1):
                 if matcher.is_terminated():
