@@ -15,6 +15,7 @@
 #   bash benchmarks/gpu_run.sh w8tune  # 8-bit GEMV tests, batch-1 decode bf16/fp8/int8, kvasir tune, decode again tuned
 #   bash benchmarks/gpu_run.sh w8tune2 # kvasir tune of the FP8 GEMV shapes, profile + latency of FP8 decode tuned/default
 #   bash benchmarks/gpu_run.sh tune3   # the table's missing shapes, decode bf16/fp8/int8 on it, Mamba-1/2 decode
+#   bash benchmarks/gpu_run.sh last2   # SSM engines under CUDA graphs + Mamba decode; W4A16, GGUF, LoRA kernels compiled
 # The wheels: see /work/.library/device/README.md (msgspec, gguf, pyzmq, fastapi, ...).
 set -uo pipefail
 MODE=${1:-quick}
@@ -65,6 +66,15 @@ tune3)  # the rest of the table, decode on it, and the state-space models' decod
   done
   for m in mamba-2.8b mamba2-2.7b; do
     timeout 100 "${K[@]}" "${L[@]}" --model $m 2>&1 | tail -1 | tee -a "$OUT/lat.jsonl"
+  done
+  ;;
+last2)  # short: SSM decode graphs (tests + Mamba-1/2 decode), the new kernels at full size
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_ssm_moe.py tests/kernels/test_mamba_kernels.py \
+    tests/kernels/test_wna16.py tests/kernels/test_gguf_kernels.py tests/kernels/test_lora_kernels.py 2>&1 \
+    | grep -E "Error|assert|FAILED|passed|failed" | head -20 | tee "$OUT/tests.log"
+  L=(bench latency --load-format dummy --max-model-len 4096 --input-len 128 --output-len 128 --num-iters 2)
+  for m in mamba-2.8b mamba2-2.7b; do
+    timeout 60 "${K[@]}" "${L[@]}" --model $m 2>&1 | tail -1 | tee -a "$OUT/lat.jsonl"
   done
   ;;
 models)  # SSM + MoE: kernels and engines on the GPU, then the CPU decode-vs-context bench
