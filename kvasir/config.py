@@ -20,7 +20,7 @@ _EXECUTOR_BACKENDS = ("uni", "mp", "ray")
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
 # --quantization: online schemes, and the checkpoint methods (which must then match).
 _QUANTIZATION_METHODS = (
-    "fp8", "int8", "w8a8", "compressed-tensors", "gptq", "awq", "gguf", "none",
+    "fp8", "int8", "w8a8", "compressed-tensors", "gptq", "awq", "gguf", "none", "bitsandbytes",
 )  # fmt: skip
 SPEC_METHODS = ("ngram", "draft_model", "self_spec", "eagle", "medusa")
 # Drafts per request per step; beyond this a step's verification work is mostly wasted.

@@ -141,11 +141,15 @@ class EngineArgs:
             "--quantization",
             "-q",
             default=None,
-            choices=["fp8", "int8", "w8a8", "compressed-tensors", "gptq", "awq", "gguf", "none"],
+            choices=[
+                "fp8", "int8", "w8a8", "compressed-tensors", "gptq", "awq", "gguf", "none",
+                "bitsandbytes",
+            ],
             help="quantise a float checkpoint at load: fp8 (E4M3 W8A8, dynamic per-token "
             "activations), int8 (weight-only W8A16), w8a8 (INT8 weights and dynamic "
             "per-token INT8 activations); gguf (a GGUF file's blocks kept packed), none "
-            "(a GGUF file dequantised at load). Default: the checkpoint's "
+            "(a GGUF file dequantised at load), bitsandbytes (NF4 weights, blocks of 64, "
+            "quantised at load). Default: the checkpoint's "
             "quantization_config; for GGUF files gguf on CUDA, none on the CPU",
         )
         g.add_argument("--seed", type=int, default=0)

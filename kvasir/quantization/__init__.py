@@ -71,6 +71,7 @@ def _load_builtin() -> None:
     # Importing the scheme modules registers them (kept out of this module's import so
     # that the registry's interface loads without torch kernels).
     import kvasir.quantization.awq  # noqa: F401
+    import kvasir.quantization.bnb  # noqa: F401
     import kvasir.quantization.compressed_tensors  # noqa: F401
     import kvasir.quantization.gguf_packed  # noqa: F401
     import kvasir.quantization.gptq  # noqa: F401
@@ -85,9 +86,9 @@ def get_quantization_config_cls(name: str) -> type[QuantizationConfig]:
 
 
 # What ``--quantization`` accepts (online quantisation of a float checkpoint).
-ONLINE_METHODS = ("fp8", "int8", "w8a8")
+ONLINE_METHODS = ("fp8", "int8", "w8a8", "bitsandbytes")
 # What a checkpoint's ``quantization_config.quant_method`` may say.
-CHECKPOINT_METHODS = ("fp8", "compressed-tensors", "gptq", "awq")
+CHECKPOINT_METHODS = ("fp8", "compressed-tensors", "gptq", "awq", "bitsandbytes")
 
 
 # GGUF checkpoints: ``gguf`` keeps the block formats packed; ``none`` dequantises at load.

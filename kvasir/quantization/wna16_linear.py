@@ -88,6 +88,20 @@ def unpack_along_n(packed: torch.Tensor, n: int, bits: int, order: tuple[int, ..
     return fields.reshape(packed.shape[0], -1)[:, :n]
 
 
+def pack_along_n(values: torch.Tensor, bits: int, order: tuple[int, ...] | None = None):
+    """``[R, N]`` values in ``[0, 2^bits)`` -> ``[R, N / P] int32``, field ``i`` of word
+    ``j`` holding column ``j * P + order[i]`` (the inverse of ``unpack_along_n``)."""
+    pack = 32 // bits
+    r, n = values.shape
+    assert n % pack == 0, f"{n} columns do not fill whole {bits}-bit words"
+    fields = values.to(torch.int64).reshape(r, n // pack, pack)
+    if order is not None:
+        fields = fields[:, :, list(order)]
+    shifts = torch.arange(0, 32, bits, dtype=torch.int64, device=values.device)
+    words = (fields << shifts).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
 def _shard_columns(layer: LinearBase, shard_id: int | str | None) -> tuple[int, int]:
     """(first output column of this shard in the local weight, its width)."""
     if isinstance(layer, ColumnParallelLinear) and shard_id is not None:

@@ -174,18 +174,42 @@ def quantize_checkpoint(
 def add_quantize_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "quantize",
-        help="write an 8-bit compressed-tensors checkpoint (fp8, int8, w8a8)",
+        help="write an 8-bit compressed-tensors checkpoint (fp8, int8, w8a8) or a "
+        "GPTQ / AWQ one (gptq, awq, rtn)",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--method", required=True, choices=METHODS)
-    p.add_argument("--model", required=True, help="HF model directory (safetensors)")
+    from kvasir.quantization.int4_writer import METHODS as INT_METHODS
+
+    p.add_argument("--method", required=True, choices=[*METHODS, *INT_METHODS])
+    p.add_argument(
+        "--model", required=True, help="HF model directory (safetensors); gptq/awq/rtn: or .gguf"
+    )
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--calib", default=None, help="text file for SmoothQuant (w8a8)")
+    p.add_argument("--calib", default=None, help="calibration text: SmoothQuant (w8a8), gptq, awq")
+    g = p.add_argument_group("gptq / awq / rtn (kvasir.quantization.int4_writer)")
+    g.add_argument("--bits", type=int, default=4, help="4 or 8 (awq: 4)")
+    g.add_argument("--group-size", type=int, default=128, help="32, 64, 128 or -1 (per channel)")
+    g.add_argument("--act-order", action="store_true", help="gptq: columns by decreasing H_ii")
+    g.add_argument("--no-sym", dest="sym", action="store_false", help="gptq/rtn: zero points")
+    g.add_argument("--damp", type=float, default=0.01, help="gptq: damping of the Hessian")
+    g.add_argument("--num-samples", type=int, default=16, help="calibration sequences")
+    g.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence")
     p.set_defaults(func=_main)
 
 
 def _main(args: argparse.Namespace) -> int:
+    if args.method not in METHODS:
+        from kvasir.quantization.int4_writer import quantize_int4
+
+        qc = quantize_int4(
+            args.model, args.out, args.method, args.calib, args.bits, args.group_size,
+            args.act_order, args.sym, args.damp, args.num_samples, args.seq_len,
+        )  # fmt: skip
+        print(
+            f"wrote {args.out} ({qc['quant_method']}, {qc['bits']}-bit, group {qc['group_size']})"
+        )
+        return 0
     qc = quantize_checkpoint(args.model, args.out, args.method, args.calib)
     groups = qc.get("config_groups", {})
     print(f"wrote {args.out} ({args.method}, format {qc.get('format')}, {len(groups)} group(s))")
