@@ -138,6 +138,10 @@ class BnB4LinearMethod(LinearMethod):
             del layer._parameters[leaf]
         del layer.bnb_parts
 
+    def dequantized_weight(self, layer: LinearBase) -> torch.Tensor:
+        """``[N, K]`` float32 (the float weight a QLoRA adapter is trained against)."""
+        return torch.cat([dequantize_nf4(w) for w in layer.nf4_shards])
+
     def _one(self, w: NF4Weight, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
             from kvasir.kernels.nf4 import nf4_matmul

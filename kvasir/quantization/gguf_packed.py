@@ -140,6 +140,14 @@ class GGUFLinearMethod(LinearMethod):
     def resident_bytes(self, layer: LinearBase) -> int:
         return sum(t.numel() * t.element_size() for _, t in layer.gguf_shards)
 
+    def dequantized_weight(self, layer: LinearBase) -> torch.Tensor:
+        """``[N, K]`` float32."""
+        k = layer.input_size_per_partition
+        return torch.cat([
+            w.float() if kind in FLOAT_TYPES else dequantize_gguf(w, kind, k)
+            for kind, w in layer.gguf_shards
+        ])  # fmt: skip
+
     # ------------------------------------------------------------------ apply
     def _one(self, kind: GGMLQuantizationType, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if kind in FLOAT_TYPES:

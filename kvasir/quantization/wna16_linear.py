@@ -277,10 +277,19 @@ class WNA16LinearMethod(LinearMethod):
             self.scheme.bits, layer.wna16_g_idx,
         )  # fmt: skip
 
-    def dequantized_weight(self, layer: LinearBase) -> torch.Tensor:
-        """``[N, K]`` float32 in the (possibly permuted) input order ``apply`` uses."""
+    def _dequantized_sorted(self, layer: LinearBase) -> torch.Tensor:
+        """``[N, K]`` float32 in the input order ``apply`` uses (act-order: sorted)."""
         q, sc, z, group, bits, g = self._operands(layer)
         return dequantize_wna16(q, sc, z, layer.input_size_per_partition, group, bits, g)
+
+    def dequantized_weight(self, layer: LinearBase) -> torch.Tensor:
+        """``[N, K]`` float32 in the checkpoint's input order."""
+        w = self._dequantized_sorted(layer)
+        if layer.wna16_perm is None:
+            return w
+        out = torch.empty_like(w)
+        out[:, layer.wna16_perm] = w
+        return out
 
     def apply(
         self,
@@ -291,7 +300,7 @@ class WNA16LinearMethod(LinearMethod):
         if layer.wna16_perm is not None:
             x = x[:, layer.wna16_perm]
         if self.path == "cpu-reference" or not x.is_cuda:
-            return F.linear(x, self.dequantized_weight(layer).to(x.dtype), bias)
+            return F.linear(x, self._dequantized_sorted(layer).to(x.dtype), bias)
         from kvasir.kernels.wna16 import wna16_gemv, wna16_matmul
 
         q, sc, z, group, bits, g = self._operands(layer)

@@ -252,3 +252,16 @@ def test_awq_8bit_refused(tmp_path) -> None:
     json.dump(cfg, open(os.path.join(path, "config.json"), "w"))
     with pytest.raises(ValueError, match=r"quantization_config.bits must be one of \[4\], got 8"):
         _load(path)
+
+
+def test_act_order_dequantized_weight_in_checkpoint_order(tmp_path) -> None:
+    """``dequantized_weight`` (what a LoRA wrapper reads) undoes the load-time sort."""
+    model = _tiny_hf()
+    path = str(tmp_path / "ao")
+    ref = _write(model, path, "gptq", {"bits": 4, "group_size": 32, "desc_act": True},
+                 bits=4, group=32, sym=False, desc_act=True, v2=False)  # fmt: skip
+    loaded = _load(path)
+    layer = loaded.model.layers[1].mlp.down_proj
+    assert layer.wna16_perm is not None  # the rows really were sorted
+    want = ref.model.layers[1].mlp.down_proj.weight
+    assert torch.allclose(layer.method.dequantized_weight(layer), want, atol=1e-6)
