@@ -48,13 +48,11 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] int64, device
     query_start_loc_cpu: torch.Tensor  # [num_reqs + 1] int32, host copy
     seq_lens_cpu: torch.Tensor  # [num_reqs] int32, host copy
-    # State-space layers: each request's state slot (host ints; set by the runner for a
-    # model with such layers, None otherwise: zero initial states, nothing kept).
-    state_slots: list[int] | None = field(default=None, kw_only=True)
-    # Their device twins, views of persistent buffers the runner fills every step (so a
-    # CUDA graph replays with the step's slots): [num_reqs] int32 slot, and 1 where the
-    # request continues its state (tokens before this step were computed), else 0.
-    # None for a model without state-space layers.
+    # State-space layers: views of persistent buffers the runner fills every step (so a
+    # CUDA graph replays with the step's slots): [num_reqs] int32 state slot, and 1 where
+    # the request continues its state (tokens before this step were computed), else 0.
+    # None for a model without such layers and in the profiling pass (zero initial
+    # states, nothing kept).
     state_slots_dev: torch.Tensor | None = field(default=None, kw_only=True)
     state_init_dev: torch.Tensor | None = field(default=None, kw_only=True)
 

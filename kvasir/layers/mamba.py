@@ -4,8 +4,8 @@
 A mixer declares its cache as a ``MambaStateSpec`` (``kv_cache_spec``): the runner gives
 it ``num_slots`` slots once (``allocate_state``) -- ``conv_state [slots, C, d_conv - 1]``
 in the model dtype and ``ssm_state`` in float32 -- and every step's metadata says which
-slot each request uses (``AttentionMetadata.state_slots``, from the scheduler; None in a
-profiling pass). A request whose tokens before this step were computed continues from
+slot each request uses (``AttentionMetadata.state_slots_dev``, from the scheduler through
+the runner's persistent buffers; None in a profiling pass). A request whose tokens before this step were computed continues from
 its slot; one starting (a fresh prompt, or one resumed after preemption: recompute)
 starts from zeros. Chunked prefill simply continues the state from chunk to chunk.
 
@@ -31,16 +31,22 @@ from kvasir.layers.linear_method import default_weight_loader
 def _step_layout(md: AttentionMetadata, x: torch.Tensor, has_state: bool) -> tuple:
     """(query_start_loc, whether each request continues a state, its slot or None).
 
-    On the GPU, when the runner fills the persistent slot buffers: device tensors (so the
-    layer reads nothing from the host and a CUDA graph replays with the step's slots).
-    Otherwise host lists, from the metadata's host twins."""
-    if md.state_slots_dev is not None and x.is_cuda:
-        slots = md.state_slots_dev if has_state else None
-        return md.query_start_loc, md.state_init_dev, slots
+    When the runner fills the persistent slot buffers (always, once states exist): their
+    views. On the GPU the device tensors themselves (so the layer reads nothing from the
+    host and a CUDA graph replays with the step's slots); on the CPU, where those
+    "device" buffers are host memory, as lists for the torch path. Without them (the
+    profiling pass, before states exist): the layout from the host twins, no slots."""
+    if md.state_slots_dev is not None and md.state_init_dev is not None:
+        slots_t = md.state_slots_dev if has_state else None
+        if x.is_cuda:
+            return md.query_start_loc, md.state_init_dev, slots_t
+        slots = slots_t.tolist() if slots_t is not None else None
+        init_l = [bool(v) for v in md.state_init_dev.tolist()]
+        return md.query_start_loc.tolist(), init_l, slots
     qsl = md.query_start_loc_cpu[: md.num_reqs + 1].tolist()
     seq = md.seq_lens_cpu[: md.num_reqs].tolist()
     init = [seq[r] > qsl[r + 1] - qsl[r] for r in range(md.num_reqs)]
-    return qsl, init, md.state_slots if has_state else None
+    return qsl, init, None
 
 
 class StateSpaceLayer(nn.Module):

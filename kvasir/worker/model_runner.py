@@ -390,8 +390,6 @@ class ModelRunner:
         step = self._prepare_inputs(so)
         if self.lora_manager is not None:
             self.lora_manager.prepare_step(step)
-        if self.num_state_bytes:
-            step.attn_metadata.state_slots = [s.state_slot for s in step.states]
         rows, n = step.rows, len(step.rows)
         prompt_lp: dict[str, list[TokenLogprobs]] = {}
         all_logits = hidden = None
