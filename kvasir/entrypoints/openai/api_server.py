@@ -62,7 +62,9 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         401: "Missing or wrong API key",
         404: "Unknown model",
         413: "Request body over --max-request-body-bytes",
-        429: "Waiting queue full (--max-queued-requests); see the Retry-After header",
+        403: "The tenant may not use this model, or this key may not call /admin",
+        429: "Waiting queue full (--max-queued-requests) or a tenant rate/concurrency limit "
+        "(error.code names it); see the Retry-After header",
         503: "Server draining (SIGTERM or POST /admin/drain) or engine dead",
     }.items()
 }
@@ -155,6 +157,19 @@ def build_app(state: ServerState, ctx: ServingContext) -> FastAPI:
             "safe_to_stop": state.draining and n == 0,
         }
 
+    @app.post("/admin/tenants/reload", responses=_ERRORS)
+    async def admin_tenants_reload() -> dict:
+        """Re-read --api-keys-file (what SIGHUP does): new keys and limits apply to the
+        next request; bucket levels and running counts of kept tenants carry over. A bad
+        file is a 400 and the old tenants keep serving."""
+        if ctx.tenancy is None:
+            raise bad_request("the server has no --api-keys-file", None, "no_tenants")
+        try:
+            names = ctx.tenancy.reload()
+        except ValueError as e:
+            raise bad_request(str(e), None, "invalid_api_keys_file") from None
+        return {"tenants": names}
+
     @app.get("/version", response_model=VersionResponse)
     async def version() -> dict:
         return {"version": __version__}
@@ -238,7 +253,7 @@ def build_app(state: ServerState, ctx: ServingContext) -> FastAPI:
     def openapi() -> dict:
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
-            if state.api_key is not None:
+            if state.api_key is not None or state.tenants is not None:
                 schema.setdefault("components", {})["securitySchemes"] = {
                     "bearer": {"type": "http", "scheme": "bearer"}
                 }
@@ -309,6 +324,13 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=os.environ.get("KVASIR_API_KEY"),
         help="require 'Authorization: Bearer KEY' on every inference path "
         "(default: $KVASIR_API_KEY)",
+    )
+    g.add_argument(
+        "--api-keys-file",
+        default=None,
+        help="JSON or YAML file of tenants: their API keys (plain or sha256:<hex>) and "
+        "limits (requests/tokens per minute, concurrency, max_tokens, n, logprobs, models); "
+        "reloaded on SIGHUP and POST /admin/tenants/reload; see docs/security.md",
     )
     g.add_argument(
         "--shutdown-timeout",

@@ -186,6 +186,12 @@ async def serve(args: argparse.Namespace) -> int:
             args.otlp_traces_endpoint, args.otlp_traces_protocol, args.otlp_service_name
         )
     )
+    tenant_registry = None
+    if args.api_keys_file:
+        from kvasir.security.tenants import TenantRegistry
+
+        tenant_registry = TenantRegistry(args.api_keys_file)  # a bad file fails here
+        args.enable_tenant_metrics = True
     engine_args.served_model_name = served
     config = engine_args.create_engine_config()
     sock = _bind(args.host, args.port)
@@ -223,6 +229,15 @@ async def serve(args: argparse.Namespace) -> int:
     )
     ctx = ServingContext(engine, served, args.retry_after)
     configure_chat(ctx, args)
+    if tenant_registry is not None:
+        from kvasir.entrypoints.openai.tenancy import Tenancy
+
+        ctx.tenancy = Tenancy(
+            tenant_registry, engine.metrics.registry, served, args.max_tenant_labels
+        )
+        state.tenants = tenant_registry
+        state.tenant_label = engine.metrics.http.tenant_label
+        logger.info("tenants from %s: %d", args.api_keys_file, len(tenant_registry.tenants))
     app = build_app(state, ctx)
     uv_config = uvicorn.Config(
         app,
@@ -240,12 +255,14 @@ async def serve(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, drainer.on_signal, sig)
+    if ctx.tenancy is not None:
+        loop.add_signal_handler(signal.SIGHUP, _reload_tenants, ctx)
     core_pid = engine.core.pid if engine.core else "?"
     logger.info("serving %s on http://%s:%s (engine core pid %s)", served, host, port, core_pid)
     try:
         await server.serve(sockets=[sock])
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         await engine.shutdown()
         if gpu_metrics is not None:
@@ -255,6 +272,14 @@ async def serve(args: argparse.Namespace) -> int:
         sock.close()
     logger.info("exit %d", drainer.exit_code)
     return drainer.exit_code
+
+
+def _reload_tenants(ctx: ServingContext) -> None:
+    assert ctx.tenancy is not None
+    try:
+        ctx.tenancy.reload()
+    except ValueError as e:
+        logger.error("SIGHUP: %s; the old tenants keep serving", e)
 
 
 def run_server(args: argparse.Namespace) -> int:

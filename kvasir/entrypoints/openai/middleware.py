@@ -1,5 +1,7 @@
-"""One pure-ASGI middleware in front of the app: API-key check (401), drain/dead gate
-(503), request-body limit (413), and a count of requests in flight (for the drain).
+"""One pure-ASGI middleware in front of the app: API-key check (401), or with
+``--api-keys-file`` the key's tenant (left in the scope for the handlers; /admin/* only
+for --api-key or an ``admin`` tenant: 403), drain/dead gate (503), request-body limit
+(413), and a count of requests in flight (for the drain).
 
 Pure ASGI rather than ``BaseHTTPMiddleware`` so streaming responses and the client's
 ``http.disconnect`` pass through untouched.
@@ -14,11 +16,13 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kvasir.entrypoints.openai.errors import OpenAIError
+from kvasir.entrypoints.openai.observability import OBSERVATION_KEY
+from kvasir.entrypoints.openai.tenancy import TENANT_KEY
 
 # Open without a key and while draining (health checks must see the 503 themselves).
 OPEN_PATHS = frozenset({"/health", "/metrics", "/version", "/ping"})
 # Admin paths (key-protected) that still answer while draining.
-ADMIN_PATHS = frozenset({"/admin/drain", "/admin/undrain"})
+ADMIN_PATHS = frozenset({"/admin/drain", "/admin/undrain", "/admin/tenants/reload"})
 # API documentation is not an inference path either.
 DOC_PATHS = frozenset({"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
 
@@ -28,10 +32,14 @@ class ServerState:
     """Mutable per-server state shared by the middleware, the routes and the drain."""
 
     api_key: str | None = None
+    # --api-keys-file: key -> tenant (kvasir.security.tenants.TenantRegistry).
+    tenants: Any = None
     max_request_body_bytes: int = 8 * 2**20
     draining: bool = False
     dead: bool = False
     num_active_requests: int = 0  # HTTP requests through the gate, not yet finished
+    # Maps a tenant name onto its (bounded) metrics label; set with tenant metrics on.
+    tenant_label: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -50,6 +58,16 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
     return None
 
 
+def _unauthorized() -> OpenAIError:
+    return OpenAIError(
+        401,
+        "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
+        "invalid_request_error",
+        None,
+        "invalid_api_key",
+    )
+
+
 class ServerMiddleware:
     def __init__(self, app: ASGIApp, state: ServerState) -> None:
         self.app = app
@@ -65,6 +83,36 @@ class ServerMiddleware:
         x_key = _header(scope, b"x-api-key")
         return x_key is not None and hmac.compare_digest(x_key.decode("latin-1"), key)
 
+    @staticmethod
+    def _presented_key(scope: Scope) -> str | None:
+        auth = (_header(scope, b"authorization") or b"").decode("latin-1")
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+        x_key = _header(scope, b"x-api-key")
+        return x_key.decode("latin-1") if x_key else None
+
+    def _check_tenant(self, scope: Scope, path: str) -> OpenAIError | None:
+        """With tenants: the --api-key (operator) passes as no tenant; a tenant's key
+        leaves its ``Tenant`` in the scope; anything else is a 401."""
+        st = self.state
+        if st.api_key is not None and self._authorized(scope):
+            return None
+        tenant = st.tenants.lookup(self._presented_key(scope))
+        if tenant is None:
+            return _unauthorized()
+        if path.startswith("/admin/") and not tenant.admin:
+            return OpenAIError(
+                403, "This key may not call /admin endpoints.", "permission_error", None,
+                "admin_required",
+            )  # fmt: skip
+        state = scope.setdefault("state", {})
+        state[TENANT_KEY] = tenant
+        obs = state.get(OBSERVATION_KEY)
+        if obs is not None and obs.tenant is not None and st.tenant_label is not None:
+            obs.tenant = st.tenant_label(tenant.name)  # the tenant's name, not a key digest
+        return None
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
@@ -74,17 +122,13 @@ class ServerMiddleware:
         if path in OPEN_PATHS or path in DOC_PATHS:
             await self.app(scope, receive, send)
             return
-        if st.api_key is not None and not self._authorized(scope):
-            await _send_error(
-                send,
-                OpenAIError(
-                    401,
-                    "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
-                    "invalid_request_error",
-                    None,
-                    "invalid_api_key",
-                ),
-            )
+        if st.tenants is not None:
+            err = self._check_tenant(scope, path)
+            if err is not None:
+                await _send_error(send, err)
+                return
+        elif st.api_key is not None and not self._authorized(scope):
+            await _send_error(send, _unauthorized())
             return
         if (st.dead or st.draining) and path not in ADMIN_PATHS:
             msg = "The engine is dead." if st.dead else "The server is shutting down."

@@ -20,7 +20,7 @@ from kvasir.observability.tracing import Tracing
 
 # Traced paths -> GenAI operation name.
 TRACED_PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "text_completion"}
-_STATE_KEY = "kvasir_observation"
+OBSERVATION_KEY = _STATE_KEY = "kvasir_observation"
 
 
 @dataclass

@@ -236,6 +236,7 @@ class OpenAIServingChat:
         check_length(ctx, len(prompt_ids), max_tokens, "messages", max_name)
         k = (req.top_logprobs or 0) if req.logprobs else None
         if req.use_beam_search:
+            ctx.check_beam_search(raw_request)
             if structured is not None:
                 raise bad_request(
                     "structured outputs and tool_choice required/named cannot be combined "
@@ -251,10 +252,12 @@ class OpenAIServingChat:
             params.skip_special_tokens = False  # the call markers are special tokens
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
-        gen = ctx.engine.generate(
+        gen = ctx.generate(
+            raw_request,
             prompt_ids,
             params,
             request_id,
+            model=req.model,
             priority=req.priority,
             cache_salt=req.cache_salt,
             trace_span=obs.span,

@@ -13,9 +13,11 @@ import msgspec
 from fastapi import Request
 
 from kvasir.engine.async_llm import AsyncLLM, EngineDeadError, RequestRejectedError
+from kvasir.engine.messages import SchedulingHints
 from kvasir.entrypoints.openai.errors import OpenAIError, bad_request, from_value_error
 from kvasir.entrypoints.openai.protocol import SamplingFields
 from kvasir.lora.request import LoRARequest
+from kvasir.entrypoints.openai.tenancy import Tenancy, combine_salts, request_tenant
 from kvasir.outputs import Logprob, PositionLogprobs, RequestOutput
 from kvasir.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 
@@ -57,6 +59,67 @@ class ServingContext:
                 served_model_name,
                 info.lora_module_shapes,
                 info.max_lora_rank,
+            )
+        # --api-keys-file: per-tenant limits, cache salts and metrics (None: no tenants).
+        self.tenancy: Tenancy | None = None
+
+    async def generate(
+        self,
+        raw_request: Request,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str,
+        *,
+        model: str | None = None,
+        cache_salt: str | None = None,
+        hints: SchedulingHints | None = None,
+        **kwargs: Any,
+    ) -> AsyncGenerator[RequestOutput, None]:
+        """``engine.generate`` behind the request's API-key tenant: its limits are
+        checked and charged on the first ``__anext__`` (a ``TenantLimitHTTPError``, a
+        ValueError), its cache salt is mixed into ``cache_salt``, its name replaces the
+        scheduling hints' tenant (the client's ``user`` field otherwise, which isolates
+        nothing), and the unused budget is refunded when the generator closes."""
+        who = request_tenant(raw_request) if self.tenancy is not None else None
+        ticket = None
+        if who is not None:
+            assert self.tenancy is not None
+            params, ticket = self.tenancy.admit(
+                who, prompt_token_ids, params, model, self.max_model_len
+            )
+            cache_salt = combine_salts(who.cache_salt, cache_salt)
+            hints = msgspec.structs.replace(hints or SchedulingHints(), tenant=who.name)
+        num_generated: dict[int, int] = {}
+        delta = params.output_kind == RequestOutputKind.DELTA
+        try:
+            async for out in self.engine.generate(
+                prompt_token_ids, params, request_id, cache_salt=cache_salt, hints=hints,
+                **kwargs,
+            ):  # fmt: skip
+                if ticket is not None:
+                    for c in out.outputs:
+                        k = len(c.token_ids)
+                        num_generated[c.index] = num_generated.get(c.index, 0) + k if delta else k
+                yield out
+        finally:
+            if ticket is not None:
+                assert self.tenancy is not None
+                self.tenancy.finish(ticket, sum(num_generated.values()))
+
+    def check_beam_search(self, raw_request: Request) -> None:
+        """Beam search runs many engine requests per API request: not for tenants with
+        rate or concurrency limits (it would bypass them)."""
+        who = request_tenant(raw_request) if self.tenancy is not None else None
+        if who is None:
+            return
+        lim = who.limits
+        if (lim.requests_per_minute, lim.tokens_per_minute, lim.max_concurrent_requests) != (
+            None, None, None
+        ):  # fmt: skip
+            raise bad_request(
+                f"use_beam_search is not available to tenant {who.name!r} (it has rate or "
+                "concurrency limits)",
+                "use_beam_search",
             )
 
     def check_model(self, model: str | None) -> LoRARequest | None:

@@ -120,6 +120,7 @@ class OpenAIServingCompletion:
         request_id = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         if req.use_beam_search:
+            ctx.check_beam_search(raw_request)
             bp = beam_params(
                 req.n, req.max_tokens, ctx.max_model_len, req.ignore_eos, req.length_penalty
             )
@@ -139,7 +140,8 @@ class OpenAIServingCompletion:
         )
         arrival = time.time()
         gens = [
-            engine.generate(
+            ctx.generate(
+                raw_request,
                 ids,
                 params,
                 request_id if len(prompts) == 1 else f"{request_id}-{i}",
@@ -150,6 +152,7 @@ class OpenAIServingCompletion:
                 tenant=obs.tenant,
                 hints=req.scheduling_hints(),
                 lora_request=lora,
+                model=req.model,
             )
             for i, ids in enumerate(prompt_ids)
         ]

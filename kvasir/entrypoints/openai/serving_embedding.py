@@ -143,9 +143,9 @@ class OpenAIServingEmbedding:
 
         async def one(i: int, ids: list[int]) -> list[float]:
             last = None
-            gen = engine.generate(
-                ids, SamplingParams(), f"{request_id}-{i}", priority=req.priority,
-                pooling_params=pp, lora_request=lora,
+            gen = ctx.generate(
+                raw_request, ids, SamplingParams(max_tokens=1), f"{request_id}-{i}",
+                model=req.model, priority=req.priority, pooling_params=pp, lora_request=lora,
             )  # fmt: skip
             try:
                 async for out in gen:

@@ -352,9 +352,10 @@ class OpenAIServingResponses:
         check_length(ctx, len(prompt_ids), req.max_output_tokens, "input", "max_output_tokens")
         params = self._params(req, structured)
         response_id = f"resp_{uuid.uuid4().hex}"
-        gen = ctx.engine.generate(
-            prompt_ids, params, response_id, priority=req.priority, lora_request=lora
-        )
+        gen = ctx.generate(
+            raw_request, prompt_ids, params, response_id, model=req.model,
+            priority=req.priority, lora_request=lora,
+        )  # fmt: skip
         try:
             (first,) = await until_disconnect(first_outputs([gen]), raw_request)
         except ClientDisconnected:
