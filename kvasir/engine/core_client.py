@@ -63,6 +63,10 @@ class EngineCoreClient:
         self._output.setsockopt(zmq.RCVHWM, 0)
         self._output.setsockopt(zmq.LINGER, 0)
         self._output.bind(self.output_addr)
+        # Owner-only (the directory already is, from mkdtemp): no other local user can
+        # connect and inject requests, or read outputs.
+        for name in ("input", "output"):
+            os.chmod(os.path.join(self._ipc_dir, name), 0o600)
         self._decoder = msgspec.msgpack.Decoder(EngineCoreOutputs)
         self._encoder = msgspec.msgpack.Encoder()
         self.proc: multiprocessing.process.BaseProcess | None = None

@@ -116,8 +116,21 @@ class EngineCoreProc:
         return hs.error is None
 
     def _handle_input(self, frames: list[bytes]) -> None:
+        """One input message. Anything malformed (wrong frame count, bytes that are not
+        the typed struct) is dropped and logged: it is never executed and never stops
+        the loop."""
         assert self.core is not None
-        kind = frames[0]
+        kind = frames[0] if frames else b""
+        if kind in (MSG_ADD, MSG_ABORT) and len(frames) != 2:
+            logger.error("engine core: dropped a %r message with %d frames", kind, len(frames))
+            return
+        try:
+            self._dispatch(kind, frames)
+        except msgspec.DecodeError as e:  # ValidationError included
+            logger.error("engine core: dropped a malformed %r message: %s", kind, e)
+
+    def _dispatch(self, kind: bytes, frames: list[bytes]) -> None:
+        assert self.core is not None
         if kind == MSG_ADD:
             req = self._req_decoder.decode(frames[1])
             try:
@@ -136,7 +149,7 @@ class EngineCoreProc:
         elif kind == MSG_SHUTDOWN:
             self._shutdown = True
         else:
-            logger.error("engine core: unknown message type %r", kind)
+            logger.error("engine core: dropped a message of unknown type %r", kind[:32])
 
     def _drain_input(self, timeout_ms: int) -> bool:
         """Handle every queued input message; wait up to ``timeout_ms`` for the first.

@@ -68,6 +68,8 @@ class MultiprocExecutor(Executor):
             s.setsockopt(zmq.LINGER, 0)
             s.bind(f"ipc://{self._dir}/in{rank}")
             self._inputs.append(s)
+        for name in os.listdir(self._dir):  # owner-only sockets in an owner-only dir
+            os.chmod(os.path.join(self._dir, name), 0o600)
         self._enc = msgspec.msgpack.Encoder()
         self._dec = msgspec.msgpack.Decoder(WorkerReply)
         self._pending: deque[PendingStep] = deque()
