@@ -38,6 +38,9 @@ class InputProcessor:
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.eos_token_ids = tuple(eos_token_ids)
+        # Chat: tokenise special tokens typed inside message content as control tokens
+        # (off: they are plain text; the server's --allow-special-tokens-in-content).
+        self.allow_special_tokens_in_content = False
 
     def tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -210,21 +213,24 @@ class InputProcessor:
     def apply_chat_template(
         self, messages: list[dict], add_generation_prompt: bool = True, **kwargs: Any
     ) -> list[int]:
+        """Render in the limited sandbox (``kvasir.security.chat_template``): special
+        tokens typed in message content stay text unless
+        ``allow_special_tokens_in_content``; roles and structure are validated."""
+        from kvasir.security.chat_template import tokenize_chat
+
         if self.tokenizer is None:
             raise ValueError("chat needs a tokenizer; this model has none")
-        if not isinstance(messages, list) or not messages:
-            raise ValueError("messages must be a non-empty list of {role, content} objects")
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or "role" not in m:
-                raise ValueError(f"messages[{i}] must be an object with a 'role'")
-        if getattr(self.tokenizer, "chat_template", None) is None:
+        if kwargs.get("chat_template") is None and (
+            getattr(self.tokenizer, "chat_template", None) is None
+        ):
             raise ValueError("this model's tokenizer has no chat template")
-        out = self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=add_generation_prompt, tokenize=True, **kwargs
+        return tokenize_chat(
+            self.tokenizer,
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            allow_special_tokens=self.allow_special_tokens_in_content,
+            **kwargs,
         )
-        if isinstance(out, dict) or hasattr(out, "input_ids"):
-            out = out["input_ids"]
-        return list(out)
 
 
 def _check_hints(hints: SchedulingHints) -> None:

@@ -67,7 +67,9 @@ def keys_path(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tenant_server(keys_path: Path) -> Iterator[ServerProc]:
-    srv = start_server("--api-keys-file", str(keys_path), api_key=ADMIN_KEY)
+    srv = start_server(
+        "--api-keys-file", str(keys_path), "--logprobs-precision", "2", api_key=ADMIN_KEY
+    )
     try:
         yield srv
     finally:

@@ -72,6 +72,11 @@ def test_parameter_limits_are_400_or_403_naming_them(tenant_server: ServerProc) 
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 16
     r = _post(tenant_server, k, {"prompt": "Hi", "max_tokens": 4, "logprobs": 2})
     assert r.status_code == 200
+    # --logprobs-precision 2: every returned logprob has at most two decimals.
+    lps = r.json()["choices"][0]["logprobs"]
+    values = lps["token_logprobs"] + [v for d in lps["top_logprobs"] for v in d.values()]
+    assert len(values) >= 8
+    assert all(abs(v * 100 - round(v * 100)) < 1e-6 for v in values), values
 
 
 def test_tokens_per_minute_429_with_retry_after(tenant_server: ServerProc) -> None:

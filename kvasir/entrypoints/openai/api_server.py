@@ -407,6 +407,23 @@ def _add_chat_args(parser: argparse.ArgumentParser) -> None:
         help="the model's tool-call format: hermes (Qwen2/3, SmolLM2), llama3_json, mistral",
     )
     c.add_argument(
+        "--trust-request-chat-template",
+        action="store_true",
+        help="render a request's own chat_template (sandboxed, with limits); off: 400",
+    )
+    c.add_argument(
+        "--allow-special-tokens-in-content",
+        action="store_true",
+        help="tokenise special tokens typed inside message content (<|im_start|>...) as "
+        "control tokens; off: they are plain text",
+    )
+    c.add_argument(
+        "--logprobs-precision",
+        type=int,
+        default=None,
+        help="round every returned logprob to this many decimal places (limits extraction)",
+    )
+    c.add_argument(
         "--reasoning-parser",
         choices=sorted(REASONING_PARSERS),
         default=None,
@@ -427,6 +444,14 @@ def configure_chat(ctx: ServingContext, args: argparse.Namespace) -> None:
     ctx.enable_auto_tool_choice = auto
     ctx.tool_call_parser = parser
     ctx.reasoning_parser = getattr(args, "reasoning_parser", None)
+    ctx.trust_request_chat_template = bool(getattr(args, "trust_request_chat_template", False))
+    ctx.engine.input_processor.allow_special_tokens_in_content = bool(
+        getattr(args, "allow_special_tokens_in_content", False)
+    )
+    precision = getattr(args, "logprobs_precision", None)
+    if precision is not None and not 0 <= precision <= 16:
+        raise ValueError(f"--logprobs-precision must be in [0, 16], got {precision}")
+    ctx.logprobs_precision = precision
 
 
 def _add_observability_args(parser: argparse.ArgumentParser) -> None:

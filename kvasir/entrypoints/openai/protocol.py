@@ -231,6 +231,11 @@ class ChatCompletionRequest(SamplingFields):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    chat_template: str | None = Field(
+        None,
+        description="A Jinja chat template for this request (vLLM); refused unless the server "
+        "runs with --trust-request-chat-template. Rendered sandboxed, with limits.",
+    )
 
 
 class ChatCompletionLogProb(BaseModel):

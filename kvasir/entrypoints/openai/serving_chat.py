@@ -149,6 +149,15 @@ class OpenAIServingChat:
         bad = sorted(set(kwargs) & _RESERVED_TEMPLATE_KWARGS)
         if bad:
             raise bad_request(f"chat_template_kwargs must not set {bad}", "chat_template_kwargs")
+        if req.chat_template is not None:
+            if not self.ctx.trust_request_chat_template:
+                raise bad_request(
+                    "chat_template from a request is not allowed on this server "
+                    "(--trust-request-chat-template)",
+                    "chat_template",
+                    "chat_template_not_allowed",
+                )
+            kwargs["chat_template"] = req.chat_template
         if req.continue_final_message and req.add_generation_prompt:
             raise bad_request(
                 "continue_final_message and add_generation_prompt cannot both be true",

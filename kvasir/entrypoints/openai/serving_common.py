@@ -60,6 +60,10 @@ class ServingContext:
                 info.lora_module_shapes,
                 info.max_lora_rank,
             )
+        # --trust-request-chat-template: a request's own chat_template is rendered.
+        self.trust_request_chat_template = False
+        # --logprobs-precision: returned logprobs rounded to this many decimals.
+        self.logprobs_precision: int | None = None
         # --api-keys-file: per-tenant limits, cache salts and metrics (None: no tenants).
         self.tenancy: Tenancy | None = None
 
@@ -96,6 +100,8 @@ class ServingContext:
                 prompt_token_ids, params, request_id, cache_salt=cache_salt, hints=hints,
                 **kwargs,
             ):  # fmt: skip
+                if self.logprobs_precision is not None:
+                    round_logprobs(out, self.logprobs_precision)
                 if ticket is not None:
                     for c in out.outputs:
                         k = len(c.token_ids)
@@ -374,6 +380,20 @@ def internal_error(e: BaseException) -> OpenAIError:
         None,
         "internal_error",
     )
+
+
+def round_logprobs(out: RequestOutput, ndigits: int) -> None:
+    """Round every logprob of ``out`` in place (--logprobs-precision: fewer bits per
+    query for a client reconstructing the model's output layer)."""
+    positions: list[PositionLogprobs | None] = list(out.prompt_logprobs or [])
+    for c in out.outputs:
+        positions += c.logprobs or []
+        if c.cumulative_logprob is not None:
+            c.cumulative_logprob = round(c.cumulative_logprob, ndigits)
+    for pos in positions:
+        for lp in (pos or {}).values():
+            if math.isfinite(lp.logprob):
+                lp.logprob = round(lp.logprob, ndigits)
 
 
 def safe_logprob(x: float) -> float:
