@@ -65,10 +65,13 @@ def _salt(reg: TenantRegistry, key: str, request_salt: str | None = None) -> str
 
 
 def _run(llm: LLM, ids: list[int], salt: str | None) -> tuple[float, int]:
+    """TTFT of one request (max_tokens=1: the whole call is its prefill) as the CPU time
+    this process spent on it: the work an attacker's clock would see, without the
+    wall-clock noise of other processes on a shared machine."""
     sp = SamplingParams(max_tokens=1, temperature=0.0)
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     out = llm.generate([ids], sp, use_tqdm=False, cache_salt=salt)[0]
-    return time.perf_counter() - t0, out.num_cached_tokens
+    return time.process_time() - t0, out.num_cached_tokens
 
 
 def _prompt(rng: random.Random) -> list[int]:
@@ -128,13 +131,23 @@ def test_timing_of_guessed_prefix_is_a_miss(llm: LLM, tenants: TenantRegistry) -
             else:
                 assert cached == 0, kind  # the engine computed every prompt token
                 (guess if kind == "guess" else miss).append(dt)
-    # One-sided: is the guess faster than a miss? |z| > 3.72 is p < 1e-4.
+    # One-sided tests, each with a false-alarm rate under 1e-4 when guess and miss come
+    # from the same distribution: a rank test over all trials, and a sign test over the
+    # per-trial pairs (robust to the machine's load drifting between trials).
     z_guess = _mann_whitney_z(miss, guess)
-    z_hit = _mann_whitney_z(miss, hit)
+    p_guess = _sign_test_p(sum(g < m for g, m in zip(guess, miss, strict=True)), NUM_TRIALS)
+    p_hit = _sign_test_p(sum(h < m for h, m in zip(hit, miss, strict=True)), NUM_TRIALS)
+    med = [1e3 * sorted(x)[NUM_TRIALS // 2] for x in (miss, guess, hit)]
     stats = (
-        f"median ms: miss {1e3 * sorted(miss)[NUM_TRIALS // 2]:.1f}, guess "
-        f"{1e3 * sorted(guess)[NUM_TRIALS // 2]:.1f}, hit {1e3 * sorted(hit)[NUM_TRIALS // 2]:.1f};"
-        f" z(miss > guess) = {z_guess:.2f}, z(miss > hit) = {z_hit:.2f}"
+        f"median CPU ms: miss {med[0]:.1f}, guess {med[1]:.1f}, hit {med[2]:.1f}; "
+        f"z(miss > guess) = {z_guess:.2f}, sign-test p(guess < miss) = {p_guess:.2g}, "
+        f"p(hit < miss) = {p_hit:.2g}"
     )
-    assert z_guess < 3.72, stats
-    assert z_hit > 3.09, stats  # p < 1e-3: the clock does see a real hit
+    print(stats)
+    assert z_guess < 3.72 and p_guess > 1e-4, stats
+    assert p_hit < 1e-3, stats  # the same clock does see a real hit
+
+
+def _sign_test_p(k: int, n: int) -> float:
+    """P(X >= k) for X ~ Binomial(n, 1/2)."""
+    return sum(math.comb(n, i) for i in range(k, n + 1)) / 2**n

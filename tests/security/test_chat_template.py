@@ -107,8 +107,10 @@ def test_sandbox_escapes_are_refused(source: str) -> None:
             "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
             "longer than",
         ),
-        ("{% for i in range(99999) %}{% for j in range(99999) %}{{ j }}{% endfor %}{% endfor %}",
-         "output exceeds"),  # fmt: skip
+        (
+            "{% for i in range(99999) %}{% for j in range(99999) %}{{ j }}{% endfor %}{% endfor %}",
+            "output exceeds",
+        ),  # fmt: skip
         ("{% set n = 10 %}{{ n ** 100000 }}", "power"),
     ],
 )
