@@ -16,8 +16,8 @@ from kvasir.engine.async_llm import AsyncLLM, EngineDeadError, RequestRejectedEr
 from kvasir.engine.messages import SchedulingHints
 from kvasir.entrypoints.openai.errors import OpenAIError, bad_request, from_value_error
 from kvasir.entrypoints.openai.protocol import SamplingFields
-from kvasir.lora.request import LoRARequest
 from kvasir.entrypoints.openai.tenancy import Tenancy, combine_salts, request_tenant
+from kvasir.lora.request import LoRARequest
 from kvasir.outputs import Logprob, PositionLogprobs, RequestOutput
 from kvasir.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 
