@@ -18,7 +18,8 @@ bits), element ``j`` of a 32-element block:
 * ``Q5_1`` ``d, m, qh[4], qs[16]``: ``(nibble(j) | bit j of qh << 4) * d + m``;
 * ``Q8_0`` ``d, qs[32]`` int8: ``qs[j] * d``;
 * the K-quants (``Q2_K`` .. ``Q6_K``): 256-element super-blocks with 6- or 8-bit
-  sub-block scales (torch only here; the Triton kernel covers the types above).
+  sub-block scales (the Triton kernel covers Q4_K, Q5_K and Q6_K; Q2_K and Q3_K are
+  dequantised by the torch code on every device).
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 Q = GGMLQuantizationType
 QK_K = 256
 # Types the Triton kernel dequantises in registers, and its TYPE code for each.
-TRITON_TYPES = {Q.Q4_0: 0, Q.Q4_1: 1, Q.Q5_0: 2, Q.Q5_1: 3, Q.Q8_0: 4}
+TRITON_TYPES = {
+    Q.Q4_0: 0, Q.Q4_1: 1, Q.Q5_0: 2, Q.Q5_1: 3, Q.Q8_0: 4, Q.Q4_K: 5, Q.Q5_K: 6, Q.Q6_K: 7,
+}  # fmt: skip
 
 
 def _f16(b: torch.Tensor, start: int) -> torch.Tensor:
@@ -183,6 +186,43 @@ def _f16_at(p, mask):
 
 
 @triton.jit
+def _kquant_tile(w_ptr, offs_k, offs_n, mask, stride_wn, TYPE: tl.constexpr):
+    """Q4_K (5), Q5_K (6), Q6_K (7): 256-element super-blocks (layouts: ``_q4_k`` etc.)."""
+    SIZE: tl.constexpr = 144 if TYPE == 5 else (176 if TYPE == 6 else 210)
+    j = (offs_k % 256)[:, None]
+    base = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn + (offs_k // 256 * SIZE)[:, None]
+    if TYPE == 7:
+        g, r = j // 128, j % 128
+        ql = tl.load(base + g * 64 + r % 64, mask=mask, other=0).to(tl.int32)
+        lo = tl.where(r < 64, ql & 0x0F, ql >> 4)
+        qh = tl.load(base + 128 + g * 32 + j % 32, mask=mask, other=0).to(tl.int32)
+        hi = (qh >> (2 * (r // 32))) & 3
+        sc = tl.load(base + 192 + j // 16, mask=mask, other=0).to(tl.int8, bitcast=True)
+        d = _f16_at(base + 208, mask)
+        w = d * sc.to(tl.float32) * ((lo | (hi << 4)) - 32).to(tl.float32)
+    else:
+        sub = j // 32  # the 6-bit scale / min of this 32-element sub-block
+        low = sub < 4
+        s4 = sub % 4
+        b_d = tl.load(base + 4 + s4, mask=mask, other=0).to(tl.int32)
+        b_m = tl.load(base + 8 + s4, mask=mask, other=0).to(tl.int32)
+        b_md = tl.load(base + 12 + s4, mask=mask, other=0).to(tl.int32)
+        sc = tl.where(low, b_d & 0x3F, (b_md & 0x0F) | ((b_d >> 2) & 0x30))
+        mn = tl.where(low, b_m & 0x3F, (b_md >> 4) | ((b_m >> 2) & 0x30))
+        QS: tl.constexpr = 16 if TYPE == 5 else 48
+        c, l64 = j // 64, j % 64
+        byte = tl.load(base + QS + c * 32 + l64 % 32, mask=mask, other=0).to(tl.int32)
+        q = tl.where(l64 < 32, byte & 0x0F, byte >> 4)
+        if TYPE == 6:
+            qh = tl.load(base + 16 + j % 32, mask=mask, other=0).to(tl.int32)
+            q = q | (((qh >> sub) & 1) << 4)
+        d = _f16_at(base, mask) * sc.to(tl.float32)
+        dm = _f16_at(base + 2, mask) * mn.to(tl.float32)
+        w = d * q.to(tl.float32) - dm
+    return w
+
+
+@triton.jit
 def _gguf_tile(
     w_ptr,  # [N, row_bytes] uint8
     offs_k,  # [BLOCK_K]
@@ -193,6 +233,9 @@ def _gguf_tile(
     TYPE: tl.constexpr,
 ):
     """The ``[BLOCK_K, BLOCK_N]`` float32 tile ``W^T[offs_k, offs_n]``."""
+    if TYPE >= 5:
+        return _kquant_tile(w_ptr, offs_k, offs_n, mask_k[:, None] & mask_n[None, :],
+                            stride_wn, TYPE)  # fmt: skip
     # bytes per block and the offsets of qs / qh in it, per TYPE (Q4_0 Q4_1 Q5_0 Q5_1 Q8_0)
     SIZE: tl.constexpr = 18 if TYPE == 0 else (20 if TYPE == 1 else (22 if TYPE == 2 else (
         24 if TYPE == 3 else 34)))  # fmt: skip
@@ -303,7 +346,7 @@ def _gguf_gemv_kernel(
 
 def gguf_matmul(
     x: torch.Tensor,  # [M, K]
-    packed: torch.Tensor,  # [N, K / 32 * S] uint8
+    packed: torch.Tensor,  # [N, K / B * S] uint8
     kind: GGMLQuantizationType,
     bias: torch.Tensor | None = None,
     config: tuple[int, int, int, int] | None = None,  # BLOCK_M, BLOCK_N, BLOCK_K, warps

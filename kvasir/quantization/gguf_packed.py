@@ -13,8 +13,7 @@ matrix; parts of different types (llama.cpp's mixed "_M" files) each keep their 
 ``apply`` concatenates their outputs.
 
 Paths: CUDA: the Triton dequantising GEMM / GEMV (SiLU-and-mul fused at batch 1) for
-the 32-element block types, the others dequantised to the activation dtype inside the
-call; CPU: the torch reference (each call dequantises, then one matmul).
+every type but Q2_K / Q3_K, those dequantised to the activation dtype inside the call; CPU: the torch reference (each call dequantises, then one matmul).
 """
 
 from __future__ import annotations
