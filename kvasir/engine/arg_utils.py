@@ -142,7 +142,14 @@ class EngineArgs:
             "-q",
             default=None,
             choices=[
-                "fp8", "int8", "w8a8", "compressed-tensors", "gptq", "awq", "gguf", "none",
+                "fp8",
+                "int8",
+                "w8a8",
+                "compressed-tensors",
+                "gptq",
+                "awq",
+                "gguf",
+                "none",
                 "bitsandbytes",
             ],
             help="quantise a float checkpoint at load: fp8 (E4M3 W8A8, dynamic per-token "
