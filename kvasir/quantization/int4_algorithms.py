@@ -154,7 +154,7 @@ def awq_scales(
     x: torch.Tensor,  # [T, K] calibration inputs
     bits: int,
     group_size: int,
-    max_tokens: int = 2048,
+    max_tokens: int = 1024,
 ) -> torch.Tensor:  # [K] float32: multiply the weights' columns, divide the input by it
     """AWQ's activation-aware scale search (module docstring), on every
     ``T / max_tokens``-th input token."""
