@@ -36,9 +36,10 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
         help="padded-generate batch size for the CPU comparison (default: all)",
     )
     p.add_argument("--output-json", type=str, default=None)
-    from kvasir.bench import spec
+    from kvasir.bench import lora, spec
 
     spec.add_cli_args(p)
+    lora.add_cli_args(p)
 
 
 def _range(spec: str) -> tuple[int, int]:
@@ -215,6 +216,10 @@ def main(args: argparse.Namespace) -> int:
         from kvasir.bench import spec
 
         return spec.main(args, concurrent=True)
+    if getattr(args, "num_loras", 0):
+        from kvasir.bench import lora
+
+        return lora.main(args)
     ea = EngineArgs.from_cli_args(args)
     kwargs = {k: v for k, v in vars(ea).items() if k != "model"}
     llm = LLM(model=ea.model, **kwargs)

@@ -47,6 +47,8 @@ class HostAdapterCache:
         self.num_disk_loads = 0
         self.num_hits = 0
         self.num_misses = 0
+        # Seconds from an adapter's first request to its being in host memory, per load.
+        self.cold_start_seconds: list[float] = []
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -81,6 +83,7 @@ class HostAdapterCache:
             self._pending.discard(lora_id)
             self.num_disk_loads += 1
             self._insert(lora_id, adapter)
+            self._ready_after(lora_id)
 
     def _insert(self, lora_id: int, adapter: LoRAAdapter) -> None:
         entries = self._entries
@@ -93,6 +96,12 @@ class HostAdapterCache:
                 self._wanted.discard(victim)
             del entries[victim]
 
+    def _ready_after(self, lora_id: int) -> None:
+        # A cold start ends when the adapter is in host memory (ready for a slot).
+        t0 = self._requested_at.pop(lora_id, None)
+        if t0 is not None:
+            self.cold_start_seconds.append(time.perf_counter() - t0)
+
     def get(self, lora_id: int) -> LoRAAdapter | None:
         """The adapter if it is in host memory (marked recently used), else None."""
         with self._lock:
@@ -102,21 +111,22 @@ class HostAdapterCache:
                 self.num_hits += 1
             return adapter
 
-    def take(self, lora_id: int) -> tuple[LoRAAdapter, float | None]:
+    def take(self, lora_id: int) -> LoRAAdapter:
         """The adapter for a device slot, loading it here if it is not in host memory
-        (a miss); no longer wanted. Also the seconds since it was first requested, when
-        this take ends a cold start (None otherwise)."""
+        (a miss); no longer wanted."""
         adapter = self.get(lora_id)
         if adapter is None:
             self.num_misses += 1
+            with self._lock:
+                self._requested_at.setdefault(lora_id, time.perf_counter())
             adapter = self.loader(lora_id)
             with self._lock:
                 self.num_disk_loads += 1
                 self._insert(lora_id, adapter)
+                self._ready_after(lora_id)
         with self._lock:
             self._wanted.discard(lora_id)
-            t0 = self._requested_at.pop(lora_id, None)
-        return adapter, (time.perf_counter() - t0) if t0 is not None else None
+        return adapter
 
     def drop(self, lora_id: int) -> None:
         with self._lock:

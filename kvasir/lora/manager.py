@@ -118,7 +118,6 @@ class LoRAManager:
         self.always_on = device.type == "cuda"
         if self.always_on:
             self.state.mode, self.state.has_lora = "bgmv", True
-        self.cold_start_seconds: list[float] = []
         self.num_device_loads = 0
         # Merging.
         self.strategy = config.lora_strategy
@@ -196,7 +195,7 @@ class LoRAManager:
         for slot, lora_id in loads.items():
             if self.merged_slot == slot:
                 self._unmerge()
-            adapter, cold = self.host.take(lora_id)
+            adapter = self.host.take(lora_id)
             dtype = self.layers[0].lora_a.dtype
             converted = LoRAAdapter(
                 adapter.info,
@@ -209,8 +208,6 @@ class LoRAManager:
             self.slot_has_lora[slot] = bool(adapter.lora)
             self.slot_has_ia3[slot] = bool(adapter.ia3)
             self.num_device_loads += 1
-            if cold is not None:
-                self.cold_start_seconds.append(cold)
 
     def slot_of(self, lora_id: int) -> int:
         for s, i in enumerate(self.slot_lora):
@@ -350,8 +347,8 @@ class LoRAManager:
             "host_hits": h.num_hits,
             "host_misses": h.num_misses,
             "disk_loads": h.num_disk_loads,
-            "cold_starts": len(self.cold_start_seconds),
-            "cold_start_seconds_sum": sum(self.cold_start_seconds),
+            "cold_starts": len(h.cold_start_seconds),
+            "cold_start_seconds_sum": sum(h.cold_start_seconds),
             "merged_steps": self.num_merged_steps,
             "unmerged_steps": self.num_unmerged_steps,
             "merges": self.num_merges,

@@ -48,13 +48,14 @@ class LoRAMetrics:
         )
         self.cold_starts = Counter(
             "kvasir:lora_cold_starts",
-            "Adapters brought from disk to a device slot for a waiting request.",
+            "Adapters read from disk for a waiting request.",
             ["model_name"],
             registry=registry,
         ).labels(model_name)
         self.cold_start_seconds = Counter(
             "kvasir:lora_cold_start_seconds",
-            "Total seconds from a cold adapter's first request to its device slot.",
+            "Total seconds from a cold adapter's first request to its being in host memory "
+            "(read from disk; ready for a device slot).",
             ["model_name"],
             registry=registry,
         ).labels(model_name)

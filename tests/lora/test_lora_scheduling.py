@@ -195,7 +195,7 @@ def test_host_tier_never_exceeds_its_size(capacity, ops):
             got = cache.get(lora_id)
             assert (got is not None) == (lora_id in cache)
         else:
-            adapter, _ = cache.take(lora_id)
+            adapter = cache.take(lora_id)
             assert adapter.info.path == f"/a/{lora_id}"
         assert len(cache) <= capacity
     assert cache.num_disk_loads == len(loads)
