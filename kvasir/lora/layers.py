@@ -24,7 +24,7 @@ from torch import nn
 from kvasir.layers.activation import silu_and_mul
 from kvasir.layers.linear import LinearBase, MergedColumnParallelLinear, QKVParallelLinear
 from kvasir.lora.adapter import AdapterError, LoRAAdapter
-from kvasir.lora.ops import segmented_delta
+from kvasir.lora.ops import PaddedGroups, batched_delta, segmented_delta
 
 # kvasir's fused layer -> the HF sub-projections in it, in shard order (a model class
 # can override with a ``packed_modules_mapping`` attribute, vLLM's name).
@@ -52,6 +52,7 @@ class LoRAStepState:
     has_ia3: bool = False
     num_tokens: int = 0
     slot_indices: list[tuple[int, torch.Tensor | None]] = field(default_factory=list)
+    groups: PaddedGroups | None = None  # "torch" with many slots: the batched path
     seg_starts: torch.Tensor | None = None  # [num_segments + 1] int32
     seg_slots: torch.Tensor | None = None  # [num_segments] int32
     max_seg_len: int = 0
@@ -70,6 +71,7 @@ class LoRALinear(nn.Module):
         state: LoRAStepState,
         max_loras: int,
         max_rank: int,
+        dtype: torch.dtype,
     ) -> None:
         super().__init__()
         if base_layer.tp_size > 1:
@@ -81,7 +83,7 @@ class LoRALinear(nn.Module):
         self.out_sizes = list(base_layer.output_partition_sizes)
         self.offsets = [sum(self.out_sizes[:j]) for j in range(len(self.out_sizes))]
         assert len(sub_names) == len(self.out_sizes)
-        dev, dtype = _param_device_dtype(base_layer)
+        dev = state.token_slots.device
         self.in_features = base_layer.input_size_per_partition
         self.out_features = base_layer.output_size_per_partition
         k = len(sub_names) * max_rank
@@ -162,6 +164,8 @@ class LoRALinear(nn.Module):
         if not st.has_lora:
             return y
         if st.mode == "torch":
+            if st.groups is not None:
+                return batched_delta(x, self.lora_a, self.lora_b, st.groups, y)
             return segmented_delta(x, self.lora_a, self.lora_b, st.slot_indices, y)
         from kvasir.kernels import lora as lora_kernels
 
@@ -193,16 +197,6 @@ class LoRALinear(nn.Module):
         return f"sub_modules={self.sub_names}, max_rank={self.max_rank}"
 
 
-def _param_device_dtype(layer: nn.Module) -> tuple[torch.device, torch.dtype]:
-    """Where the layer lives and the dtype its activations have (a quantised layer's
-    integer weights do not say: take its first floating-point parameter or buffer)."""
-    for t in list(layer.parameters()) + list(layer.buffers()):
-        if t.is_floating_point() and t.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
-            return t.device, t.dtype
-    t = next(iter(layer.parameters()))
-    return t.device, torch.float32
-
-
 def sub_module_names(model: nn.Module, name: str, layer: LinearBase) -> list[str]:
     """The HF module names of ``layer``'s sub-projections (``name``: its path in the
     kvasir model, whose leaf is its attribute name)."""
@@ -222,7 +216,7 @@ def sub_module_names(model: nn.Module, name: str, layer: LinearBase) -> list[str
 
 
 def wrap_linear_layers(
-    model: nn.Module, state: LoRAStepState, max_loras: int, max_rank: int
+    model: nn.Module, state: LoRAStepState, max_loras: int, max_rank: int, dtype: torch.dtype
 ) -> list[LoRALinear]:
     """Replace every ``LinearBase`` inside the decoder layers by a ``LoRALinear``
     (the embedding and the LM head stay as they are). Call after the weights are
@@ -236,7 +230,8 @@ def wrap_linear_layers(
     for name, layer in targets:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        w = LoRALinear(layer, sub_module_names(model, name, layer), state, max_loras, max_rank)
+        subs = sub_module_names(model, name, layer)
+        w = LoRALinear(layer, subs, state, max_loras, max_rank, dtype)
         setattr(parent, attr, w)
         wrapped.append(w)
     return wrapped

@@ -37,12 +37,17 @@ from kvasir.lora.adapter import (
 )
 from kvasir.lora.cache import HostAdapterCache
 from kvasir.lora.layers import LoRALinear, LoRAStepState, wrap_linear_layers
+from kvasir.lora.ops import PaddedGroups
 from kvasir.lora.request import LoRARequest
 
 if TYPE_CHECKING:
     from kvasir.worker.input_buffers import StepInputs
 
 logger = logging.getLogger(__name__)
+
+# CPU: from this many adapters in one step the delta runs as two batched products over
+# tokens grouped by adapter (padded) rather than two products per adapter.
+_BATCHED_MIN_SLOTS = 3
 
 
 class _StrategyModel:
@@ -90,6 +95,7 @@ class LoRAManager:
         config: LoRAConfig,
         max_num_tokens: int,
         device: torch.device,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         self.config = config
         self.device = device
@@ -99,7 +105,7 @@ class LoRAManager:
             ia3_rows=torch.zeros(max_num_tokens, dtype=torch.int64, device=device),
         )
         self.layers: list[LoRALinear] = wrap_linear_layers(
-            model, self.state, config.max_loras, config.max_lora_rank
+            model, self.state, config.max_loras, config.max_lora_rank, dtype
         )
         if not self.layers:
             raise ValueError("enable_lora: this model has no linear layers an adapter can target")
@@ -254,13 +260,15 @@ class LoRAManager:
             st.ia3_rows[:n].copy_(slots_t.long() + 1, non_blocking=True)
         if self.device.type == "cpu":
             st.mode = "torch"
+            st.groups = None
+            lora_slots = [s for s in sorted(distinct) if s >= 0 and self.slot_has_lora[s]]
             if single:
                 st.slot_indices = [(int(slot0), None)]
+            elif len(lora_slots) >= _BATCHED_MIN_SLOTS:
+                st.groups = PaddedGroups(torch.from_numpy(token_slots), lora_slots)
             else:
                 st.slot_indices = [
-                    (s, torch.from_numpy(np.nonzero(token_slots == s)[0]))
-                    for s in sorted(distinct)
-                    if s >= 0 and self.slot_has_lora[s]
+                    (s, torch.from_numpy(np.nonzero(token_slots == s)[0])) for s in lora_slots
                 ]
         elif step.graph_size or step.mixed_graph_tokens or int(step.num_scheduled.max()) == 1:
             st.mode = "bgmv"

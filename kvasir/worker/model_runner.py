@@ -168,7 +168,7 @@ class ModelRunner:
                     "enable_lora: LoRA with tensor or pipeline parallelism is not supported yet"
                 )
             self.lora_manager = LoRAManager(
-                self.model, config.lora_config, self.max_num_tokens, self.device
+                self.model, config.lora_config, self.max_num_tokens, self.device, self.dtype
             )
         self.sampler = Sampler()
         self.spec_decoder: SpecDecoder | None = None

@@ -80,3 +80,20 @@ def test_no_segments_and_no_tokens():
     y = torch.randn(4, 8)
     out = k.sgmv_expand(torch.randn(4, 16), b, torch.zeros(1, dtype=torch.int32), empty, 0, y)
     assert out is y
+
+
+def test_cpu_paths_match_reference():
+    # The CPU's per-slot and batched (padded groups) paths against the gather reference.
+    gen = torch.Generator().manual_seed(2)
+    a, b = _slots(5, 8, 24, 30, [8, 3, 8, 1, 5], gen)
+    token_slots = torch.tensor([4, 0, 0, -1, 2, 4, 4, 1, 0, 3, -1, 2], dtype=torch.int32)
+    x = torch.randn(len(token_slots), 24, generator=gen)
+    y0 = torch.randn(len(token_slots), 30, generator=gen)
+    want = ops.bgmv_expand_ref(ops.bgmv_shrink_ref(x, a, token_slots), b, token_slots, y0.clone())
+    slots = [0, 1, 2, 3, 4]
+    per_slot = [(s, torch.nonzero(token_slots == s).flatten()) for s in slots]
+    got = ops.segmented_delta(x, a, b, per_slot, y0.clone())
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    got = ops.batched_delta(x, a, b, ops.PaddedGroups(token_slots, slots), y0.clone())
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got[3], y0[3]) and torch.equal(got[10], y0[10])  # base tokens
