@@ -47,7 +47,10 @@ logger = logging.getLogger(__name__)
 
 # CPU: from this many adapters in one step the delta runs as two batched products over
 # tokens grouped by adapter (padded) rather than two products per adapter.
+# Only for small steps (decodes): with long prefill chunks the padding and the gathered
+# weights cost more than the per-adapter products (benchmarks/RESULTS.md, multi-LoRA).
 _BATCHED_MIN_SLOTS = 3
+_BATCHED_MAX_TOKENS = 128
 
 
 class _StrategyModel:
@@ -264,7 +267,7 @@ class LoRAManager:
             lora_slots = [s for s in sorted(distinct) if s >= 0 and self.slot_has_lora[s]]
             if single:
                 st.slot_indices = [(int(slot0), None)]
-            elif len(lora_slots) >= _BATCHED_MIN_SLOTS:
+            elif len(lora_slots) >= _BATCHED_MIN_SLOTS and n <= _BATCHED_MAX_TOKENS:
                 st.groups = PaddedGroups(torch.from_numpy(token_slots), lora_slots)
             else:
                 st.slot_indices = [

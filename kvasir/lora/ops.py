@@ -88,6 +88,8 @@ class PaddedGroups:
         self.mask = mask.flatten(0, 1)
         self.slots = torch.tensor(slots, dtype=torch.int64)
         self.num_groups, self.max_len = len(groups), m
+        # Every slot, in order: the slot buffers are used as they are (no gather).
+        self.all_slots = slots == list(range(len(slots)))
 
 
 def batched_delta(
@@ -101,8 +103,11 @@ def batched_delta(
     groups instead of two products per slot (the op count no longer grows with it)."""
     g, m = groups.num_groups, groups.max_len
     xs = x.index_select(0, groups.rows).view(g, m, -1)  # [G, M, in]
-    a = lora_a.index_select(0, groups.slots)  # [G, K, in]
-    b = lora_b.index_select(0, groups.slots)  # [G, N, K]
+    if groups.all_slots and g == lora_a.shape[0]:
+        a, b = lora_a, lora_b
+    else:
+        a = lora_a.index_select(0, groups.slots)  # [G, K, in]
+        b = lora_b.index_select(0, groups.slots)  # [G, N, K]
     s = torch.bmm(xs, a.transpose(1, 2))  # [G, M, K]
     d = torch.bmm(s, b.transpose(1, 2)).view(g * m, -1)  # [G * M, N]
     y.index_add_(0, groups.rows, d * groups.mask.to(d.dtype))

@@ -33,13 +33,16 @@ def load_hf(model_dir: str):
     ).eval()
 
 
-def save_random_adapter(model_dir: str, out_dir: str, peft_config, seed: int) -> None:
+def save_random_adapter(
+    model_dir: str, out_dir: str, peft_config, seed: int, base_model=None
+) -> None:
     """``peft_config`` applied to the base in ``model_dir`` with random adapter weights
     of the base's scale (so an adapter visibly changes the output), saved as PEFT
-    safetensors under ``out_dir``."""
+    safetensors under ``out_dir`` (``base_model``: an HF model to use instead of loading
+    ``model_dir``; it is modified)."""
     import peft
 
-    model = peft.get_peft_model(load_hf(model_dir), peft_config)
+    model = peft.get_peft_model(base_model or load_hf(model_dir), peft_config)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -52,7 +55,20 @@ def save_random_adapter(model_dir: str, out_dir: str, peft_config, seed: int) ->
     model.save_pretrained(out_dir)
 
 
-@torch.no_grad()
+def greedy(model, prompt: list[int], max_tokens: int):
+    """Greedy tokens and each step's float32 logits of an HF model (no KV cache)."""
+    ids = list(prompt)
+    tokens, logits = [], []
+    with torch.no_grad():
+        for _ in range(max_tokens):
+            out = model(torch.tensor([ids])).logits[0, -1].float()
+            t = int(out.argmax())
+            tokens.append(t)
+            logits.append(out)
+            ids.append(t)
+    return tokens, torch.stack(logits)
+
+
 def hf_greedy(model_dir: str, adapter_dir: str | None, prompt: list[int], max_tokens: int):
     """Greedy tokens and each step's float32 logits from HF transformers (+ peft)."""
     model = load_hf(model_dir)
@@ -60,12 +76,4 @@ def hf_greedy(model_dir: str, adapter_dir: str | None, prompt: list[int], max_to
         import peft
 
         model = peft.PeftModel.from_pretrained(model, adapter_dir).eval()
-    ids = list(prompt)
-    tokens, logits = [], []
-    for _ in range(max_tokens):
-        out = model(torch.tensor([ids])).logits[0, -1].float()
-        t = int(out.argmax())
-        tokens.append(t)
-        logits.append(out)
-        ids.append(t)
-    return tokens, torch.stack(logits)
+    return greedy(model, prompt, max_tokens)

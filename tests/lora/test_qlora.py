@@ -8,22 +8,11 @@ from __future__ import annotations
 import torch
 
 from kvasir import LLM, LoRARequest, SamplingParams
-from tests.lora.lora_utils import load_hf, save_random_adapter
+from tests.lora.lora_utils import greedy, load_hf, save_random_adapter
 from tests.model_utils import save_tiny_llama
 
 PROMPT = [5, 17, 33, 9, 100, 41, 7, 64]
 N = 6
-
-
-@torch.no_grad()
-def _greedy(model, prompt: list[int], n: int) -> tuple[list[int], torch.Tensor]:
-    ids, tokens, logits = list(prompt), [], []
-    for _ in range(n):
-        out = model(torch.tensor([ids])).logits[0, -1].float()
-        tokens.append(int(out.argmax()))
-        logits.append(out)
-        ids.append(tokens[-1])
-    return tokens, torch.stack(logits)
 
 
 def test_lora_over_nf4_base_matches_hf_peft_on_dequantised_weights(tmp_path):
@@ -51,9 +40,9 @@ def test_lora_over_nf4_base_matches_hf_peft_on_dequantised_weights(tmp_path):
     missing = set(state) - set(hf.state_dict())
     assert not missing, missing
     hf.load_state_dict(state, strict=False)
-    ref_base = _greedy(hf, PROMPT, N)
+    ref_base = greedy(hf, PROMPT, N)
     hf_lora = peft.PeftModel.from_pretrained(hf, adapter).eval()
-    ref_lora = _greedy(hf_lora, PROMPT, N)
+    ref_lora = greedy(hf_lora, PROMPT, N)
     assert ref_lora[0] != ref_base[0]
     sp = SamplingParams(temperature=0.0, max_tokens=N, ignore_eos=True, logprobs=2)
     outs = llm.generate([PROMPT, PROMPT], sp, use_tqdm=False,
