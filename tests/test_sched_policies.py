@@ -26,7 +26,7 @@ from test_scheduler import (
 from kvasir.core.policies import RequestRejected
 from kvasir.core.policies.length_predictor import OutputLengthPredictor
 from kvasir.core.request import Request
-from kvasir.core.sched_stats import jain_index, normalize_service_tier
+from kvasir.core.sched_stats import SchedulingStats, jain_index, normalize_service_tier
 from kvasir.core.scheduler import Scheduler
 from kvasir.core.step_time import StepTimeModel
 from kvasir.sampling_params import SamplingParams
@@ -37,7 +37,7 @@ NEW_POLICIES = ["lpm", "fair", "sjf", "slo"]
 # ---------------------------------------------------------------- properties
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     workloads(),
     st.sampled_from(NEW_POLICIES),
@@ -194,10 +194,15 @@ def test_fair_idle_tenant_cannot_bank_credit() -> None:
     assert policy.counters["b"] > 0  # type: ignore[attr-defined]
 
 
-def test_jain_index() -> None:
+def test_jain_index_over_a_window() -> None:
     assert jain_index([5.0, 5.0, 5.0]) == pytest.approx(1.0)
     assert jain_index([9.0, 0.0, 0.0]) == pytest.approx(1 / 3)
     assert jain_index([3.0, 1.0]) == pytest.approx(16 / 20)
+    st_ = SchedulingStats(fairness_window_s=10.0)
+    st_.record_service(0.0, {"a": 20})
+    st_.record_service(5.0, {"a": 10, "b": 10})
+    assert st_.jain_fairness(6.0) == pytest.approx(40**2 / (2 * (30**2 + 10**2)))
+    assert st_.jain_fairness(12.0) == pytest.approx(1.0)  # the t=0 step left the window
 
 
 # ---------------------------------------------------------------- slo

@@ -78,7 +78,8 @@ class SchedulingStats:
         self.predicted_tokens = 0
         self.actual_tokens = 0
         self.prediction_abs_error = 0
-        self._window: deque[tuple[float, str, int]] = deque()  # (time, tenant, tokens)
+        # One entry per step: (time, {tenant: tokens}).
+        self._window: deque[tuple[float, dict[str, int]]] = deque()
         self._window_service: dict[str, int] = {}
         self._tenant_labels: set[str] = set()
 
@@ -96,21 +97,23 @@ class SchedulingStats:
         self.decisions[key] = self.decisions.get(key, 0) + 1
         logger.debug("%s %s (%s)", decision, request.request_id, reason)
 
-    def record_service(self, now: float, tenant: str | None, num_tokens: int) -> None:
-        label = tenant or DEFAULT_TENANT
-        self._window.append((now, label, num_tokens))
-        self._window_service[label] = self._window_service.get(label, 0) + num_tokens
+    def record_service(self, now: float, tokens_by_tenant: dict[str, int]) -> None:
+        """One step's scheduled tokens per tenant."""
+        self._window.append((now, tokens_by_tenant))
+        service = self._window_service
+        for label, n in tokens_by_tenant.items():
+            service[label] = service.get(label, 0) + n
 
     def jain_fairness(self, now: float) -> float:
         """Jain's index over the tokens each tenant was served in the trailing window."""
         window, service = self._window, self._window_service
         while window and window[0][0] < now - self.window_s:
-            _, label, n = window.popleft()
-            left = service[label] - n
-            if left:
-                service[label] = left
-            else:
-                del service[label]
+            for label, n in window.popleft()[1].items():
+                left = service[label] - n
+                if left:
+                    service[label] = left
+                else:
+                    del service[label]
         return jain_index([float(v) for v in service.values()])
 
     def record_finished(self, request: Request) -> None:

@@ -497,10 +497,14 @@ class Scheduler:
         ordered.update((rid, n) for rid, n in num_scheduled.items() if n != 1)
         total = sum(ordered.values())
         assert total <= self._last_token_budget <= self.max_num_batched_tokens
+        served: dict[str, int] = {}
         for rid, n in ordered.items():  # service: what the step really carries
             request = self.requests[rid]
             policy.on_scheduled(request, n, self._computed_before_step[rid])
-            self.sched_stats.record_service(now, request.tenant, n)
+            tenant = request.tenant or ""
+            served[tenant] = served.get(tenant, 0) + n
+        if served:
+            self.sched_stats.record_service(now, served)
         self._last_num_scheduled_tokens = total
         finished_ids, self.finished_req_ids = self.finished_req_ids, set()
         so = SchedulerOutput(
