@@ -244,6 +244,8 @@ class SchedulerConfig:
     batch_ttft_slo_ms: float | None = None
     batch_tpot_slo_ms: float | None = None
     slo_max_batch_wait_s: float | None = None
+    # The service tier of a tenant's requests that name none: ((tenant, tier), ...).
+    tenant_service_tiers: tuple[tuple[str, str], ...] = ()
     # Jain's fairness index is over the tenants' service in this trailing window.
     fairness_window_s: float = 60.0
 
@@ -271,6 +273,12 @@ class SchedulerConfig:
             if value is not None:
                 _check(value > 0, name, f"must be > 0, got {value}")
         _check(self.fairness_window_s > 0, "fairness_window_s", "must be > 0")
+        for tenant, tier in self.tenant_service_tiers:
+            _check(
+                tier in SERVICE_TIERS,
+                "tenant_service_tiers",
+                f"must map tenants to one of {SERVICE_TIERS}, got {tenant!r}: {tier!r}",
+            )
         _check(self.max_num_seqs > 0, "max_num_seqs", "must be > 0")
         if self.max_model_len is not None:
             _check(self.max_model_len > 0, "max_model_len", "must be > 0")

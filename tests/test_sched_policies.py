@@ -5,7 +5,6 @@ every output against a request run alone) and a simulated clock.
 
 from __future__ import annotations
 
-import math
 import zlib
 from dataclasses import dataclass, field
 
@@ -295,41 +294,82 @@ def test_service_tier_names() -> None:
     assert not sched.requests
 
 
+def test_tenant_default_service_tiers() -> None:
+    from kvasir.config import SchedulerConfig
+    from kvasir.engine.arg_utils import _parse_tenant_tiers
+
+    tiers = _parse_tenant_tiers("jobs=batch, web=interactive")
+    assert tiers == (("jobs", "batch"), ("web", "interactive"))
+    sched = make_sched(tenant_service_tiers=tiers)
+    jobs, web, own = (
+        _req("j", 4, 2, tenant="jobs"),
+        _req("w", 4, 2, tenant="web"),
+        _req("o", 4, 2, tenant="jobs", service_tier="interactive"),
+    )
+    for r in (jobs, web, own):
+        sched.add_request(r)
+    assert (jobs.service_tier, jobs.ttft_slo_ms, jobs.tpot_slo_ms) == ("batch", None, None)
+    assert (web.service_tier, web.ttft_slo_ms, web.tpot_slo_ms) == ("interactive", 1500, 80)
+    assert own.service_tier == "interactive"  # the request's own field wins
+    with pytest.raises(ValueError, match="tenant_service_tiers"):
+        SchedulerConfig(tenant_service_tiers=(("jobs", "gold"),))
+    with pytest.raises(ValueError, match="tenant_service_tiers"):
+        _parse_tenant_tiers("jobs")
+
+
 # ---------------------------------------------------------------- target TPOT
+
+
+def _chat_beside_long_prompt(target_tpot_ms: float | None) -> tuple[Sim, list[tuple]]:
+    model = StepTimeModel(base_s=0.010, per_token_s=0.001)
+    clock = SimClock()
+    sched = make_sched(
+        num_blocks=400, block_size=16, max_model_len=512, max_num_batched_tokens=256,
+        policy="fcfs", clock=clock, target_tpot_ms=target_tpot_ms,
+    )  # fmt: skip
+    sched.set_step_time_model(model)
+    sim = Sim(sched, clock, step_time=model)
+    steps: list[tuple] = []  # (budget, tokens, any decode, long prefilling, long's tokens)
+    orig = sched.schedule
+
+    def schedule():  # type: ignore[no-untyped-def]
+        decoding = any(r.num_computed_tokens >= r.num_prompt_tokens for r in sched.running)
+        long = sched.requests.get("long")
+        prefilling = long is not None and long.num_computed_tokens < long.num_prompt_tokens
+        so = orig()
+        n_long = so.num_scheduled_tokens.get("long", 0)
+        steps.append(
+            (sched.make_stats().token_budget, so.total_num_scheduled_tokens, decoding,
+             prefilling, n_long)
+        )  # fmt: skip
+        return so
+
+    sched.schedule = schedule  # type: ignore[method-assign]
+    sim.run([(0.0, _req("chat", 16, 40)), (0.02, _req("long", 480, 4))])
+    return sim, steps
+
+
+def _worst_gap(sim: Sim, rid: str) -> float:
+    times = sim.token_times[rid]
+    return max(b - a for a, b in zip(times, times[1:]))
 
 
 def test_target_tpot_budget_keeps_decode_steps_under_target() -> None:
     """--target-tpot-ms: steps with decodes carry what fits in the target (the budget
     metric says how much), steps without decodes the whole budget, and a long prompt
-    still progresses every step."""
-    model = StepTimeModel(base_s=0.010, per_token_s=0.001)
-    clock = SimClock()
-    sched = make_sched(
-        num_blocks=400, block_size=16, max_model_len=512, max_num_batched_tokens=256,
-        policy="fcfs", clock=clock, target_tpot_ms=50.0,
-    )  # fmt: skip
-    sched.set_step_time_model(model)
-    sim = Sim(sched, clock, step_time=model)
-    budgets: list[tuple[int, int, bool]] = []
-    orig = sched.schedule
-
-    def schedule():  # type: ignore[no-untyped-def]
-        decoding = any(r.num_computed_tokens >= r.num_prompt_tokens for r in sched.running)
-        so = orig()
-        budgets.append((sched.make_stats().token_budget, so.total_num_scheduled_tokens, decoding))
-        return so
-
-    sched.schedule = schedule  # type: ignore[method-assign]
-    sim.run([(0.0, _req("chat", 16, 40)), (0.02, _req("long", 480, 4))])
-    fit = model.max_tokens_within(0.050)
+    still progresses in every step of its prefill."""
+    sim, steps = _chat_beside_long_prompt(50.0)
+    fit = StepTimeModel(base_s=0.010, per_token_s=0.001).max_tokens_within(0.050)
     assert fit == 40
-    assert any(d for _, _, d in budgets)
-    for budget, total, decoding in budgets:
+    assert any(d for _, _, d, _, _ in steps)
+    for budget, total, decoding, prefilling, n_long in steps:
         assert budget == (fit if decoding else 256) and total <= budget
-    times = sim.token_times["chat"]
-    assert max(b - a for a, b in zip(times, times[1:])) <= 0.050 + 1e-9
+        assert n_long > 0 or not prefilling
+    assert _worst_gap(sim, "chat") <= 0.050 + 1e-9
     # Without the target the long prompt's 256-token chunks stall the chat's decodes.
-    assert not math.isclose(budgets[0][0], 0)
+    sim, steps = _chat_beside_long_prompt(None)
+    assert all(budget == 256 for budget, *_ in steps)
+    assert _worst_gap(sim, "chat") > 0.2
 
 
 # ---------------------------------------------------------------- sjf, lpm

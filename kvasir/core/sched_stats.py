@@ -40,9 +40,13 @@ def normalize_service_tier(tier: str | None) -> str:
 
 
 def resolve_slos(request: Request, config: SchedulerConfig) -> None:
-    """Fill in the request's class and its SLOs from the class's defaults (its own
-    ``ttft_slo_ms`` / ``tpot_slo_ms`` win)."""
-    tier = normalize_service_tier(request.service_tier)
+    """Fill in the request's class (its own, else its tenant's from
+    ``tenant_service_tiers``, else interactive) and its SLOs from the class's defaults
+    (its own ``ttft_slo_ms`` / ``tpot_slo_ms`` win)."""
+    tier_name = request.service_tier
+    if tier_name is None and config.tenant_service_tiers and request.tenant is not None:
+        tier_name = dict(config.tenant_service_tiers).get(request.tenant)
+    tier = normalize_service_tier(tier_name)
     request.service_tier = tier
     for name in ("ttft_slo_ms", "tpot_slo_ms"):
         value = getattr(request, name)

@@ -74,6 +74,7 @@ class EngineArgs:
     batch_tpot_slo_ms: float | None = None
     slo_max_batch_wait_s: float | None = None
     fairness_window_s: float = 60.0
+    tenant_service_tiers: str | None = None  # "tenant=batch,other=interactive"
     device: str = "auto"
     attention_backend: str = "auto"
     enforce_eager: bool = False
@@ -195,6 +196,12 @@ class EngineArgs:
             help="fcfs; priority; lpm (longest prefix-cache match first); fair (VTC across "
             "tenants); sjf (shortest predicted output first); slo (deadlines from TTFT/TPOT "
             "SLOs, batch work deferred or rejected when it would make interactive miss)",
+        )
+        g.add_argument(
+            "--tenant-service-tiers",
+            default=None,
+            help="service tier of each tenant's requests that name none, e.g. "
+            "'nightly-jobs=batch,web=interactive'",
         )
         for flag, kind, doc in _POLICY_FLAGS:
             default = getattr(EngineArgs, flag)
@@ -354,6 +361,7 @@ class EngineArgs:
             enable_chunked_prefill=self.enable_chunked_prefill,
             max_queued_requests=self.max_queued_requests,
             **{flag: getattr(self, flag) for flag, _, _ in _POLICY_FLAGS},
+            tenant_service_tiers=_parse_tenant_tiers(self.tenant_service_tiers),
         )
         return EngineConfig(
             model_config=model_config,
@@ -465,3 +473,18 @@ def _parse_partition(text: str | tuple[int, ...] | None) -> tuple[int, ...] | No
             f"pipeline_layer_partition must be comma-separated layer counts such as "
             f"'12,12,8', got {text!r}"
         ) from None
+
+
+def _parse_tenant_tiers(value: str | None) -> tuple[tuple[str, str], ...]:
+    """``"a=batch,b=interactive"`` -> ``(("a", "batch"), ("b", "interactive"))``."""
+    if not value:
+        return ()
+    pairs = []
+    for item in value.split(","):
+        tenant, sep, tier = item.strip().partition("=")
+        if not sep or not tenant:
+            raise ValueError(
+                f"tenant_service_tiers must be 'tenant=tier,...', got {item.strip()!r}"
+            )
+        pairs.append((tenant, tier))
+    return tuple(pairs)
