@@ -126,6 +126,7 @@ def _quantize_layer(
     bits, group = opts["bits"], opts["group_size"]
     inputs = _capture(layer, x, kwargs)
     result: dict[str, alg.IntWeights] = {}
+    hessians: dict[tuple, torch.Tensor] = {}  # q/k/v (and gate/up) see the same tensor
     with torch.no_grad():
         if method == "awq":
             _awq_scale_layer(layer, inputs, bits, group)
@@ -135,7 +136,11 @@ def _quantize_layer(
             if method == "rtn":
                 result[name] = alg.rtn(w, bits, group, opts["sym"], min_zero=1)
             elif method == "gptq":
-                h = _hessian(inputs[name])
+                x_in = inputs[name]
+                key = (x_in.data_ptr(), tuple(x_in.shape))
+                h = hessians.get(key)
+                if h is None:
+                    h = hessians[key] = _hessian(x_in)
                 result[name] = alg.gptq(w, h, bits, group, opts["sym"], opts["act_order"],
                                         opts["damp"], min_zero=1)  # fmt: skip
             else:
