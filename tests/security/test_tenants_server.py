@@ -208,3 +208,39 @@ def test_tenant_metrics_and_no_keys_in_logs(tenant_server: ServerProc) -> None:
     for key in [*KEYS.values(), ADMIN_KEY, "sk-leaky-0a1b2c3d", "sk-late-9e1f4b6c"]:
         assert key not in log
         assert key not in text
+
+
+def test_http_hardening_headers_cors_and_limits(tenant_server: ServerProc) -> None:
+    h = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    r = httpx.get(tenant_server.url + "/v1/models", headers=h, timeout=30)
+    assert r.status_code == 200
+    assert r.headers["x-content-type-options"] == "nosniff"
+    assert r.headers["x-frame-options"] == "DENY"
+    assert r.headers["cache-control"] == "no-store"
+    assert "default-src 'none'" in r.headers["content-security-policy"]
+    assert "server" not in r.headers  # no version banner
+    # Errors carry them too.
+    r = httpx.get(tenant_server.url + "/v1/models", timeout=30)
+    assert r.status_code == 401 and r.headers["x-content-type-options"] == "nosniff"
+    # CORS is off: a browser preflight from another origin gets no allow header.
+    r = httpx.options(
+        tenant_server.url + "/v1/completions",
+        headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"},
+        timeout=30,
+    )
+    assert "access-control-allow-origin" not in r.headers
+    # A request head over --max-header-bytes is refused, not served and not a 5xx.
+    with httpx.Client(timeout=30) as c:
+        try:
+            r = c.get(tenant_server.url + "/health", headers={"X-Big": "a" * 200_000})
+            assert 400 <= r.status_code < 500
+        except httpx.RemoteProtocolError:
+            pass  # h11 may close the connection instead
+    # A body over --max-request-body-bytes is a 413 OpenAI error.
+    r = httpx.post(
+        tenant_server.url + "/v1/completions",
+        content=b"{" + b" " * (9 * 2**20) + b"}",
+        headers={**h, "content-type": "application/json"},
+        timeout=60,
+    )
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"

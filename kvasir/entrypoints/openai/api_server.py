@@ -27,6 +27,7 @@ from kvasir.entrypoints.openai.errors import (
 from kvasir.entrypoints.openai.middleware import (
     DOC_PATHS,
     OPEN_PATHS,
+    SecurityHeadersMiddleware,
     ServerMiddleware,
     ServerState,
 )
@@ -266,6 +267,17 @@ def build_app(state: ServerState, ctx: ServingContext) -> FastAPI:
 
     app.openapi = openapi  # type: ignore[method-assign]
     app.add_middleware(ServerMiddleware, state=state)
+    origins = state.extra.get("allowed_origins")
+    if origins:  # CORS is off unless the operator names the origins
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["authorization", "content-type", "x-api-key"],
+        )
+    app.add_middleware(SecurityHeadersMiddleware, tls=bool(state.extra.get("tls")))
     # Outermost: sees (and counts) the 401/413/503 answers of ServerMiddleware too.
     app.add_middleware(
         ObservabilityMiddleware,
@@ -345,6 +357,31 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=8 * 2**20,
         help="larger request bodies get 413",
     )
+    g.add_argument(
+        "--limit-concurrency",
+        type=int,
+        default=1000,
+        help="open connections at most (uvicorn answers 503 beyond; streams hold one each)",
+    )
+    g.add_argument(
+        "--timeout-keep-alive",
+        type=float,
+        default=5.0,
+        help="seconds an idle keep-alive connection stays open (slowloris)",
+    )
+    g.add_argument(
+        "--max-header-bytes",
+        type=int,
+        default=64 * 1024,
+        help="an incomplete request head larger than this is refused (h11)",
+    )
+    g.add_argument(
+        "--allowed-origins",
+        default=None,
+        help="comma-separated origins allowed by CORS (default: CORS off)",
+    )
+    g.add_argument("--ssl-certfile", default=None, help="serve HTTPS with this certificate")
+    g.add_argument("--ssl-keyfile", default=None, help="the private key of --ssl-certfile")
     g.add_argument(
         "--retry-after", type=int, default=1, help="Retry-After seconds sent with 429 (queue full)"
     )

@@ -176,6 +176,10 @@ async def serve(args: argparse.Namespace) -> int:
     parse_matryoshka(args.matryoshka_dimensions)  # a bad value fails before the model loads
     if args.responses_store_size < 0:
         raise ValueError(f"--responses-store-size must be >= 0, got {args.responses_store_size}")
+    if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
+        raise ValueError("--ssl-certfile and --ssl-keyfile go together")
+    if args.limit_concurrency < 1:
+        raise ValueError(f"--limit-concurrency must be >= 1, got {args.limit_concurrency}")
     if args.max_tenant_labels < 1:
         raise ValueError(f"--max-tenant-labels must be >= 1, got {args.max_tenant_labels}")
     if args.gpu_metrics_interval < 0:
@@ -196,7 +200,8 @@ async def serve(args: argparse.Namespace) -> int:
     config = engine_args.create_engine_config()
     sock = _bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
-    logger.info("listening on http://%s:%s (loading %s ...)", host, port, served)
+    scheme = "https" if args.ssl_certfile else "http"
+    logger.info("listening on %s://%s:%s (loading %s ...)", scheme, host, port, served)
     tokenizer = load_tokenizer(config.model_config)
     engine = await AsyncLLM.create(
         config,
@@ -225,6 +230,10 @@ async def serve(args: argparse.Namespace) -> int:
             "matryoshka_dimensions": parse_matryoshka(args.matryoshka_dimensions),
             "responses_store_size": args.responses_store_size,
             "allow_runtime_lora_updating": args.allow_runtime_lora_updating,
+            "allowed_origins": [
+                o.strip() for o in (args.allowed_origins or "").split(",") if o.strip()
+            ],
+            "tls": bool(args.ssl_certfile),
         },
     )
     ctx = ServingContext(engine, served, args.retry_after)
@@ -245,7 +254,12 @@ async def serve(args: argparse.Namespace) -> int:
         access_log=not args.disable_uvicorn_access_log,
         timeout_graceful_shutdown=5,
         lifespan="off",
-        timeout_keep_alive=5,
+        timeout_keep_alive=args.timeout_keep_alive,
+        limit_concurrency=args.limit_concurrency,
+        h11_max_incomplete_event_size=args.max_header_bytes,
+        ssl_certfile=args.ssl_certfile,
+        ssl_keyfile=args.ssl_keyfile,
+        server_header=False,
     )
     server = _Server(uv_config)
     drainer = Drainer(state, engine, server, args.shutdown_timeout)
@@ -258,7 +272,9 @@ async def serve(args: argparse.Namespace) -> int:
     if ctx.tenancy is not None:
         loop.add_signal_handler(signal.SIGHUP, _reload_tenants, ctx)
     core_pid = engine.core.pid if engine.core else "?"
-    logger.info("serving %s on http://%s:%s (engine core pid %s)", served, host, port, core_pid)
+    logger.info(
+        "serving %s on %s://%s:%s (engine core pid %s)", served, scheme, host, port, core_pid
+    )
     try:
         await server.serve(sockets=[sock])
     finally:

@@ -193,3 +193,39 @@ class ServerMiddleware:
             return await receive()
 
         return replay_receive
+
+
+# Sent with every response: the API serves JSON and SSE to programs, never pages.
+SECURITY_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"cache-control", b"no-store"),
+    (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'"),
+]
+# The interactive docs load their scripts from a CDN: no CSP there.
+_DOC_HEADERS = [h for h in SECURITY_HEADERS if h[0] != b"content-security-policy"]
+
+
+class SecurityHeadersMiddleware:
+    """Adds ``SECURITY_HEADERS`` (and HSTS when serving TLS) to every response."""
+
+    def __init__(self, app: ASGIApp, tls: bool = False) -> None:
+        self.app = app
+        self.hsts = [(b"strict-transport-security", b"max-age=31536000")] if tls else []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        extra = (_DOC_HEADERS if scope["path"] in DOC_PATHS else SECURITY_HEADERS) + self.hsts
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                have = {k.lower() for k, _ in message.get("headers", [])}
+                headers = list(message.get("headers", []))
+                headers += [(k, v) for k, v in extra if k not in have]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
