@@ -547,9 +547,18 @@ class EngineConfig:
     async_scheduling: bool | None = None
     speculative_config: SpeculativeConfig | None = None
     lora_config: LoRAConfig | None = None  # None: LoRA off (--enable-lora)
+    # Green-list watermark of every sampled token (kvasir.security.watermark); None: off.
+    watermark_key: str | None = None
+    watermark_gamma: float = 0.25
+    watermark_delta: float = 2.0
+    watermark_context: int = 1
 
     def __post_init__(self) -> None:
         _check(self.cuda_graph_mixed_tokens >= 0, "cuda_graph_mixed_tokens", "must be >= 0")
+        _check(0.0 < self.watermark_gamma < 1.0, "watermark_gamma", "must be in (0, 1)")
+        _check(0.0 <= self.watermark_delta <= 20.0, "watermark_delta", "must be in [0, 20]")
+        _check(1 <= self.watermark_context <= 8, "watermark_context", "must be in [1, 8]")
+        _check(self.watermark_key != "", "watermark_key", "must not be empty")
         _check(
             self.attention_backend in _ATTN_BACKENDS,
             "attention_backend",

@@ -96,6 +96,11 @@ class EngineArgs:
     speculative_config: str | dict | SpeculativeConfig | None = None
     # Multi-LoRA (vLLM's flags): --lora-modules name=path ... (or a dict / pairs)
     enable_lora: bool = False
+    # Watermark (TGI's names for gamma and delta): see kvasir.security.watermark.
+    watermark_key: str | None = None
+    watermark_gamma: float = 0.25
+    watermark_delta: float = 2.0
+    watermark_context: int = 1
     lora_modules: list[str] | dict[str, str] | None = None
     max_loras: int = 1
     max_cpu_loras: int | None = None
@@ -290,6 +295,19 @@ class EngineArgs:
             "ngram, draft_model (with model), self_spec (with num_layers), eagle and medusa "
             '(with model); "num_speculative_tokens": "auto" adapts k per request and step',
         )
+        wm = parser.add_argument_group("watermark")
+        wm.add_argument(
+            "--watermark-key",
+            default=None,
+            help="watermark every generated token with this secret (Kirchenbauer green list)",
+        )
+        wm.add_argument("--watermark-gamma", type=float, default=0.25, help="green fraction")
+        wm.add_argument(
+            "--watermark-delta", type=float, default=2.0, help="logit bias of green tokens"
+        )
+        wm.add_argument(
+            "--watermark-context", type=int, default=1, help="previous tokens seeding the list"
+        )
         lo = parser.add_argument_group("LoRA adapters")
         lo.add_argument("--enable-lora", action="store_true", help="serve LoRA / (IA)^3 adapters")
         lo.add_argument(
@@ -396,6 +414,10 @@ class EngineArgs:
             async_scheduling=self.async_scheduling,
             speculative_config=parse_speculative_config(self.speculative_config),
             lora_config=self._lora_config(),
+            watermark_key=self.watermark_key,
+            watermark_gamma=self.watermark_gamma,
+            watermark_delta=self.watermark_delta,
+            watermark_context=self.watermark_context,
         )
 
     def _lora_config(self) -> LoRAConfig | None:

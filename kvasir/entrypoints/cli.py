@@ -230,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_quantize_parser(sub)
     _add_router_parser(sub)
+    _add_watermark_parser(sub)
 
     from kvasir.kernels.tune_cli import add_tune_parser
 
@@ -253,6 +254,12 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
         ep = esub.add_parser(name, help=help_text, description=mod.__doc__)
         mod.add_cli_args(ep)
         ep.set_defaults(func=mod.main)
+
+
+def _add_watermark_parser(sub: argparse._SubParsersAction) -> None:
+    from kvasir.security.watermark import add_cli_args
+
+    add_cli_args(sub.add_parser("watermark", help="watermark detection (kvasir.security)"))
 
 
 def _add_router_parser(sub: argparse._SubParsersAction) -> None:

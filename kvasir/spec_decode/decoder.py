@@ -178,6 +178,8 @@ class SpecDecoder:
         md = runner._sampling_metadata(rows_s, step.dense and len(sample_idx) == len(step.rows))
         if so.structured_output_request_ids:
             md = runner._with_grammar_bitmask(md, so, step, sample_idx)
+        if runner.watermark is not None:
+            logits = runner._watermarked(logits, rows_s, step.query_start_loc[1:][sample_idx] - 1)
         out = runner.sampler(logits, md)
         tokens = out.sampled_token_ids.cpu().numpy().reshape(-1, 1)
         lp = None
@@ -248,6 +250,12 @@ class SpecDecoder:
             logits = apply_token_masks(logits, masks, recent)
         if not md.no_penalties:
             logits = apply_penalties(logits, md)
+        if runner.watermark is not None:  # position j's context ends with drafts 0..j-1
+            from kvasir.security.watermark import rows_context
+
+            ends = ib.num_known_tokens[rows_e] + pos_e
+            ctx = rows_context(ib.token_ids, rows_e, ends, runner.watermark.params.context)
+            logits = runner.watermark.apply(logits, to_device(ctx, d))
         target_argmax = argmax_rows(logits)  # [T]
         target_probs = None if md.all_greedy else compute_probs(logits, md)
 

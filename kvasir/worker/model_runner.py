@@ -171,6 +171,18 @@ class ModelRunner:
                 self.model, config.lora_config, self.max_num_tokens, self.device, self.dtype
             )
         self.sampler = Sampler()
+        self.watermark = None  # kvasir.security.watermark.Watermark when --watermark-key
+        if config.watermark_key is not None:
+            from kvasir.security.watermark import Watermark, WatermarkParams
+
+            self.watermark = Watermark(
+                WatermarkParams(
+                    config.watermark_key,
+                    config.watermark_gamma,
+                    config.watermark_delta,
+                    config.watermark_context,
+                )
+            )
         self.spec_decoder: SpecDecoder | None = None
         self.draft_kv_caches: list[torch.Tensor] = []
         pipelined = parallel.pp_size > 1
@@ -438,6 +450,8 @@ class ModelRunner:
             md = self._sampling_metadata(rows_s, step.dense and num_sampled == n)
             if so.structured_output_request_ids:
                 md = self._with_grammar_bitmask(md, so, step, sample_idx)
+            if self.watermark is not None:
+                logits = self._watermarked(logits, rows_s, step.query_start_loc[1:][sample_idx] - 1)
             out = self.sampler(logits, md)
             sampled, lp = out.sampled_token_ids, out.logprobs_tensors
             ib.prev_sample_index[rows_s] = np.arange(num_sampled)
@@ -596,6 +610,12 @@ class ModelRunner:
             st.prompt_logprobs_done = last
         return out
 
+    def _watermarked(
+        self, logits: torch.Tensor, rows: np.ndarray, last_input: np.ndarray
+    ) -> torch.Tensor:
+        assert self.watermark is not None
+        return self.watermark.apply(logits, _watermark_context(self, rows, last_input))
+
     def _with_grammar_bitmask(
         self, md: SamplingMetadata, so: SchedulerOutput, step: StepInputs, sample_idx: np.ndarray
     ) -> SamplingMetadata:
@@ -627,6 +647,24 @@ class ModelRunner:
             recent = ib.recent_output_ids(rows, ends, md.token_masks.max_bad_prefix, self.device)
             md = replace(md, recent_output_ids=recent)
         return md
+
+
+def _watermark_context(
+    runner: ModelRunner, rows: np.ndarray, last_input: np.ndarray
+) -> torch.Tensor:
+    """[S, N] context of each sampled row: its step input token (on the device, so a
+    pending async token needs no sync), then the host tokens before it."""
+    assert runner.watermark is not None
+    d = runner.device
+    prev = runner.input_ids.index_select(0, to_device(last_input, d)).to(torch.int64)
+    n = runner.watermark.params.context
+    if n == 1:
+        return prev[:, None]
+    from kvasir.security.watermark import rows_context
+
+    ib = runner.input_batch
+    older = rows_context(ib.token_ids, rows, ib.num_tokens[rows] - 1, n - 1)
+    return torch.cat([prev[:, None], to_device(older, d)], dim=1)
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel, Field
 from starlette.responses import JSONResponse, Response
 
 from kvasir import __version__
@@ -84,6 +85,11 @@ def _sse_doc(model: type) -> dict[int | str, dict[str, Any]]:
             }
         }
     }
+
+
+class WatermarkDetectRequest(BaseModel):
+    text: str | None = Field(None, max_length=4_000_000)
+    tokens: list[int] | None = Field(None, max_length=1_000_000)
 
 
 def build_app(state: ServerState, ctx: ServingContext) -> FastAPI:
@@ -157,6 +163,35 @@ def build_app(state: ServerState, ctx: ServingContext) -> FastAPI:
             "num_in_flight": n,
             "safe_to_stop": state.draining and n == 0,
         }
+
+    @app.post("/v1/watermark/detect", responses=_ERRORS)
+    async def watermark_detect(request: WatermarkDetectRequest) -> dict:
+        """Score a text (or token ids) against this server's --watermark-key: one-sided
+        z-test of its green tokens (``kvasir.security.watermark``)."""
+        cfg = engine.config
+        if cfg.watermark_key is None:
+            raise bad_request("the server has no --watermark-key", None, "no_watermark")
+        from kvasir.security.watermark import Watermark, WatermarkParams
+
+        if (request.text is None) == (request.tokens is None):
+            raise bad_request("exactly one of text and tokens is required", "text")
+        vocab = engine.model_info.vocab_size
+        if request.tokens is not None:
+            ids = request.tokens
+            for i, t in enumerate(ids):
+                if not 0 <= t < vocab:
+                    raise bad_request(f"token id {t} is out of vocabulary", f"tokens[{i}]")
+        else:
+            if ctx.tokenizer is None:
+                raise bad_request("this model has no tokenizer: send tokens", "text")
+            ids = list(ctx.tokenizer.encode(request.text, add_special_tokens=False))
+        wm = Watermark(
+            WatermarkParams(
+                cfg.watermark_key, cfg.watermark_gamma, cfg.watermark_delta,
+                cfg.watermark_context,
+            )
+        )  # fmt: skip
+        return wm.detect(ids, vocab)
 
     @app.post("/admin/tenants/reload", responses=_ERRORS)
     async def admin_tenants_reload() -> dict:
