@@ -408,7 +408,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--max-header-bytes",
         type=int,
         default=64 * 1024,
-        help="an incomplete request head larger than this is refused (h11)",
+        help="a request head (all headers) larger than this gets 431",
     )
     g.add_argument(
         "--allowed-origins",

@@ -223,6 +223,7 @@ async def serve(args: argparse.Namespace) -> int:
     state = ServerState(
         api_key=args.api_key or None,
         max_request_body_bytes=args.max_request_body_bytes,
+        max_header_bytes=args.max_header_bytes,
         extra={
             "started": int(time.time()),
             "tenant_header": args.tenant_header,

@@ -35,6 +35,7 @@ class ServerState:
     # --api-keys-file: key -> tenant (kvasir.security.tenants.TenantRegistry).
     tenants: Any = None
     max_request_body_bytes: int = 8 * 2**20
+    max_header_bytes: int = 64 * 1024  # the request head (all header names and values)
     draining: bool = False
     dead: bool = False
     num_active_requests: int = 0  # HTTP requests through the gate, not yet finished
@@ -119,6 +120,20 @@ class ServerMiddleware:
             return
         path = scope["path"]
         st = self.state
+        head = sum(len(k) + len(v) for k, v in scope.get("headers", ()))
+        if head > st.max_header_bytes:
+            await _send_error(
+                send,
+                OpenAIError(
+                    431,
+                    f"Request headers are larger than {st.max_header_bytes} bytes "
+                    "(--max-header-bytes).",
+                    "invalid_request_error",
+                    None,
+                    "headers_too_large",
+                ),
+            )
+            return
         if path in OPEN_PATHS or path in DOC_PATHS:
             await self.app(scope, receive, send)
             return
