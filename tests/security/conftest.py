@@ -66,11 +66,23 @@ def keys_path(tmp_path_factory) -> Path:
     return p
 
 
+GUARDS = {
+    "input": {"injection": {"action": "block"}},
+    "output": {
+        "pii": {"action": "redact"},
+        "blocklist": {"action": "redact", "words": ["zorblax"]},
+    },
+}
+
+
 @pytest.fixture(scope="session")
 def tenant_server(keys_path: Path) -> Iterator[ServerProc]:
+    guards = keys_path.parent / "guards.json"
+    guards.write_text(json.dumps(GUARDS))
     srv = start_server(
-        "--api-keys-file", str(keys_path), "--logprobs-precision", "2", api_key=ADMIN_KEY
-    )
+        "--api-keys-file", str(keys_path), "--logprobs-precision", "2",
+        "--guard-config", str(guards), api_key=ADMIN_KEY,
+    )  # fmt: skip
     try:
         # Warm up (the first request of a fresh server is the slowest): the rate tests
         # then measure their own requests, not start-up.

@@ -373,6 +373,12 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "(default: $KVASIR_API_KEY)",
     )
     g.add_argument(
+        "--guard-config",
+        default=None,
+        help="JSON or YAML guard pipeline: input injection detection, output PII / "
+        "blocklist redaction (see kvasir/guard/pipeline.py, docs/security.md)",
+    )
+    g.add_argument(
         "--api-keys-file",
         default=None,
         help="JSON or YAML file of tenants: their API keys (plain or sha256:<hex>) and "

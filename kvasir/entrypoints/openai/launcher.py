@@ -190,6 +190,11 @@ async def serve(args: argparse.Namespace) -> int:
             args.otlp_traces_endpoint, args.otlp_traces_protocol, args.otlp_service_name
         )
     )
+    guard_config = None
+    if args.guard_config:
+        from kvasir.guard.pipeline import GuardConfig
+
+        guard_config = GuardConfig.load(args.guard_config)  # a bad file fails here
     tenant_registry = None
     if args.api_keys_file:
         from kvasir.security.tenants import TenantRegistry
@@ -239,6 +244,10 @@ async def serve(args: argparse.Namespace) -> int:
     )
     ctx = ServingContext(engine, served, args.retry_after)
     configure_chat(ctx, args)
+    if args.guard_config:
+        from kvasir.guard.pipeline import GuardConfig, GuardMetrics, Guards
+
+        ctx.guards = Guards(guard_config, GuardMetrics(engine.metrics.registry, served))
     if tenant_registry is not None:
         from kvasir.entrypoints.openai.tenancy import Tenancy
 

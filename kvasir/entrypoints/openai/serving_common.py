@@ -30,6 +30,11 @@ SSE_DONE = b"data: [DONE]\n\n"
 _json = msgspec.json.Encoder()
 
 
+class GuardHTTPError(OpenAIError, ValueError):
+    """An input guard's block (a ValueError too: the handlers' error paths close the
+    request's generators)."""
+
+
 class ClientDisconnected(Exception):
     """The HTTP client went away before the response was ready."""
 
@@ -66,6 +71,8 @@ class ServingContext:
         self.logprobs_precision: int | None = None
         # --api-keys-file: per-tenant limits, cache salts and metrics (None: no tenants).
         self.tenancy: Tenancy | None = None
+        # --guard-config: kvasir.guard.pipeline.Guards (None: no guards).
+        self.guards: Any = None
 
     async def generate(
         self,
@@ -84,6 +91,8 @@ class ServingContext:
         ValueError), its cache salt is mixed into ``cache_salt``, its name replaces the
         scheduling hints' tenant (the client's ``user`` field otherwise, which isolates
         nothing), and the unused budget is refunded when the generator closes."""
+        if self.guards is not None and self.tokenizer is not None:
+            self._check_input(prompt_token_ids)
         who = request_tenant(raw_request) if self.tenancy is not None else None
         ticket = None
         if who is not None:
@@ -95,6 +104,7 @@ class ServingContext:
             hints = msgspec.structs.replace(hints or SchedulingHints(), tenant=who.name)
         num_generated: dict[int, int] = {}
         delta = params.output_kind == RequestOutputKind.DELTA
+        out_guards: dict[int, Any] = {}
         try:
             async for out in self.engine.generate(
                 prompt_token_ids, params, request_id, cache_salt=cache_salt, hints=hints,
@@ -102,6 +112,9 @@ class ServingContext:
             ):  # fmt: skip
                 if self.logprobs_precision is not None:
                     round_logprobs(out, self.logprobs_precision)
+                if self.guards is not None and self._guard_output(out, out_guards):
+                    yield out  # finish_reason "content_filter": the request ends here
+                    return
                 if ticket is not None:
                     for c in out.outputs:
                         k = len(c.token_ids)
@@ -111,6 +124,45 @@ class ServingContext:
             if ticket is not None:
                 assert self.tenancy is not None
                 self.tenancy.finish(ticket, sum(num_generated.values()))
+
+    def _check_input(self, prompt_token_ids: list[int]) -> None:
+        from kvasir.guard.pipeline import GuardBlocked
+
+        text = self.tokenizer.decode(prompt_token_ids, skip_special_tokens=True)
+        try:
+            self.guards.check_input(text)
+        except GuardBlocked as e:
+            raise GuardHTTPError(
+                400,
+                f"The request was refused by the input guard ({', '.join(sorted(set(e.findings)))}).",
+                "invalid_request_error",
+                None,
+                "content_filter",
+            ) from None
+
+    def _guard_output(self, out: RequestOutput, guards: dict[int, Any]) -> bool:
+        """Run the output guards over ``out``'s text (each choice its own stream);
+        True when one blocked: every unfinished choice then ends with
+        ``content_filter``."""
+        blocked = False
+        for c in out.outputs:
+            g = guards.get(c.index)
+            if g is None:
+                g = guards[c.index] = self.guards.output_stream()
+            if g is None:
+                return False
+            text, b = g.feed(c.text)
+            if c.finish_reason is not None or out.finished:
+                tail, b2 = g.flush()
+                text, b = text + tail, b or b2
+            c.text = text
+            blocked = blocked or b
+        if blocked:
+            for c in out.outputs:
+                if c.finish_reason is None:
+                    c.finish_reason = "content_filter"
+            out.finished = True
+        return blocked
 
     def check_beam_search(self, raw_request: Request) -> None:
         """Beam search runs many engine requests per API request: not for tenants with
