@@ -96,3 +96,10 @@ def tenant_server(keys_path: Path) -> Iterator[ServerProc]:
     finally:
         rc = srv.stop()
         assert rc == 0, srv.log()
+
+
+@pytest.fixture(scope="session")
+def openapi_schema(tenant_server: ServerProc):  # noqa: ANN201
+    import schemathesis
+
+    return schemathesis.openapi.from_url(tenant_server.url + "/openapi.json")

@@ -24,7 +24,7 @@ from kvasir import LLM, SamplingParams
 from kvasir.security.watermark import Watermark, WatermarkParams
 
 KEY = "kvasir-watermark-eval"
-NUM = 24
+NUM = 16
 LEN = 200
 SHAKESPEARE = Path("/work/shared/data/tinyshakespeare.txt")
 TOPICS = ["the sea", "a city at night", "learning to cook", "an old clock", "winter",
@@ -46,6 +46,7 @@ def _z(wm: Watermark, ids: list[int], vocab: int) -> float:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)
 def test_watermark_tpr_at_1pct_fpr_on_default_model() -> None:
     gamma, delta = 0.25, 2.0
     wm = Watermark(WatermarkParams(KEY, gamma, delta))
