@@ -120,10 +120,12 @@ def test_required_always_validates(client: openai.OpenAI) -> None:
         assert choice.message.content is None
         assert len(choice.message.tool_calls) == 1
         _check_calls(choice.message.tool_calls, set(SCHEMAS))
-    # Parallel calls allowed: greedy.
+    # Parallel calls allowed: greedy, with a frequency penalty (without one this tiny
+    # model repeats the same call until max_tokens: seen here, 2026-12-02).
     r = client.chat.completions.create(
-        model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required", temperature=0, max_tokens=80
-    )
+        model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required", temperature=0,
+        max_tokens=120, frequency_penalty=2.0,
+    )  # fmt: skip
     assert r.choices[0].finish_reason == "tool_calls", r.choices[0]
     _check_calls(r.choices[0].message.tool_calls, set(SCHEMAS))
 
@@ -148,7 +150,8 @@ def test_streamed_forced_calls_equal_the_whole_response(client: openai.OpenAI, t
         tools=TOOLS,
         tool_choice=tool_choice,
         temperature=0,
-        max_tokens=60,
+        max_tokens=120,
+        frequency_penalty=2.0,  # "required" allows parallel calls: see above
     )
     whole = client.chat.completions.create(**kw).choices[0]
     calls, finish, content, _ = _reassemble(client.chat.completions.create(stream=True, **kw))
