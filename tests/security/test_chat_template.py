@@ -163,7 +163,7 @@ def test_message_structure_is_validated(tok, messages: list, needle: str) -> Non
 
 
 def test_server_refuses_request_chat_template(tenant_server) -> None:
-    from conftest import ADMIN_KEY
+    from security_utils import ADMIN_KEY
     from server_utils import MODEL
 
     body = {

@@ -8,8 +8,8 @@ not load under this pytest)."""
 from __future__ import annotations
 
 import schemathesis
-from conftest import KEYS
 from hypothesis import HealthCheck, given, settings
+from security_utils import KEYS
 
 MAX_EXAMPLES = 5
 

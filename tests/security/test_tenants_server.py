@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import httpx
-from conftest import ADMIN_KEY, KEYS, tenants_file
+from security_utils import ADMIN_KEY, KEYS, tenants_file
 from server_utils import MODEL, ServerProc
 
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 8  # > 4 blocks
